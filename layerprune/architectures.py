@@ -1,0 +1,107 @@
+"""What layerprune knows about each decoder family, loaded from `_data/architectures/*.json`.
+
+A family file declares where the layer list and final norm live, which config key counts
+layers, which per-layer config lists must be sliced, which attribute carries `layer_idx`,
+the state-dict key template that carries the layer index, and the MLP module names.
+Adding a family means adding one JSON file; nothing here changes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from string import Template
+from typing import Any
+
+from .errors import LayerpruneError
+
+LAYER_INDEX = "${layer_index}"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One decoder family, as declared in its JSON file."""
+
+    name: str
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    layers: str  # module path of the nn.ModuleList of decoder layers
+    final_norm: str  # module path of the norm applied after the last layer
+    num_layers_key: str  # config key holding the layer count
+    layer_idx_attr: str  # attribute path, inside one layer, of the attention's `layer_idx`
+    layer_key_template: str  # state-dict prefix of one layer, with ${layer_index}
+    per_layer_config_lists: tuple[str, ...]  # config lists indexed by layer
+    mlp_modules: tuple[str, ...]  # MLP linear module names (LoRA targets for healing)
+
+    def __post_init__(self) -> None:
+        if self.layer_key_template.count(LAYER_INDEX) != 1:
+            raise ValueError(f"{self.name}: layer_key_template needs one {LAYER_INDEX}")
+
+    def num_layers(self, config: Any) -> int:
+        """The layer count from a config object or a config dict."""
+        value = config.get(self.num_layers_key) if isinstance(config, dict) else getattr(config, self.num_layers_key)
+        if not isinstance(value, int):
+            raise LayerpruneError(f"config has no integer '{self.num_layers_key}' for family {self.name}")
+        return value
+
+    def layer_key(self, index: int) -> str:
+        """The state-dict prefix of layer `index`, e.g. 'model.layers.3.'."""
+        return Template(self.layer_key_template).substitute(layer_index=index)
+
+    @property
+    def layer_key_pattern(self) -> re.Pattern[str]:
+        """Matches a layer key; checkpoints may omit the base-model prefix ('h.0.' for 'transformer.h.0.')."""
+        return _key_pattern(self.layer_key_template)
+
+    def split_layer_key(self, key: str) -> tuple[str, int, str] | None:
+        """Split a state-dict key into (prefix, layer index, rest), or None if not a layer key."""
+        match = self.layer_key_pattern.match(key)
+        if match is None:
+            return None
+        return match.group("prefix"), int(match.group("index")), key[match.end() :]
+
+
+@cache
+def _key_pattern(template: str) -> re.Pattern[str]:
+    head, tail = template.split(LAYER_INDEX)
+    parts = head.rstrip(".").split(".")
+    suffixes = ["\\.".join(map(re.escape, parts[i:])) for i in range(len(parts))]
+    return re.compile(rf"^(?P<prefix>(?:{'|'.join(suffixes)})\.)(?P<index>\d+){re.escape(tail)}")
+
+
+@cache
+def all_architectures() -> dict[str, Architecture]:
+    """Every packaged family, keyed by family name."""
+    found: dict[str, Architecture] = {}
+    for entry in resources.files("layerprune._data.architectures").iterdir():
+        if entry.name.endswith(".json"):
+            raw = json.loads(entry.read_text())
+            tuples = {k: tuple(v) for k, v in raw.items() if isinstance(v, list)}
+            arch = Architecture(**{**raw, **tuples})
+            found[arch.name] = arch
+    return dict(sorted(found.items()))
+
+
+def find_architecture(config: Any) -> Architecture:
+    """The family of a config (object or dict): by architecture class first, then model_type."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    classes = list(get("architectures") or [])
+    model_type = get("model_type")
+    families = all_architectures().values()
+    for arch in families:
+        if classes and classes[0] in arch.architectures:
+            return arch
+    for arch in families:
+        if model_type in arch.model_types:
+            return arch
+    known = sorted({c for a in families for c in a.architectures} | {t for a in families for t in a.model_types})
+    asked = classes[0] if classes else str(model_type)
+    close = difflib.get_close_matches(asked, known, n=1)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    raise LayerpruneError(
+        f"unsupported architecture {asked!r}.{hint} Supported families: {', '.join(all_architectures())}"
+    )

@@ -1,0 +1,133 @@
+"""The `layerprune` command line: each command parses its options and makes one API call."""
+
+from __future__ import annotations
+
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import LayerpruneError
+
+app = typer.Typer(
+    help="Measure which transformer layers are redundant, remove them, heal and evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, .gguf file, built-in name or hub id.")]
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="Text file, .jsonl, .parquet or built-in corpus (default: coqa).")
+]
+SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration documents.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per document (truncated).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Documents per forward pass.")]
+
+
+def user_errors(command: Any) -> Any:
+    """Print a LayerpruneError (or a missing file) as one line and exit 1, without a traceback."""
+
+    @wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (LayerpruneError, FileNotFoundError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return run
+
+
+@app.command()
+@user_errors
+def models() -> None:
+    """List the built-in models and where their converted checkpoints are cached."""
+    from .models import BUILTIN_MODELS, builtin_cache_path
+
+    for name, builtin in BUILTIN_MODELS.items():
+        path = builtin_cache_path(name)
+        state = str(path) if (path / "config.json").is_file() else f"not converted yet (will be {path})"
+        typer.echo(f"{name:14} {builtin.description}\n{'':14} package: {builtin.packages}\n{'':14} cache: {state}")
+
+
+@app.command()
+@user_errors
+def analyze(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder for distances.json, distances.csv, heatmap.png.")],
+    data: DataOpt = None,
+    samples: SamplesOpt = 64,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 8,
+) -> None:
+    """Angular distance d(l, n) for every block and Block Influence for every layer, in one pass."""
+    from .analysis import analyze as run_analysis
+
+    result = run_analysis(model, data=data, samples=samples, seq_len=seq_len, batch_size=batch_size, out=out)
+    typer.echo(f"{result.num_layers} layers, {result.samples} samples of {result.data}")
+    typer.echo("n    best block   angular distance")
+    for n, start in result.best.items():
+        typer.echo(f"{n:<4} {start:>3}..{start + n - 1:<6}  {result.angular[n][start]:.4f}")
+    typer.echo(f"wrote {out}/distances.json, distances.csv, heatmap.png")
+
+
+@app.command()
+@user_errors
+def prune(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="New checkpoint folder (must not exist).")],
+    layers: Annotated[str | None, typer.Option("--layers", help="Layers to remove: 20-27 or 3,5,7-9.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of layers to remove.")] = None,
+    fraction: Annotated[float | None, typer.Option("--fraction", help="Fraction of layers to remove.")] = None,
+    strategy: Annotated[str, typer.Option("--strategy", help="angular, deepest or bi.")] = "angular",
+    analysis: Annotated[
+        Path | None, typer.Option("--analysis", help="distances.json from `analyze` (else computed).")
+    ] = None,
+    allow_final: Annotated[bool, typer.Option("--allow-final", help="Allow removing the final layer.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    data: DataOpt = None,
+    samples: SamplesOpt = 64,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 8,
+) -> None:
+    """Remove layers and write a standard Hugging Face checkpoint, streaming tensors on disk."""
+    import json
+
+    from .surgery import prune as run_prune
+
+    folder = run_prune(
+        model,
+        out,
+        layers=layers,
+        n=n,
+        fraction=fraction,
+        strategy=strategy,
+        analysis=analysis,
+        allow_final=allow_final,
+        overwrite=overwrite,
+        data=data,
+        samples=samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+    )
+    record = json.loads((folder / "layerprune.json").read_text())
+    removed = record["removed_layers"]
+    typer.echo(
+        f"removed {len(removed)} of {record['num_layers_before']} layers ({record['strategy']}): {removed}\n"
+        f"wrote {folder} ({record['num_layers_after']} layers)"
+    )
+
+
+def main() -> None:
+    """Entry point of the `layerprune` script."""
+    app(prog_name="layerprune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from reference import direct_tables
+
+from layerprune.analysis import AnalysisResult, analyze, measure
+from layerprune.data import token_batches
+
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A b c",
+    "Layer pruning removes whole transformer blocks from a model, then heals it.",
+    "Short one.",
+    "Angular distance between residual streams tells which layers do little work in the end.",
+]
+
+
+def test_table_and_block_influence_match_a_direct_computation(family):
+    model = tiny_model(family)
+    batches = token_batches(tiny_tokenizer(), DOCS, samples=5, seq_len=40, batch_size=3)
+    angular, block_influence = measure(model, batches, progress=False)
+    expected_angular, expected_bi = direct_tables(model, batches)
+    assert sorted(angular) == list(range(1, 6))
+    for n, row in expected_angular.items():
+        assert len(angular[n]) == 6 - n + 1
+        assert angular[n] == pytest.approx(row, abs=1e-6)
+    assert block_influence == pytest.approx(expected_bi, abs=1e-6)
+
+
+def test_padding_does_not_change_the_result():
+    model = tiny_model("llama")
+    tokenizer = tiny_tokenizer()
+    one_by_one = measure(model, token_batches(tokenizer, DOCS, 5, 40, 1), progress=False)
+    padded = measure(model, token_batches(tokenizer, DOCS, 5, 40, 5), progress=False)
+    for n in one_by_one[0]:
+        assert padded[0][n] == pytest.approx(one_by_one[0][n], abs=1e-6)
+    assert padded[1] == pytest.approx(one_by_one[1], abs=1e-6)
+
+
+def test_analyze_writes_json_csv_and_heatmap(tmp_path):
+    data = tmp_path / "calib.txt"
+    data.write_text("\n\n".join(DOCS))
+    result = analyze(
+        tiny_model("qwen3"),
+        data=data,
+        samples=4,
+        seq_len=32,
+        batch_size=2,
+        out=tmp_path / "an",
+        tokenizer=tiny_tokenizer(),
+        progress=False,
+    )
+    raw = json.loads((tmp_path / "an" / "distances.json").read_text())
+    assert raw["num_layers"] == 6 and raw["samples"] == 4 and raw["data"] == str(data)
+    assert set(raw["angular"]) == {str(n) for n in range(1, 6)}
+    assert len(raw["block_influence"]) == 6
+    for n, start in raw["best"].items():
+        row = raw["angular"][n]
+        assert row[start] == min(row)
+    lines = (tmp_path / "an" / "distances.csv").read_text().splitlines()
+    assert lines[0] == "n,l,angular_distance" and len(lines) == 1 + sum(6 - n + 1 for n in range(1, 6))
+    png = (tmp_path / "an" / "heatmap.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert AnalysisResult.load(tmp_path / "an") == result
+
+
+def test_best_start_keeps_the_final_layer_unless_allowed():
+    angular = {1: [0.5, 0.4, 0.3, 0.1], 2: [0.5, 0.2, 0.1], 3: [0.4, 0.3]}
+    result = AnalysisResult(num_layers=4, angular=angular, block_influence=[0.1] * 4)
+    assert result.best == {1: 3, 2: 2, 3: 1}
+    assert result.best_start(1) == 2 and result.best_start(2) == 1 and result.best_start(3) == 0
+    assert result.best_start(2, allow_final=True) == 2
+
+
+def test_identity_layers_have_zero_distance():
+    """A layer whose output equals its input has d = 0 and BI = 0; the others do not."""
+    model = tiny_model("llama")
+    layer = model.model.layers[2]
+    for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
+        torch.nn.init.zeros_(module.weight)
+    angular, block_influence = measure(model, token_batches(tiny_tokenizer(), DOCS, 5, 40, 2), progress=False)
+    assert angular[1][2] == pytest.approx(0.0, abs=1e-6)
+    assert block_influence[2] == pytest.approx(0.0, abs=1e-9)
+    assert min(angular[1][:2] + angular[1][3:]) > 0.01

@@ -1,0 +1,67 @@
+"""The foundation on the packaged real models: SmolLM2-135M (Llama) and Gemma-3-270M (Gemma3)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import folder_digest
+from reference import direct_tables, greedy
+from transformers import AutoModelForCausalLM
+
+from layerprune import analyze, load_model, prune, prune_model
+from layerprune.data import load_documents, token_batches
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+def real(request):
+    """(checkpoint folder, loaded model, tokenizer) of one packaged model."""
+    path = request.getfixturevalue(request.param)
+    model, tokenizer = load_model(path)
+    return path, model, tokenizer
+
+
+def test_builtin_conversion_is_a_standard_checkpoint(real):
+    path, model, tokenizer = real
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config and config["architectures"] == [type(model).__name__]
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    assert len(tokenizer("Hello world")["input_ids"]) >= 2
+
+
+def test_real_table_matches_a_direct_computation(real):
+    path, model, tokenizer = real
+    docs = load_documents("coqa")
+    result = analyze(model, tokenizer=tokenizer, data="coqa", samples=6, seq_len=48, batch_size=3, progress=False)
+    expected_angular, expected_bi = direct_tables(model, token_batches(tokenizer, docs, 6, 48, 3))
+    assert result.num_layers == model.config.num_hidden_layers
+    for n, row in expected_angular.items():
+        assert result.angular[n] == pytest.approx(row, abs=1e-5)
+    assert result.block_influence == pytest.approx(expected_bi, abs=1e-5)
+    # the paper's finding on every model it studied: deep blocks are the most similar
+    start = result.best[result.num_layers // 4]
+    assert start > 0, "the embeddings block should never be the most redundant"
+
+
+def test_real_disk_prune_equals_in_memory_prune_and_generates(real, tmp_path):
+    path, model, tokenizer = real
+    before = folder_digest(path)
+    num_layers = model.config.num_hidden_layers
+    removed = list(range(num_layers // 3, num_layers // 3 + num_layers // 4))  # holds a Gemma3 full-attention layer
+    out = prune(path, tmp_path / "pruned", layers=removed)
+    assert folder_digest(path) == before
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    in_memory = prune_model(copy.deepcopy(model), removed)
+    # longer than Gemma3's 512-token sliding window: the last positions see only part of the context
+    ids = torch.randint(10, 5000, (1, 600)) if "gemma" in model.config.model_type else torch.randint(10, 5000, (1, 80))
+    with torch.no_grad():
+        got = loaded(input_ids=ids, use_cache=False, logits_to_keep=40).logits
+        want = in_memory(input_ids=ids, use_cache=False, logits_to_keep=40).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    prompt = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        cached = loaded.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert torch.equal(cached, greedy(loaded, prompt, 8))
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()

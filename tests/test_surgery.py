@@ -1,0 +1,179 @@
+import copy
+import json
+
+import pytest
+import torch
+from conftest import folder_digest, save_tiny, tiny_config, tiny_model
+from reference import greedy
+from transformers import AutoModelForCausalLM
+
+from layerprune.analysis import AnalysisResult
+from layerprune.checkpoint import read_header, shard_files
+from layerprune.errors import LayerpruneError
+from layerprune.surgery import parse_layers, prune, prune_model, select_layers
+
+IDS = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 8, 10, 6, 12, 13, 5, 9, 14, 3, 2, 7, 15, 16, 4, 8, 20, 21]])
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_parse_layers():
+    assert parse_layers("20-23") == [20, 21, 22, 23]
+    assert parse_layers("3, 5,7-9,5") == [3, 5, 7, 8, 9]
+    with pytest.raises(LayerpruneError):
+        parse_layers("a-b")
+
+
+def test_select_layers_by_strategy():
+    analysis = AnalysisResult(
+        num_layers=6,
+        angular={
+            1: [0.9, 0.5, 0.2, 0.4, 0.3, 0.1],
+            2: [0.9, 0.6, 0.3, 0.5, 0.2],
+            3: [0.8, 0.7, 0.1, 0.4],
+            4: [0.9, 0.8, 0.7],
+            5: [0.9, 0.9],
+        },
+        block_influence=[0.9, 0.3, 0.1, 0.5, 0.2, 0.05],
+    )
+    assert select_layers(6, n=2, strategy="deepest") == [3, 4]
+    assert select_layers(6, n=3, strategy="angular", analysis=analysis) == [2, 3, 4]
+    assert select_layers(6, n=2, strategy="angular", analysis=analysis) == [2, 3]  # 4..5 holds the final layer
+    assert select_layers(6, n=2, strategy="angular", analysis=analysis, allow_final=True) == [4, 5]
+    assert select_layers(6, n=1, strategy="angular", analysis=analysis) == [2]  # 5 is final
+    assert select_layers(6, n=1, strategy="angular", analysis=analysis, allow_final=True) == [5]
+    assert select_layers(6, n=2, strategy="bi", analysis=analysis) == [2, 4]
+    assert select_layers(6, fraction=0.5, strategy="deepest") == [2, 3, 4]
+    assert select_layers(6, layers="0,2") == [0, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(n=0),
+        dict(n=6),
+        dict(n=-1),
+        dict(fraction=1.0),
+        dict(fraction=0.01),
+        dict(layers=[6]),
+        dict(layers="0-5"),
+        dict(layers=[5]),
+        dict(n=2, fraction=0.3),
+        dict(n=2, strategy="angular"),
+        dict(n=2, strategy="nope"),
+    ],
+)
+def test_select_layers_refuses_impossible_requests(kwargs):
+    with pytest.raises(LayerpruneError) as err:
+        select_layers(6, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("removed", [[0, 1], [2, 3], [1, 3, 4]])
+def test_disk_prune_equals_in_memory_prune(family, removed, tmp_path):
+    model = tiny_model(family)
+    src = save_tiny(model, tmp_path / "src", shard_size="60KB")
+    assert len(shard_files(src)) > 2, "the input should be sharded"
+    before = folder_digest(src)
+    out = prune(src, tmp_path / "out", layers=removed)
+    assert folder_digest(src) == before
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    in_memory = prune_model(copy.deepcopy(model), removed)
+    assert loaded.config.num_hidden_layers == 6 - len(removed)
+    torch.testing.assert_close(logits(loaded), logits(in_memory), rtol=0, atol=0)
+    assert not torch.allclose(logits(loaded), logits(model))
+    record = json.loads((out / "layerprune.json").read_text())
+    assert record["removed_layers"] == removed and record["num_layers_after"] == 6 - len(removed)
+    assert (out / "tokenizer_config.json").is_file()
+    shards = shard_files(out)
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert all(read_header(s)[1]["layerprune_removed_layers"] == ",".join(map(str, removed)) for s in shards)
+
+
+def test_in_memory_prune_renumbers_layers_and_slices_config(family):
+    model = prune_model(tiny_model(family), [0, 2])
+    layers = [m for name, m in model.named_modules() if name.count(".") == 2 and name.split(".")[-1].isdigit()]
+    assert len(layers) == 4
+    indices = [
+        [m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)] for layer in layers
+    ]
+    assert all(set(idx) == {i} for i, idx in enumerate(indices))
+    full_types = getattr(tiny_config(family), "layer_types", None)
+    if full_types is not None:
+        assert model.config.layer_types == [full_types[i] for i in (1, 3, 4, 5)]
+
+
+def test_generate_with_cache_equals_greedy_without_cache(family):
+    model = prune_model(tiny_model(family), [0, 3])
+    prompt = IDS[:, :12]  # past the sliding window of 8 in the sliding families
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    assert torch.equal(cached, greedy(model, prompt, 10))
+
+
+def test_gemma3_is_correct_beyond_the_sliding_window():
+    """The pruned model equals a model built fresh with the sliced layer_types; the unsliced config does not."""
+    model = tiny_model("gemma3_text")
+    full_types = list(model.config.layer_types)
+    pruned = prune_model(copy.deepcopy(model), [1, 2])
+    config = tiny_config("gemma3_text")
+    config.num_hidden_layers = 4
+    config.layer_types = [full_types[i] for i in (0, 3, 4, 5)]
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    fresh.load_state_dict(pruned.state_dict())
+    long_ids = torch.arange(3, 43).unsqueeze(0)  # 40 tokens, sliding window 8
+    torch.testing.assert_close(logits(pruned, long_ids), logits(fresh, long_ids), rtol=0, atol=1e-6)
+    unsliced = tiny_config("gemma3_text")
+    unsliced.num_hidden_layers = 4
+    unsliced.layer_types = full_types[:4]  # the silent bug: layer types not sliced
+    assert unsliced.layer_types != fresh.config.layer_types
+    wrong = AutoModelForCausalLM.from_config(unsliced, dtype=torch.float32).eval()
+    wrong.load_state_dict(pruned.state_dict())
+    assert not torch.allclose(logits(wrong, long_ids), logits(pruned, long_ids), atol=1e-3)
+
+
+def test_overwrite_replaces_only_on_success(tmp_path):
+    src = save_tiny(tiny_model("llama"), tmp_path / "src")
+    out = tmp_path / "out"
+    prune(src, out, layers=[1])
+    with pytest.raises(LayerpruneError, match="already exists"):
+        prune(src, out, layers=[2])
+    assert json.loads((out / "layerprune.json").read_text())["removed_layers"] == [1]
+    prune(src, out, layers=[2], overwrite=True)
+    assert json.loads((out / "layerprune.json").read_text())["removed_layers"] == [2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"], "no temporary folder left behind"
+
+
+def test_pruning_a_pruned_model_keeps_history(tmp_path):
+    src = save_tiny(tiny_model("qwen2"), tmp_path / "src")
+    once = prune(src, tmp_path / "once", n=1, strategy="deepest")
+    twice = prune(once, tmp_path / "twice", layers=[0])
+    record = json.loads((twice / "layerprune.json").read_text())
+    assert record["num_layers_before"] == 5 and record["num_layers_after"] == 4
+    assert record["history"][0]["removed_layers"] == [4]
+    full_types = tiny_config("qwen2").layer_types
+    assert len(set(full_types)) == 2
+    assert AutoModelForCausalLM.from_pretrained(twice).config.layer_types == [full_types[i] for i in (1, 2, 3, 5)]
+
+
+def test_output_inside_the_input_is_refused(tmp_path):
+    src = save_tiny(tiny_model("llama"), tmp_path / "src")
+    before = folder_digest(src)
+    for out in (src / "pruned", src, tmp_path):
+        with pytest.raises(LayerpruneError):
+            prune(src, out, layers=[1], overwrite=True)
+    assert folder_digest(src) == before
+
+
+def test_a_checkpoint_without_safetensors_is_pruned_in_memory(tmp_path):
+    model = tiny_model("llama")
+    src = tmp_path / "src"
+    src.mkdir()
+    model.config.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    out = prune(src, tmp_path / "out", layers=[1, 2])
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(loaded), logits(prune_model(copy.deepcopy(model), [1, 2])))
