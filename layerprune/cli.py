@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
+import typing
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from .errors import LayerpruneError
+from .healing import HealConfig
 
 app = typer.Typer(
     help="Measure which transformer layers are redundant, remove them, heal and evaluate.",
@@ -42,6 +46,46 @@ def user_errors(command: Any) -> Any:
             raise typer.Exit(130) from None
 
     return run
+
+
+def heal_options(prefix: str = ""):
+    """Add one CLI option per HealConfig field (help from the field's metadata), gathered into `heal_config`.
+
+    The options model is written once, in HealConfig; `prefix` names them --heal-... where
+    they sit beside other options of the same name (as in `prune --heal`).
+    """
+    hints = typing.get_type_hints(HealConfig)
+    fields = dataclasses.fields(HealConfig)
+
+    def option(field: dataclasses.Field) -> inspect.Parameter:
+        flag = f"--{prefix}{field.name.replace('_', '-')}"
+        declared = f"{flag}/--{prefix}no-{field.name.replace('_', '-')}" if hints[field.name] is bool else flag
+        info = typer.Option(declared, help=field.metadata["help"])
+        return inspect.Parameter(
+            prefix.replace("-", "_") + field.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=field.default,
+            annotation=Annotated[hints[field.name], info],
+        )
+
+    def decorate(command: Any) -> Any:
+        @wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            values = {f.name: kwargs.pop(prefix.replace("-", "_") + f.name) for f in fields}
+            return command(*args, heal_config=HealConfig(**values), **kwargs)
+
+        resolved = typing.get_type_hints(command, include_extras=True)  # this module's annotations are strings
+        own = [
+            p.replace(annotation=resolved[p.name])
+            for p in inspect.signature(command).parameters.values()
+            if p.name != "heal_config"
+        ]
+        params = own + [option(f) for f in fields]
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return decorate
 
 
 @app.command()
@@ -79,6 +123,7 @@ def analyze(
 
 @app.command()
 @user_errors
+@heal_options(prefix="heal-")
 def prune(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="New checkpoint folder (must not exist).")],
@@ -95,15 +140,24 @@ def prune(
     samples: SamplesOpt = 64,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
+    heal: Annotated[bool, typer.Option("--heal", help="Heal the pruned model (QLoRA) into --out.")] = False,
+    save_adapter: Annotated[bool, typer.Option("--save-adapter", help="With --heal: keep the adapter.")] = False,
+    heal_config: HealConfig | None = None,
 ) -> None:
-    """Remove layers and write a standard Hugging Face checkpoint, streaming tensors on disk."""
+    """Remove layers and write a standard Hugging Face checkpoint, streaming tensors on disk.
+
+    With --heal, the pruned model is healed (see `layerprune heal`, options --heal-...) into --out.
+    """
     import json
 
+    from .healing import prune_and_heal
     from .surgery import prune as run_prune
 
-    folder = run_prune(
+    chained = {"config": heal_config, "save_adapter": save_adapter} if heal else {}
+    folder = (prune_and_heal if heal else run_prune)(
         model,
         out,
+        **chained,
         layers=layers,
         n=n,
         fraction=fraction,
@@ -122,6 +176,40 @@ def prune(
         f"removed {len(removed)} of {record['num_layers_before']} layers ({record['strategy']}): {removed}\n"
         f"wrote {folder} ({record['num_layers_after']} layers)"
     )
+    if heal:
+        _echo_healing(record["healing"])
+
+
+def _echo_healing(healing: dict[str, Any]) -> None:
+    typer.echo(
+        f"healed ({healing['method']}, {healing['config']['steps']} steps): validation loss "
+        f"{healing['validation_loss_before']:.3f} -> {healing['validation_loss_after']:.3f}, "
+        f"{healing['tokens_per_second']:.0f} tokens/s, {healing['seconds']:.0f} s"
+    )
+
+
+@app.command()
+@user_errors
+@heal_options()
+def heal(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="Healed checkpoint folder (must not exist).")],
+    save_adapter: Annotated[bool, typer.Option("--save-adapter", help="Also keep the LoRA adapter.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    heal_config: HealConfig | None = None,
+) -> None:
+    """Heal a (pruned) model with QLoRA, then merge into its unquantized weights.
+
+    Run again after an interruption, it resumes from the last checkpoint. For several GPUs:
+    accelerate launch -m layerprune heal MODEL --out DIR ...
+    """
+    import json
+
+    from .healing import heal as run_heal
+
+    folder = run_heal(model, out, heal_config, save_adapter=save_adapter, overwrite=overwrite)
+    _echo_healing(json.loads((folder / "layerprune.json").read_text())["healing"])
+    typer.echo(f"wrote {folder}")
 
 
 @app.command()

@@ -36,3 +36,25 @@ def angular_heatmap(result: AnalysisResult, path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def loss_curves(curve: dict[str, list[tuple[int, float]]], path: str | Path) -> Path:
+    """Training and validation loss against the step of a healing run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, style in (("train", "-"), ("validation", "o-")):
+        if curve.get(name):
+            steps, losses = zip(*curve[name], strict=True)
+            ax.plot(steps, losses, style, label=name, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss")
+    ax.set_title("Healing", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -218,7 +218,7 @@ def _copy_side_files(src: Path, tmp: Path) -> None:
             shutil.copy2(path, tmp / path.name)
 
 
-def _check_destination(src: Path, out: Path, overwrite: bool) -> None:
+def check_destination(src: Path, out: Path, overwrite: bool) -> None:
     src_r, out_r = src.resolve(), out.resolve()
     if out_r == src_r or src_r in out_r.parents:
         raise LayerpruneError(f"output {out} must not be inside the input model {src}")
@@ -232,7 +232,7 @@ def prune_checkpoint(src: Path, out: Path, removed: list[int], record: dict[str,
     """Write `src` without the `removed` layers to `out`: streamed safetensors, sliced config, side files."""
     from transformers import AutoConfig
 
-    _check_destination(src, out, overwrite)
+    check_destination(src, out, overwrite)
     config = AutoConfig.from_pretrained(str(src))
     arch = find_architecture(config)
     num_layers = arch.num_layers(config)
@@ -293,7 +293,7 @@ def prune(
         raise LayerpruneError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     out = Path(out)
     src = resolve_model(model)
-    _check_destination(src, out, overwrite)
+    check_destination(src, out, overwrite)
     config = json.loads((src / "config.json").read_text())
     num_layers = find_architecture(config).num_layers(config)
     if isinstance(analysis, (str, os.PathLike)):
