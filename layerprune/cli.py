@@ -253,6 +253,65 @@ def evaluate(
     typer.echo(f"{record['seconds']:.0f} s" + (f"; wrote {out}" if out else ""))
 
 
+def _numbers(text: str | None, kind: type) -> tuple:
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip()) if text else ()
+    except ValueError as err:
+        raise LayerpruneError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from err
+
+
+@app.command()
+@user_errors
+@heal_options(prefix="heal-")
+def sweep(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="Sweep folder (resumed if it exists).")],
+    fractions: Annotated[str | None, typer.Option("--fractions", help="Fractions removed: 0,0.1,0.2,...")] = None,
+    n: Annotated[str | None, typer.Option("--n", help="Or numbers of layers removed: 0,2,4,...")] = None,
+    strategies: Annotated[str, typer.Option("--strategies", help="angular, deepest and/or bi.")] = "angular,deepest",
+    heal: Annotated[bool, typer.Option("--heal/--no-heal", help="Also heal every pruned point.")] = True,
+    tasks: Annotated[str, typer.Option("--tasks", help="Tasks, as in `evaluate`.")] = "sciq,piqa,arc_easy,loss",
+    limit: Annotated[int | None, typer.Option("--limit", help="Documents per task.")] = 100,
+    data: DataOpt = None,
+    samples: SamplesOpt = 64,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 8,
+    heal_config: HealConfig | None = None,
+) -> None:
+    """The paper's experiment: prune by each strategy at each fraction, heal, evaluate, report."""
+    from .sweep import SweepConfig, run_sweep
+
+    config = SweepConfig(
+        ns=_numbers(n, int),
+        fractions=_numbers(fractions, float),
+        strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
+        heal=heal,
+        heal_config=heal_config,
+        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+        limit=limit,
+        data=data or "coqa",
+        samples=samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+    )
+    folder = run_sweep(model, out, config)
+    typer.echo(f"wrote {folder}/results.csv, results.json and {folder / 'report.html'}")
+
+
+@app.command()
+@user_errors
+def report(
+    folder: Annotated[Path, typer.Argument(help="A sweep folder.")],
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Relative accuracy loss accepted.")] = 0.05,
+) -> None:
+    """Rebuild report.html from a sweep's stored results (no model is run)."""
+    from .report import write_report
+    from .sweep import collect
+
+    collect(folder)
+    typer.echo(f"wrote {write_report(folder, tolerance)}")
+
+
 def main() -> None:
     """Entry point of the `layerprune` script."""
     app(prog_name="layerprune")

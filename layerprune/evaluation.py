@@ -33,6 +33,14 @@ def task_table() -> dict[str, dict[str, Any]]:
     return yaml.safe_load(resources.files("layerprune._data").joinpath("tasks.yaml").read_text())
 
 
+@cache
+def task_manager() -> Any:
+    """lm-eval's task index; built once per process, as indexing every task YAML takes seconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def available_tasks() -> list[str]:
     return [*task_table(), LOSS_TASK]
 
@@ -123,9 +131,7 @@ def check_tasks(tasks: list[str]) -> None:
     """Refuse unknown task names before any model is loaded, listing the available ones."""
     unknown = [t for t in tasks if t not in available_tasks()]
     if unknown:
-        from lm_eval.tasks import TaskManager
-
-        known = set(TaskManager().all_tasks)
+        known = set(task_manager().all_tasks)
         unknown = [t for t in unknown if t not in known]
     if unknown:
         raise LayerpruneError(
@@ -140,10 +146,9 @@ def qa_accuracy(
     """Run lm-eval's simple_evaluate on an in-memory model; one summary per task."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the progress bars
-    manager = TaskManager()
+    manager = task_manager()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     results = {}
     for task in tasks:
@@ -264,9 +269,8 @@ def export_task_yaml(task: str, folder: str | Path) -> Path:
     has no Python functions (arc, boolq, piqa, sciq, openbookqa) can be written out.
     """
     import yaml
-    from lm_eval.tasks import TaskManager
 
-    specs, _ = _lm_eval_specs(task, TaskManager().task_index)
+    specs, _ = _lm_eval_specs(task, task_manager().task_index)
     if len(specs) != 1 or not isinstance(specs[0], dict):
         raise LayerpruneError(f"task {task} cannot be exported as one YAML file")
     config = {**specs[0], "task": f"{task}_offline"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .analysis import AnalysisResult
@@ -54,6 +54,46 @@ def loss_curves(curve: dict[str, list[tuple[int, float]]], path: str | Path) -> 
     ax.set_ylabel("next-token loss")
     ax.set_title("Healing", fontsize=10)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _series(rows: list[dict], value: Any) -> dict[str, tuple[list[float], list[float]]]:
+    """One line per (strategy, healed): the full model at fraction 0, then each pruned point."""
+    full = [r for r in rows if r["n"] == 0]
+    lines: dict[str, tuple[list[float], list[float]]] = {}
+    for strategy in sorted({r["strategy"] for r in rows if r["n"]}):
+        for healed in (False, True):
+            points = [r for r in rows if r["strategy"] == strategy and r["healed"] == healed and r["n"]]
+            if not points:
+                continue
+            points = full[:1] + sorted(points, key=lambda r: r["n"])
+            xs = [r["fraction"] for r in points if value(r) is not None]
+            ys = [value(r) for r in points if value(r) is not None]
+            lines[f"{strategy}{' + healing' if healed else ''}"] = (xs, ys)
+    return lines
+
+
+def metric_by_fraction(
+    rows: list[dict], value: Any, ylabel: str, title: str, path: str | Path, chance: float | None = None
+) -> Path:
+    """A metric against the fraction of layers removed, one line per strategy and healed state."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for label, (xs, ys) in _series(rows, value).items():
+        ax.plot(xs, ys, "o--" if "healing" in label else "o-", label=label, markersize=4)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.2f})")
+    ax.set_xlabel("fraction of layers removed")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

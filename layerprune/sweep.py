@@ -1,0 +1,249 @@
+"""The paper's experiment: vary the fraction of layers removed, prune by each strategy, with and
+without healing, and evaluate every point.
+
+    analyze once -> for each (n, strategy): prune, evaluate; heal, evaluate -> results + report
+
+Each point's result is written to `DIR/points/<key>.json` the moment it is done (atomically),
+so the same command run again after an interruption, or with more points, computes only what
+is missing. The settings that make numbers comparable (tasks, limit, data, healing) are stored
+in `DIR/sweep.json`; a rerun with other settings is refused rather than mixed in.
+
+Cost: one analysis pass; per point one evaluation, plus for healed points one on-disk prune
+(streamed), one QLoRA run and a merge. Memory: the full model in memory plus one pruned copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LayerpruneError
+from .healing import HealConfig
+
+LOSS_COLUMNS = ["loss", "loss_normalized", "perplexity"]
+RESULT_FIELDS = ("strategy", "n", "fraction", "healed", "layers_removed", "num_layers", "parameters", "seconds")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What to sweep and how to measure it."""
+
+    ns: tuple[int, ...] = field(default=(), metadata={"help": "Numbers of layers to remove (0 is the full model)."})
+    fractions: tuple[float, ...] = field(default=(), metadata={"help": "Or fractions of layers, in [0, 1)."})
+    strategies: tuple[str, ...] = field(default=("angular", "deepest"), metadata={"help": "Pruning strategies."})
+    heal: bool = field(default=True, metadata={"help": "Also heal every pruned point."})
+    heal_config: HealConfig = field(default_factory=HealConfig)
+    tasks: tuple[str, ...] = field(default=("sciq", "piqa", "arc_easy", "loss"), metadata={"help": "Tasks."})
+    limit: int | None = field(default=100, metadata={"help": "Documents per task (None: all)."})
+    data: str = field(default="coqa", metadata={"help": "Calibration text for the analysis."})
+    samples: int = field(default=64, metadata={"help": "Calibration documents."})
+    seq_len: int = field(default=256, metadata={"help": "Calibration tokens per document."})
+    batch_size: int = field(default=8, metadata={"help": "Batch size of analysis and evaluation."})
+
+    def __post_init__(self) -> None:
+        from .surgery import STRATEGIES
+
+        if bool(self.ns) == bool(self.fractions):
+            raise LayerpruneError("give exactly one of --n and --fractions")
+        bad = [f for f in self.fractions if not 0 <= f < 1]
+        if bad:
+            raise LayerpruneError(f"fractions must be in [0, 1), got {bad}")
+        if any(n < 0 for n in self.ns):
+            raise LayerpruneError(f"n must be 0 or more, got {list(self.ns)}")
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown or not self.strategies:
+            raise LayerpruneError(f"unknown strategy {unknown}; choose from {', '.join(STRATEGIES)}")
+        if self.limit is not None and self.limit < 1:
+            raise LayerpruneError(f"--limit must be at least 1, got {self.limit}")
+
+    def counts(self, num_layers: int) -> list[int]:
+        """The n of every point, from --n or --fractions, sorted, 0 included."""
+        ns = set(self.ns) if self.ns else {round(f * num_layers) for f in self.fractions}
+        too_many = [n for n in ns if n >= num_layers - 1]
+        if too_many:
+            raise LayerpruneError(
+                f"n={max(too_many)} cannot be removed from {num_layers} layers while keeping the final layer; "
+                f"use at most {num_layers - 2}"
+            )
+        return sorted(ns | {0})
+
+    def comparable(self) -> dict[str, Any]:
+        """The settings that must match for results to be comparable (the points may grow)."""
+        raw = asdict(self)
+        for key in ("ns", "fractions", "strategies"):
+            raw.pop(key)
+        raw["tasks"] = sorted(raw["tasks"])
+        return raw
+
+
+@dataclass(frozen=True)
+class Point:
+    strategy: str  # "full" for n = 0
+    n: int
+    healed: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.strategy}-n{self.n}" + ("-healed" if self.healed else "")
+
+
+def plan(config: SweepConfig, num_layers: int) -> list[Point]:
+    points = [Point("full", 0, False)]
+    for n in config.counts(num_layers):
+        if n:
+            for strategy in config.strategies:
+                points.append(Point(strategy, n, False))
+                if config.heal:
+                    points.append(Point(strategy, n, True))
+    return points
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write atomically: a killed run or a full disk leaves the old file or none, never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _open_sweep(out: Path, model: str, config: SweepConfig) -> None:
+    from . import __version__
+
+    record = out / "sweep.json"
+    settings = {"model": model, "settings": config.comparable()}
+    if record.is_file():
+        stored = json.loads(record.read_text())
+        if {"model": stored["model"], "settings": stored["settings"]} != settings:
+            changed = sorted(k for k in settings["settings"] if stored["settings"].get(k) != settings["settings"][k])
+            if stored["model"] != model:
+                changed.insert(0, "model")
+            raise LayerpruneError(
+                f"{out} holds a sweep with other settings ({', '.join(changed)}); use another --out to keep them apart"
+            )
+    (out / "points").mkdir(parents=True, exist_ok=True)
+    _write_json(record, {**settings, "config": asdict(config), "layerprune_version": __version__})
+
+
+def _evaluate_point(model: Any, tokenizer: Any, config: SweepConfig) -> dict[str, Any]:
+    from .evaluation import evaluate
+
+    return evaluate(model, list(config.tasks), limit=config.limit, batch_size=config.batch_size, tokenizer=tokenizer)
+
+
+def _run_point(point: Point, base: tuple[Any, Any], src: Path, analysis: Any, config: SweepConfig, work: Path) -> dict:
+    from .healing import heal
+    from .models import load_model
+    from .surgery import prune, prune_model, select_layers
+
+    model, tokenizer = base
+    num_layers = analysis.num_layers
+    removed = select_layers(num_layers, n=point.n, strategy=point.strategy, analysis=analysis) if point.n else []
+    started = time.perf_counter()
+    if not point.healed:
+        candidate = prune_model(copy.deepcopy(model), removed) if removed else model
+        evaluated = _evaluate_point(candidate, tokenizer, config)
+    else:
+        pruned = prune(src, work / "pruned", layers=removed, overwrite=True)
+        healed = heal(pruned, work / "healed", config.heal_config)  # resumes if a killed run left checkpoints
+        candidate, tokenizer = load_model(healed)
+        evaluated = _evaluate_point(candidate, tokenizer, config)
+        evaluated["healing"] = json.loads((healed / "layerprune.json").read_text())["healing"]
+        evaluated["healing"].pop("curve", None)
+    return {
+        "strategy": point.strategy,
+        "n": point.n,
+        "fraction": point.n / num_layers,
+        "healed": point.healed,
+        "layers_removed": removed,
+        "num_layers": num_layers - len(removed),
+        "parameters": candidate.num_parameters(),
+        "seconds": round(time.perf_counter() - started, 1),
+        **evaluated,
+    }
+
+
+def run_sweep(model: str | Path, out: str | Path, config: SweepConfig, progress: bool = True) -> Path:
+    """Run (or resume) a sweep into `out`; writes results.json, results.csv and report.html."""
+    from tqdm.auto import tqdm
+
+    from .analysis import AnalysisResult, analyze
+    from .models import load_model, resolve_model
+    from .report import write_report
+
+    out = Path(out)
+    src = resolve_model(model)
+    from .evaluation import check_tasks
+
+    check_tasks(list(config.tasks))
+    out.mkdir(parents=True, exist_ok=True)
+    _open_sweep(out, str(model), config)
+    base = load_model(src)
+    num_layers = base[0].config.get_text_config().num_hidden_layers
+    points = plan(config, num_layers)
+    distances = out / "analysis" / "distances.json"
+    if distances.is_file():
+        analysis = AnalysisResult.load(distances)
+    else:
+        analysis = analyze(
+            base[0],
+            tokenizer=base[1],
+            data=config.data,
+            samples=config.samples,
+            seq_len=config.seq_len,
+            batch_size=config.batch_size,
+            progress=progress,
+        )
+        analysis.save(out / "analysis")
+    missing = [p for p in points if not (out / "points" / f"{p.key}.json").is_file()]
+    bar = tqdm(total=len(points), initial=len(points) - len(missing), desc="sweep", unit="point", disable=not progress)
+    for point in missing:
+        bar.set_postfix_str(point.key)
+        work = out / "work" / point.key
+        result = _run_point(point, base, src, analysis, config, work)
+        _write_json(out / "points" / f"{point.key}.json", result)
+        shutil.rmtree(work, ignore_errors=True)
+        bar.update()
+    bar.close()
+    shutil.rmtree(out / "work", ignore_errors=True)
+    collect(out)
+    write_report(out)
+    return out
+
+
+def collect(out: Path) -> list[dict[str, Any]]:
+    """Gather every stored point into results.json and results.csv (one row per strategy, n, healed)."""
+    rows = [json.loads(p.read_text()) for p in sorted((out / "points").glob("*.json"))]
+    if not rows:
+        raise LayerpruneError(f"{out} holds no sweep results")
+    rows.sort(key=lambda r: (r["n"], r["strategy"], r["healed"]))
+    _write_json(out / "results.json", rows)
+    tasks = sorted({t for r in rows for t in r["tasks"]})
+    columns = list(RESULT_FIELDS)
+    for task in tasks:
+        metrics = (
+            ("loss", "loss_normalized", "perplexity")
+            if task == "loss"
+            else ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+        )
+        columns += [f"{task}_{m}" if task != "loss" else m for m in metrics]
+    tmp = out / ".results.csv.tmp"
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            flat = {k: row[k] for k in RESULT_FIELDS}
+            flat["layers_removed"] = " ".join(map(str, row["layers_removed"]))
+            for task, metrics in row["tasks"].items():
+                if task == "loss":
+                    flat.update({m: metrics[m] for m in LOSS_COLUMNS})
+                else:
+                    flat.update({f"{task}_{m}": value for m, value in metrics.items()})
+            writer.writerow(flat)
+    os.replace(tmp, out / "results.csv")
+    return rows
