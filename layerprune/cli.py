@@ -130,7 +130,10 @@ def prune(
     layers: Annotated[str | None, typer.Option("--layers", help="Layers to remove: 20-27 or 3,5,7-9.")] = None,
     n: Annotated[int | None, typer.Option("--n", help="Number of layers to remove.")] = None,
     fraction: Annotated[float | None, typer.Option("--fraction", help="Fraction of layers to remove.")] = None,
-    strategy: Annotated[str, typer.Option("--strategy", help="angular, deepest or bi.")] = "angular",
+    strategy: Annotated[
+        str, typer.Option("--strategy", help="angular, deepest, bi, loss, angular-rerank or iterative.")
+    ] = "angular",
+    candidates: Annotated[int, typer.Option("--candidates", help="angular-rerank: blocks re-scored by loss.")] = 5,
     analysis: Annotated[
         Path | None, typer.Option("--analysis", help="distances.json from `analyze` (else computed).")
     ] = None,
@@ -163,6 +166,7 @@ def prune(
         fraction=fraction,
         strategy=strategy,
         analysis=analysis,
+        candidates=candidates,
         allow_final=allow_final,
         overwrite=overwrite,
         data=data,

@@ -32,7 +32,8 @@ from .checkpoint import (
 )
 from .errors import LayerpruneError
 
-STRATEGIES = ("angular", "deepest", "bi")
+STRATEGIES = ("angular", "deepest", "bi")  # chosen from the analysis alone
+ALL_STRATEGIES = (*STRATEGIES, "loss", "angular-rerank", "iterative")  # the last three score removals by loss
 RECORD_NAME = "layerprune.json"
 
 
@@ -273,6 +274,7 @@ def prune(
     fraction: float | None = None,
     strategy: str = "angular",
     analysis: AnalysisResult | str | os.PathLike[str] | None = None,
+    candidates: int = 5,
     allow_final: bool = False,
     overwrite: bool = False,
     data: str | None = None,
@@ -284,13 +286,18 @@ def prune(
     """Prune a model argument to a new checkpoint folder `out`; returns `out`.
 
     `deepest` and explicit `layers` never load the model; `angular` and `bi` run `analyze`
-    first unless given an analysis (an AnalysisResult or a distances.json path).
+    first unless given an analysis (an AnalysisResult or a distances.json path); `loss`,
+    `angular-rerank` (its `candidates` best angular blocks) and `iterative` score removals by
+    calibration loss (see `selection`).
     """
     from . import __version__
     from .models import resolve_model
+    from .selection import SELECTION_STRATEGIES
 
-    if strategy not in STRATEGIES:
-        raise LayerpruneError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy not in ALL_STRATEGIES:
+        raise LayerpruneError(f"unknown strategy {strategy!r}; choose one of {', '.join(ALL_STRATEGIES)}")
+    if sum(x is not None for x in (layers, n, fraction)) != 1:
+        raise LayerpruneError("give exactly one of layers, n or fraction")
     out = Path(out)
     src = resolve_model(model)
     check_destination(src, out, overwrite)
@@ -298,14 +305,7 @@ def prune(
     num_layers = find_architecture(config).num_layers(config)
     if isinstance(analysis, (str, os.PathLike)):
         analysis = AnalysisResult.load(analysis)
-    if analysis is None and layers is None and strategy in ("angular", "bi"):
-        from .analysis import analyze
-
-        _count_from(num_layers, n, fraction)  # refuse a bad n before a long analysis
-        analysis = analyze(src, data=data, samples=samples, seq_len=seq_len, batch_size=batch_size, progress=progress)
-    removed = select_layers(
-        num_layers, layers=layers, n=n, fraction=fraction, strategy=strategy, analysis=analysis, allow_final=allow_final
-    )
+    calibration = {"data": data, "samples": samples, "seq_len": seq_len, "batch_size": batch_size}
     record: dict[str, Any] = {
         "layerprune_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -313,12 +313,32 @@ def prune(
         "source_path": str(src),
         "strategy": "explicit" if layers is not None else strategy,
     }
-    if analysis is not None and layers is None:
-        count = len(removed)
-        record["selection"] = {
-            "angular_distance_of_block": analysis.angular[count][removed[0]] if strategy == "angular" else None,
-            "angular_distances_for_n": analysis.angular.get(count),
-            "block_influence": analysis.block_influence,
-            "analysis": {k: getattr(analysis, k) for k in ("model", "data", "samples", "seq_len")},
-        }
+    if layers is None:
+        count = _count_from(num_layers, n, fraction)  # refuse a bad n before any long computation
+        needs_analysis = strategy in ("angular", "bi", "angular-rerank")
+        if analysis is None and needs_analysis:
+            from .analysis import analyze
+
+            analysis = analyze(src, **calibration, progress=progress)
+        if strategy in SELECTION_STRATEGIES:
+            from .selection import select_with_data
+
+            selection = select_with_data(src, count, strategy, analysis, candidates, allow_final, **calibration)
+            layers = selection.removed
+            record["selection"] = {
+                "candidates": selection.candidates,
+                "forward_passes": selection.forward_passes,
+                "seconds": selection.seconds,
+                "calibration": calibration,
+            }
+        else:
+            layers = select_layers(num_layers, n=count, strategy=strategy, analysis=analysis, allow_final=allow_final)
+        if analysis is not None:
+            record.setdefault("selection", {}).update(
+                angular_distance_of_block=analysis.angular[count][layers[0]] if strategy == "angular" else None,
+                angular_distances_for_n=analysis.angular.get(count),
+                block_influence=analysis.block_influence,
+                analysis={k: getattr(analysis, k) for k in ("model", "data", "samples", "seq_len")},
+            )
+    removed = select_layers(num_layers, layers=layers, allow_final=allow_final)
     return prune_checkpoint(src, out, removed, record, overwrite=overwrite)

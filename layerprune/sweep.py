@@ -48,7 +48,7 @@ class SweepConfig:
     batch_size: int = field(default=8, metadata={"help": "Batch size of analysis and evaluation."})
 
     def __post_init__(self) -> None:
-        from .surgery import STRATEGIES
+        from .surgery import ALL_STRATEGIES as STRATEGIES
 
         if bool(self.ns) == bool(self.fractions):
             raise LayerpruneError("give exactly one of --n and --fractions")
@@ -136,15 +136,34 @@ def _evaluate_point(model: Any, tokenizer: Any, config: SweepConfig) -> dict[str
     return evaluate(model, list(config.tasks), limit=config.limit, batch_size=config.batch_size, tokenizer=tokenizer)
 
 
+def _removed_layers(point: Point, base: tuple[Any, Any], analysis: Any, config: SweepConfig, work: Path) -> list:
+    """The layers a strategy removes; loss-scored choices are stored so healed points reuse them."""
+    from .selection import SELECTION_STRATEGIES, select_by_loss
+    from .surgery import select_layers
+
+    if point.strategy not in SELECTION_STRATEGIES:
+        return select_layers(analysis.num_layers, n=point.n, strategy=point.strategy, analysis=analysis)
+    stored = work.parent.parent / "selections" / f"{point.strategy}-n{point.n}.json"
+    if stored.is_file():
+        return json.loads(stored.read_text())["removed"]
+    from .data import load_documents, token_batches
+
+    batches = token_batches(base[1], load_documents(config.data), config.samples, config.seq_len, config.batch_size)
+    selection = select_by_loss(base[0], batches, point.n, point.strategy, analysis)
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(stored, asdict(selection))
+    return selection.removed
+
+
 def _run_point(point: Point, base: tuple[Any, Any], src: Path, analysis: Any, config: SweepConfig, work: Path) -> dict:
     from .healing import heal
     from .models import load_model
-    from .surgery import prune, prune_model, select_layers
+    from .surgery import prune, prune_model
 
     model, tokenizer = base
     num_layers = analysis.num_layers
-    removed = select_layers(num_layers, n=point.n, strategy=point.strategy, analysis=analysis) if point.n else []
     started = time.perf_counter()
+    removed = _removed_layers(point, base, analysis, config, work) if point.n else []
     if not point.healed:
         candidate = prune_model(copy.deepcopy(model), removed) if removed else model
         evaluated = _evaluate_point(candidate, tokenizer, config)

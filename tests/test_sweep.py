@@ -130,3 +130,13 @@ def test_bad_sweeps_are_refused(setup, tmp_path, changes, fragment):
     with pytest.raises(LayerpruneError, match=fragment):
         run_sweep(base, tmp_path / "sweep", config(text, **changes), progress=False)
     assert not (tmp_path / "sweep" / "results.json").exists()
+
+
+def test_sweep_with_a_loss_strategy_stores_its_selection(setup, tmp_path):
+    base, text = setup
+    out = tmp_path / "sweep"
+    run_sweep(base, out, config(text, ns=(0, 2), strategies=("loss",), heal=False), progress=False)
+    rows = json.loads((out / "results.json").read_text())
+    selection = json.loads((out / "selections" / "loss-n2.json").read_text())
+    assert len(selection["candidates"]) == 4  # blocks 0-1 .. 3-4; 4-5 holds the final layer
+    assert next(r for r in rows if r["n"] == 2)["layers_removed"] == selection["removed"]

@@ -1,0 +1,233 @@
+"""Choose the layers to remove by what their removal costs: next-token loss on calibration data.
+
+Angular distance only stands in for the model's quality after removal; these strategies measure
+it directly (beyond Gromov et al. 2024):
+
+- `loss`: exact search over every contiguous block of n layers for the lowest calibration loss.
+- `angular-rerank`: the k blocks of smallest angular distance, re-ranked by calibration loss.
+- `iterative`: SLEB-style greedy removal (Song et al. 2024, arXiv:2402.09025), one layer at a
+  time, each time the one whose removal raises the loss least; removed layers need not be
+  contiguous.
+
+Efficiency: the residual stream entering layer l is the same for every candidate that keeps
+layers 0..l-1, so each batch is run once with hooks recording resid[0..L], and each candidate
+runs only the layers after its cut, starting from the recorded state (a pre-hook swaps it in).
+For the block search that is about (L-n)/2 full-pass equivalents instead of L-n+1. Memory:
+the L+1 residual states of one calibration batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .architectures import Architecture, find_architecture
+from .errors import LayerpruneError
+
+SELECTION_STRATEGIES = ("loss", "angular-rerank", "iterative")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The layers chosen, every candidate scored, and the cost in full-forward-pass equivalents."""
+
+    removed: list[int]
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # {"layers": [...], "loss": float}
+    forward_passes: float = 0.0
+    seconds: float = 0.0
+
+
+@contextmanager
+def _layers_swapped(model: Any, arch: Architecture, keep: Sequence[int]) -> Iterator[None]:
+    """Temporarily run the model with only the layers `keep`, its config sliced to match
+    (models index per-layer lists such as `layer_types` by position; no cache, so layer_idx
+    does not matter)."""
+    import torch
+
+    from .surgery import slice_config
+
+    parent_path, _, attr = arch.layers.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    original = getattr(parent, attr)
+    saved = {k: v for k, v in vars(model.config).items() if isinstance(v, list) or k == arch.num_layers_key}
+    setattr(parent, attr, torch.nn.ModuleList([original[i] for i in keep]))
+    slice_config(model.config, list(keep), arch)
+    try:
+        yield
+    finally:
+        setattr(parent, attr, original)
+        for key, value in saved.items():
+            setattr(model.config, key, value)
+
+
+class _Scorer:
+    """Calibration loss of the model with some layers removed, reusing recorded residual states."""
+
+    def __init__(self, model: Any, batches: list[dict]) -> None:
+        self.model = model
+        self.arch = find_architecture(model.config)
+        self.num_layers = self.arch.num_layers(model.config)
+        self.batches = batches
+        self.layer_evaluations = 0  # decoder-layer forward passes, per batch, summed
+
+    def _resid(self, batch: dict, keep: Sequence[int]) -> list[Any]:
+        """resid entering each kept layer (and the final norm) of the model reduced to `keep`."""
+        import torch
+
+        states: list[Any] = []
+        modules = [self.model.get_submodule(self.arch.layers)[i] for i in keep]
+        modules.append(self.model.get_submodule(self.arch.final_norm))
+        hooks = [
+            m.register_forward_pre_hook(
+                lambda mod, args, kw: states.append(args[0] if args else kw["hidden_states"]), with_kwargs=True
+            )
+            for m in modules
+        ]
+        try:
+            with torch.inference_mode(), _layers_swapped(self.model, self.arch, keep):
+                self.model.base_model(**batch, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.layer_evaluations += len(keep)
+        return states
+
+    def _suffix_loss(self, batch: dict, start_state: Any, suffix: Sequence[int]) -> tuple[float, int]:
+        """Summed next-token loss, running only `suffix` layers from a recorded state."""
+        import torch
+
+        first = (
+            self.model.get_submodule(self.arch.layers)[suffix[0]]
+            if suffix
+            else self.model.get_submodule(self.arch.final_norm)
+        )
+
+        def swap(module: Any, args: tuple, kwargs: dict) -> Any:
+            if args:
+                return (start_state, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": start_state}
+
+        hook = first.register_forward_pre_hook(swap, with_kwargs=True)
+        try:
+            with torch.inference_mode(), _layers_swapped(self.model, self.arch, suffix):
+                logits = self.model(**batch, use_cache=False).logits[:, :-1].float()
+        finally:
+            hook.remove()
+        self.layer_evaluations += len(suffix)
+        targets = batch["input_ids"][:, 1:]
+        mask = batch["attention_mask"][:, 1:].bool()
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return float(losses[mask].sum()), int(mask.sum())
+
+    def score(self, kept: Sequence[int], candidates: list[list[int]]) -> list[float]:
+        """Mean calibration loss of the model reduced to `kept`, minus each candidate set of layers."""
+        totals = [0.0] * len(candidates)
+        tokens = 0
+        for batch in self.batches:
+            resid = self._resid(batch, kept)
+            for c, removed in enumerate(candidates):
+                position = min(kept.index(layer) for layer in removed)  # first kept layer cut
+                suffix = [layer for layer in kept[position:] if layer not in removed]
+                loss, count = self._suffix_loss(batch, resid[position], suffix)
+                totals[c] += loss
+            tokens += count
+        return [t / tokens for t in totals]
+
+    @property
+    def forward_passes(self) -> float:
+        return self.layer_evaluations / (self.num_layers * len(self.batches))
+
+
+def _blocks(num_layers: int, n: int, allow_final: bool) -> list[list[int]]:
+    last_start = num_layers - n if allow_final else num_layers - n - 1
+    return [list(range(start, start + n)) for start in range(last_start + 1)]
+
+
+def select_by_loss(
+    model: Any,
+    batches: list[dict],
+    n: int,
+    strategy: str = "loss",
+    analysis: Any = None,
+    candidates: int = 5,
+    allow_final: bool = False,
+) -> Selection:
+    """Choose n layers by calibration loss with `strategy` (see the module docstring)."""
+    scorer = _Scorer(model, batches)
+    num_layers = scorer.num_layers
+    if not 1 <= n < num_layers - (0 if allow_final else 1):
+        raise LayerpruneError(f"n must be between 1 and {num_layers - 2} to keep the final layer, got {n}")
+    every = list(range(num_layers))
+    if strategy == "loss":
+        pool = _blocks(num_layers, n, allow_final)
+    elif strategy == "angular-rerank":
+        pool = _blocks(num_layers, n, allow_final)
+        if not 1 <= candidates <= len(pool):
+            raise LayerpruneError(f"--candidates must be between 1 and {len(pool)} for n={n}, got {candidates}")
+        if analysis is None:
+            raise LayerpruneError("angular-rerank needs an analysis")
+        pool = sorted(pool, key=lambda block: analysis.angular[n][block[0]])[:candidates]
+    elif strategy == "iterative":
+        return _iterative(scorer, n, allow_final)
+    else:
+        raise LayerpruneError(f"unknown strategy {strategy!r}; choose from {', '.join(SELECTION_STRATEGIES)}")
+    losses = scorer.score(every, pool)
+    scored = [{"layers": block, "loss": loss} for block, loss in zip(pool, losses, strict=True)]
+    best = min(scored, key=lambda c: c["loss"])
+    return Selection(best["layers"], scored, scorer.forward_passes)
+
+
+def _iterative(scorer: _Scorer, n: int, allow_final: bool) -> Selection:
+    kept = list(range(scorer.num_layers))
+    final = scorer.num_layers - 1
+    rounds = []
+    for _ in range(n):
+        pool = [[layer] for layer in kept if allow_final or layer != final]
+        losses = scorer.score(kept, pool)
+        choice, loss = min(zip(pool, losses, strict=True), key=lambda pair: pair[1])
+        rounds.append(
+            {
+                "layers": sorted(set(range(scorer.num_layers)) - set(kept) | set(choice)),
+                "loss": loss,
+                "scored": {str(c[0]): s for c, s in zip(pool, losses, strict=True)},
+            }
+        )
+        kept.remove(choice[0])
+    removed = sorted(set(range(scorer.num_layers)) - set(kept))
+    return Selection(removed, rounds, scorer.forward_passes)
+
+
+def select_with_data(
+    model: Any,
+    n: int,
+    strategy: str,
+    analysis: Any = None,
+    candidates: int = 5,
+    allow_final: bool = False,
+    *,
+    data: str | None = None,
+    samples: int = 64,
+    seq_len: int = 256,
+    batch_size: int = 8,
+) -> Selection:
+    """Load a model argument and its calibration data, then `select_by_loss`; refuses data
+    shorter than one full sequence."""
+    import dataclasses
+    import time
+
+    from .data import DEFAULT_CALIBRATION, load_documents, token_batches
+    from .models import load_model
+
+    data = data or DEFAULT_CALIBRATION
+    documents = load_documents(data)
+    loaded, tokenizer = load_model(model)
+    batches = token_batches(tokenizer, documents, samples, seq_len, batch_size)
+    if sum(int(b["attention_mask"].sum()) for b in batches) < seq_len:
+        raise LayerpruneError(
+            f"calibration data {data!r} is too small to score blocks: fewer than one full sequence of {seq_len} tokens"
+        )
+    started = time.perf_counter()
+    selection = select_by_loss(loaded, batches, n, strategy, analysis, candidates, allow_final)
+    return dataclasses.replace(selection, seconds=round(time.perf_counter() - started, 2))

@@ -1,0 +1,99 @@
+"""Selection by calibration loss: the fast search equals brute force; iterative removal is a valid checkpoint."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import save_tiny, tiny_model, tiny_tokenizer
+from reference import greedy
+from transformers import AutoModelForCausalLM
+
+from layerprune.analysis import measure
+from layerprune.data import token_batches
+from layerprune.errors import LayerpruneError
+from layerprune.selection import select_by_loss
+from layerprune.surgery import prune, prune_model
+
+DOCS = [f"Calibration text number {i}: the quick brown fox jumps over the lazy dog again." for i in range(6)]
+
+
+def brute_force_loss(model, batches, removed):
+    pruned = prune_model(copy.deepcopy(model), removed)
+    total = tokens = 0
+    for batch in batches:
+        with torch.no_grad():
+            logits = pruned(**batch, use_cache=False).logits[:, :-1]
+        mask = batch["attention_mask"][:, 1:].bool()
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+        total += float(losses[mask].sum())
+        tokens += int(mask.sum())
+    return total / tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+def test_loss_search_equals_brute_force(family):
+    model = tiny_model(family, seed=4)
+    batches = token_batches(tiny_tokenizer(), DOCS, 6, 40, 4)
+    selection = select_by_loss(model, batches, n=2)
+    expected = {tuple(range(s, s + 2)): brute_force_loss(model, batches, list(range(s, s + 2))) for s in range(4)}
+    assert [tuple(c["layers"]) for c in selection.candidates] == list(expected)
+    for candidate in selection.candidates:
+        assert candidate["loss"] == pytest.approx(expected[tuple(candidate["layers"])], rel=1e-5)
+    assert tuple(selection.removed) == min(expected, key=expected.get)
+    assert selection.forward_passes < len(expected)  # cheaper than pruning and evaluating each block
+
+
+def test_angular_rerank_scores_the_k_most_similar_blocks():
+    model = tiny_model("qwen3", seed=5)
+    batches = token_batches(tiny_tokenizer(), DOCS, 6, 40, 3)
+    angular, bi = measure(model, batches, progress=False)
+    from layerprune.analysis import AnalysisResult
+
+    analysis = AnalysisResult(num_layers=6, angular=angular, block_influence=bi)
+    selection = select_by_loss(model, batches, n=2, strategy="angular-rerank", analysis=analysis, candidates=2)
+    ranked = sorted(range(4), key=lambda s: angular[2][s])[:2]
+    assert [c["layers"][0] for c in selection.candidates] == ranked
+    assert selection.removed == min(selection.candidates, key=lambda c: c["loss"])["layers"]
+    with pytest.raises(LayerpruneError, match="--candidates must be between 1 and 4"):
+        select_by_loss(model, batches, n=2, strategy="angular-rerank", analysis=analysis, candidates=5)
+    with pytest.raises(LayerpruneError, match="--candidates"):
+        select_by_loss(model, batches, n=2, strategy="angular-rerank", analysis=analysis, candidates=0)
+
+
+def test_iterative_removes_greedily_and_gives_a_valid_noncontiguous_checkpoint(tmp_path):
+    model = tiny_model("llama", seed=6)
+    batches = token_batches(tiny_tokenizer(), DOCS, 6, 40, 3)
+    selection = select_by_loss(model, batches, n=3, strategy="iterative")
+    first = min(range(5), key=lambda i: brute_force_loss(model, batches, [i]))
+    assert selection.candidates[0]["layers"] == [first]
+    assert len(selection.removed) == 3 and 5 not in selection.removed
+    src = save_tiny(model, tmp_path / "src")
+    out = prune(src, tmp_path / "out", layers=selection.removed)
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.arange(3, 20).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, prune_model(copy.deepcopy(model), selection.removed)(ids).logits)
+        cached = loaded.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert torch.equal(cached, greedy(loaded, ids, 6))
+    assert json.loads((out / "layerprune.json").read_text())["removed_layers"] == selection.removed
+
+
+def test_prune_with_a_loss_strategy_records_every_candidate(tmp_path):
+    src = save_tiny(tiny_model("llama", seed=7), tmp_path / "src")
+    data = tmp_path / "calib.txt"
+    data.write_text("\n\n".join(DOCS))
+    out = prune(src, tmp_path / "out", n=2, strategy="loss", data=str(data), samples=6, seq_len=40, progress=False)
+    record = json.loads((out / "layerprune.json").read_text())
+    scored = record["selection"]["candidates"]
+    assert len(scored) == 4 and record["removed_layers"] == min(scored, key=lambda c: c["loss"])["layers"]
+    assert record["selection"]["forward_passes"] > 0
+
+
+def test_too_little_calibration_data_is_refused(tmp_path):
+    src = save_tiny(tiny_model("llama"), tmp_path / "src")
+    data = tmp_path / "tiny.txt"
+    data.write_text("too short")
+    with pytest.raises(LayerpruneError, match="too small to score blocks"):
+        prune(src, tmp_path / "out", n=2, strategy="loss", data=str(data), seq_len=64, progress=False)
+    assert not (tmp_path / "out").exists()
