@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from layerprune.evaluation import evaluate, export_task_yaml, task_table
+from layerprune.evaluation import evaluate, lm_eval_command_line, task_table
 from layerprune.models import resolve_model
 
 
@@ -42,33 +39,9 @@ def speed(model: str, task: str, limit: int) -> None:
     start = time.perf_counter()
     ours = evaluate(path, [task], limit=limit, batch_size=8)["tasks"][task]
     ours_s = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as tmp:
-        export_task_yaml(task, tmp)
-        command = [
-            sys.executable,
-            "-m",
-            "lm_eval",
-            "run",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={path}",
-            "dtype=float32",
-            "--tasks",
-            f"{task}_offline",
-            "--include_path",
-            tmp,
-            "--limit",
-            str(limit),
-            "--batch_size",
-            "8",
-            "--output_path",
-            f"{tmp}/out",
-        ]
-        start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        plain_s = time.perf_counter() - start
-        plain = json.loads(next(Path(tmp, "out").rglob("results_*.json")).read_text())["results"][f"{task}_offline"]
+    start = time.perf_counter()
+    plain = lm_eval_command_line(path, task, limit, batch_size=8)
+    plain_s = time.perf_counter() - start
     print(f"{task} x{limit} on {model}, torch threads {torch.get_num_threads()}")
     print(f"layerprune evaluate: {ours_s:.1f} s, {limit / ours_s:.2f} examples/s, acc {ours['acc']:.4f}")
     print(f"lm-eval CLI:         {plain_s:.1f} s, {limit / plain_s:.2f} examples/s, acc {plain['acc,none']:.4f}")

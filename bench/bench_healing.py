@@ -30,7 +30,7 @@ OURS = (
     + """
 from layerprune.healing import heal
 out = heal({model!r}, {out!r}, config)
-record = json.load(open(out + "/layerprune.json"))["healing"]
+record = json.load(open(f"{{out}}/layerprune.json"))["healing"]
 print(json.dumps({{"tokens_per_second": record["tokens_per_second"],
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
@@ -66,7 +66,9 @@ print(json.dumps({{"tokens_per_second": {steps} * 4 * 256 / runtime,
 
 
 def run(script: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

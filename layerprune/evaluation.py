@@ -283,3 +283,47 @@ def export_task_yaml(task: str, folder: str | Path) -> Path:
     except yaml.representer.RepresenterError as err:
         raise LayerpruneError(f"task {task} uses Python functions and cannot be exported as YAML") from err
     return path
+
+
+def lm_eval_command_line(model: str | Path, task: str, limit: int, batch_size: int = 8) -> dict[str, Any]:
+    """Run lm-eval's own command line on an offline task and a checkpoint folder; its results for the task.
+
+    The independent check of our numbers: same documents, same prompt, lm-eval's plain CLI.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from .models import resolve_model
+
+    path = resolve_model(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_task_yaml(task, tmp)
+        command = [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "run",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={path}",
+            "dtype=float32",
+            "--tasks",
+            f"{task}_offline",
+            "--include_path",
+            tmp,
+            "--limit",
+            str(limit),
+            "--batch_size",
+            str(batch_size),
+            "--output_path",
+            f"{tmp}/out",
+        ]
+        done = subprocess.run(
+            command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        )
+        if done.returncode:
+            raise LayerpruneError(f"lm-eval failed: {done.stderr.strip().splitlines()[-1] if done.stderr else ''}")
+        return json.loads(next(Path(tmp, "out").rglob("results_*.json")).read_text())["results"][f"{task}_offline"]

@@ -67,36 +67,10 @@ def test_real_disk_prune_equals_in_memory_prune_and_generates(real, tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
 
 
-def test_smollm2_sciq_matches_lm_eval_command_line(smollm2, tmp_path):
-    import subprocess
-    import sys
-
-    from layerprune.evaluation import evaluate, export_task_yaml
+def test_smollm2_sciq_matches_lm_eval_command_line(smollm2):
+    from layerprune.evaluation import evaluate, lm_eval_command_line
 
     ours = evaluate(smollm2, ["sciq"], limit=20, batch_size=8)["tasks"]["sciq"]
-    export_task_yaml("sciq", tmp_path / "tasks")
-    command = [
-        sys.executable,
-        "-m",
-        "lm_eval",
-        "run",
-        "--model",
-        "hf",
-        "--model_args",
-        f"pretrained={smollm2}",
-        "dtype=float32",
-        "--tasks",
-        "sciq_offline",
-        "--include_path",
-        str(tmp_path / "tasks"),
-        "--limit",
-        "20",
-        "--batch_size",
-        "8",
-        "--output_path",
-        str(tmp_path / "out"),
-    ]
-    subprocess.run(command, check=True, capture_output=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
-    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["sciq_offline"]
-    assert results["acc,none"] == ours["acc"] and results["acc_norm,none"] == ours["acc_norm"]
+    theirs = lm_eval_command_line(smollm2, "sciq", limit=20, batch_size=8)
+    assert theirs["acc,none"] == ours["acc"] and theirs["acc_norm,none"] == ours["acc_norm"]
     assert ours["acc"] > 0.5, "SmolLM2 is well above chance (0.25) on SciQ"
