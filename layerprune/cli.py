@@ -316,6 +316,57 @@ def report(
     typer.echo(f"wrote {write_report(folder, tolerance)}")
 
 
+@app.command()
+@user_errors
+def bench(
+    models: Annotated[list[str], typer.Argument(help="Models to compare (folders, .gguf, built-in names).")],
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length for prefill.")] = 128,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated for decode.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences generated at once.")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats after one warm-up.")] = 3,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for bench.json and bench.png.")] = None,
+) -> None:
+    """Inference cost side by side: parameters, size, peak memory, prefill, decode, time to first token."""
+    import json
+
+    from .deployment import InferenceSettings, benchmark
+    from .plots import inference_bars
+
+    settings = InferenceSettings(prompt_tokens, new_tokens, batch_size, repeats)
+    results = benchmark(models, settings)
+    typer.echo(
+        f"{'model':28} {'params M':>9} {'disk MB':>8} {'peak MB':>8} {'prefill tok/s':>14} "
+        f"{'decode tok/s':>13} {'TTFT s':>7}"
+    )
+    for r in results:
+        typer.echo(
+            f"{(Path(r['model']).name or r['model'])[:28]:28} {r['parameters'] / 1e6:>9.1f} "
+            f"{r['disk_bytes'] / 2**20:>8.0f} {r['peak_memory_mb']:>8.0f} "
+            f"{r['prefill_tokens_per_s']['median']:>14.1f} {r['decode_tokens_per_s']['median']:>13.1f} "
+            f"{r['time_to_first_token_s']['median']:>7.3f}"
+        )
+    typer.echo(f"medians of {repeats} repeats; prompt {prompt_tokens} tokens, {new_tokens} new, batch {batch_size}")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps({"settings": vars(settings), "models": results}, indent=1))
+        inference_bars(results, out / "bench.png")
+        typer.echo(f"wrote {out}/bench.json and bench.png")
+
+
+@app.command()
+@user_errors
+def export(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="Quantized checkpoint folder (must not exist).")],
+    quantize: Annotated[str, typer.Option("--quantize", help="nf4 or int8 (bitsandbytes).")] = "nf4",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+) -> None:
+    """Write a quantized checkpoint (bitsandbytes NF4 or int8) that transformers loads directly."""
+    from .deployment import export_quantized
+
+    typer.echo(f"wrote {export_quantized(model, out, quantize, overwrite=overwrite)} ({quantize})")
+
+
 def main() -> None:
     """Entry point of the `layerprune` script."""
     app(prog_name="layerprune")

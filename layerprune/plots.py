@@ -98,3 +98,28 @@ def metric_by_fraction(
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def inference_bars(results: list[dict], path: str | Path) -> Path:
+    """Side-by-side bars of size, peak memory and decode throughput for each benchmarked model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [Path(r["model"]).name or r["model"] for r in results]
+    panels = [
+        ("parameters (M)", [r["parameters"] / 1e6 for r in results]),
+        ("on-disk size (MB)", [r["disk_bytes"] / 2**20 for r in results]),
+        ("peak memory (MB)", [r["peak_memory_mb"] for r in results]),
+        ("decode tokens/s", [r["decode_tokens_per_s"]["median"] for r in results]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), dpi=110)
+    for ax, (title, values) in zip(axes, panels, strict=True):
+        ax.bar(range(len(values)), values, color=[f"C{i}" for i in range(len(values))])
+        ax.set_xticks(range(len(values)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
