@@ -49,7 +49,7 @@ def how_far(rows: list[dict], task: str, tolerance: float = TOLERANCE) -> dict[s
 
 
 def _table(rows: list[dict], tasks: list[str]) -> str:
-    head = ["strategy", "n", "fraction", "healed", "layers removed", "params (M)"]
+    head = ["strategy", "n", "fraction", "healed", "layers removed", "params (M)", "size (MB)", "decode tok/s"]
     head += [f"{t} acc" for t in tasks] + ["loss", "loss / ln V", "seconds"]
     lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in rows:

@@ -28,7 +28,20 @@ from .errors import LayerpruneError
 from .healing import HealConfig
 
 LOSS_COLUMNS = ["loss", "loss_normalized", "perplexity"]
-RESULT_FIELDS = ("strategy", "n", "fraction", "healed", "layers_removed", "num_layers", "parameters", "seconds")
+RESULT_FIELDS = (
+    "strategy",
+    "n",
+    "fraction",
+    "healed",
+    "layers_removed",
+    "num_layers",
+    "parameters",
+    "size_mb",
+    "decode_tokens_per_s",
+    "seconds",
+)
+# a short generation per point: enough to rank decode speed, cheap beside the evaluation
+SPEED_SETTINGS = {"prompt_tokens": 64, "new_tokens": 16, "batch_size": 1, "repeats": 3, "warmup": 1}
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,9 @@ def _run_point(point: Point, base: tuple[Any, Any], src: Path, analysis: Any, co
         evaluated = _evaluate_point(candidate, tokenizer, config)
         evaluated["healing"] = json.loads((healed / "layerprune.json").read_text())["healing"]
         evaluated["healing"].pop("curve", None)
+    from .deployment import InferenceSettings, measure
+
+    speed = measure(candidate, InferenceSettings(**SPEED_SETTINGS))["decode_tokens_per_s"]["median"]
     return {
         "strategy": point.strategy,
         "n": point.n,
@@ -182,6 +198,8 @@ def _run_point(point: Point, base: tuple[Any, Any], src: Path, analysis: Any, co
         "layers_removed": removed,
         "num_layers": num_layers - len(removed),
         "parameters": candidate.num_parameters(),
+        "size_mb": sum(p.numel() * p.element_size() for p in candidate.parameters()) / 2**20,
+        "decode_tokens_per_s": speed,
         "seconds": round(time.perf_counter() - started, 1),
         **evaluated,
     }
@@ -256,7 +274,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            flat = {k: row[k] for k in RESULT_FIELDS}
+            flat = {k: row.get(k) for k in RESULT_FIELDS}
             flat["layers_removed"] = " ".join(map(str, row["layers_removed"]))
             for task, metrics in row["tasks"].items():
                 if task == "loss":

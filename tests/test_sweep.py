@@ -54,12 +54,15 @@ def test_sweep_writes_one_row_per_point_and_a_report(finished):
     for r in rows:
         assert r["num_layers"] == 6 - r["n"] and len(r["layers_removed"]) == r["n"]
         assert r["parameters"] < full["parameters"] or r["n"] == 0
+        assert r["size_mb"] < full["size_mb"] or r["n"] == 0
+        assert r["decode_tokens_per_s"] > 0
         assert set(r["tasks"]) == {"arc_easy", "loss"} and r["tasks"]["arc_easy"]["n"] == 6
         assert ("healing" in r) == r["healed"]
     deepest = next(r for r in rows if r["strategy"] == "deepest" and r["n"] == 2)
     assert deepest["layers_removed"] == [3, 4]
     header = (finished / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["strategy", "n", "fraction"] and "arc_easy_acc" in header and "loss_normalized" in header
+    assert "decode_tokens_per_s" in header and "size_mb" in header
     assert len((finished / "results.csv").read_text().splitlines()) == 1 + len(rows)
     assert not (finished / "work").exists()
 
