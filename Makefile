@@ -24,9 +24,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 # Rerunning it resumes; it recomputes nothing already stored in $(DEMO)/sweep.
 demo: $(STAMP)
 	$(VENV)/bin/layerprune sweep smollm2-135m --out $(DEMO)/sweep \
-		--fractions 0,0.1,0.2,0.3,0.4 --strategies angular,deepest \
-		--tasks sciq,arc_easy,loss --limit 40 \
-		--heal --heal-steps 15 --heal-lr 2e-3 --heal-batch-size 4 --heal-grad-accum 1 --heal-seq-len 128
+		--fractions 0,0.15,0.3,0.45 --strategies angular,deepest \
+		--tasks piqa,arc_easy,loss --limit 30 \
+		--heal --heal-steps 12 --heal-lr 2e-3 --heal-batch-size 4 --heal-grad-accum 1 --heal-seq-len 128
 	@echo "demo report: $(abspath $(DEMO))/sweep/report.html (results.csv, figures/ beside it)"
 
 # The report test opens the HTML in Debian's headless Chromium.

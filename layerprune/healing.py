@@ -209,6 +209,53 @@ def _progress_callback(tokens_per_step: int) -> Any:
     return HealProgress()
 
 
+def _trainer(
+    base: Path, tokenizer: Any, train: list, validation: list, config: HealConfig, work: Path, progress: Any
+) -> Any:
+    """The Hugging Face Trainer over the (Q)LoRA model: cosine schedule, checkpoints in `work`."""
+    import datasets
+    import torch
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    set_seed(config.seed)  # LoRA initialization
+    args = TrainingArguments(
+        output_dir=str(work / "checkpoints"),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=config.eval_every or max(1, config.steps // 5),
+        save_strategy="steps",
+        save_steps=config.save_every,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=load_for_training(base, config),
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"input_ids": train}),
+        eval_dataset=datasets.Dataset.from_dict({"input_ids": validation}),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[progress],
+    )
+    for default in (ProgressCallback, PrinterCallback):  # our bar shows loss and tokens/s instead
+        trainer.remove_callback(default)
+    return trainer
+
+
 def _work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.heal-work"
 
@@ -254,19 +301,9 @@ def heal(
 
     `save_adapter` also keeps the LoRA adapter in `out/adapter`.
     """
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     from . import __version__
     from .checkpoint import staged_folder
-    from .models import resolve_model
+    from .models import load_tokenizer, resolve_model
     from .plots import loss_curves
     from .surgery import RECORD_NAME, check_destination
 
@@ -277,55 +314,14 @@ def heal(
     work = _work_dir(out)
     if overwrite and work.exists():
         shutil.rmtree(work)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(base))
-    except Exception as err:
-        raise LayerpruneError(f"{base} has no usable tokenizer: {type(err).__name__}") from err
+    tokenizer = load_tokenizer(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train, validation = training_blocks(tokenizer, config)
     settings = {"base": str(base.resolve()), "config": asdict(config), "layerprune_version": __version__}
     resume = _start_or_resume(work, settings)
-
-    import datasets
-
-    set_seed(config.seed)
-    peft_model = load_for_training(base, config)
     progress = _progress_callback(config.batch_size * config.grad_accum * config.seq_len)
-    args = TrainingArguments(
-        output_dir=str(work / "checkpoints"),
-        max_steps=config.steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=config.warmup,
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=config.eval_every or max(1, config.steps // 5),
-        save_strategy="steps",
-        save_steps=config.save_every,
-        save_total_limit=2,
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=peft_model,
-        args=args,
-        train_dataset=datasets.Dataset.from_dict({"input_ids": train}),
-        eval_dataset=datasets.Dataset.from_dict({"input_ids": validation}),
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        callbacks=[progress],
-    )
-    for default in (ProgressCallback, PrinterCallback):  # our bar shows loss and tokens/s instead
-        trainer.remove_callback(default)
+    trainer = _trainer(base, tokenizer, train, validation, config, work, progress)
     started = time.perf_counter()
     before = work / "validation_loss_before.json"
     if resume is None:  # the pruned model's own validation loss, kept across a resume
@@ -340,9 +336,8 @@ def heal(
     with staged_folder(out) as tmp:
         merge_adapter(base, adapter, tmp)
         tokenizer.save_pretrained(tmp)
-        for name in ("generation_config.json",):
-            if (base / name).is_file():
-                shutil.copy2(base / name, tmp / name)
+        if (base / "generation_config.json").is_file():
+            shutil.copy2(base / "generation_config.json", tmp / "generation_config.json")
         if save_adapter:
             shutil.copytree(adapter, tmp / "adapter")
         previous = base / RECORD_NAME

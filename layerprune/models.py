@@ -148,16 +148,23 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer saved with a checkpoint, or a one-line error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:
+        raise LayerpruneError(f"{path} has no usable tokenizer: {type(err).__name__}") from err
+
+
 def load_model(spec: str | os.PathLike[str], dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
     """Load (model, tokenizer) for any model argument, in eval mode. fp32 by default (fast on CPU)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception as err:
-        raise LayerpruneError(f"{path} has no usable tokenizer: {type(err).__name__}") from err
+    tokenizer = load_tokenizer(path)
     for shard in shard_files(path):
         read_header(shard)  # a clear error for a corrupted file, before transformers' own
     try:
