@@ -4,7 +4,8 @@
     python bench/bench_evaluation.py speed smollm2-135m --task sciq --limit 100
 
 `accuracy` runs every shipped task (MMLU: `--limit` / 50 documents per subject, 5-shot) and
-the held-out loss. `speed` times layerprune's evaluate and lm-eval's plain command line on
+the held-out loss, or `--tasks a,b`, adding to an existing results file. `speed` times
+layerprune's evaluate and lm-eval's plain command line on
 the same task, model and documents, one after the other in one run, and prints the ratio.
 """
 
@@ -21,13 +22,15 @@ from layerprune.evaluation import evaluate, lm_eval_command_line, task_table
 from layerprune.models import resolve_model
 
 
-def accuracy(model: str, limit: int, out: Path) -> None:
-    record: dict = {"model": model, "tasks": {}, "seconds": {}}
-    for task in [*task_table(), "loss"]:
+def accuracy(model: str, limit: int, out: Path, tasks: list[str]) -> None:
+    record: dict = json.loads(out.read_text()) if out.is_file() else {"model": model, "tasks": {}, "seconds": {}}
+    record.setdefault("limits", {})
+    for task in tasks:
         task_limit = max(1, limit // 50) if task == "mmlu" else limit
         start = time.perf_counter()
         result = evaluate(model, [task], limit=task_limit, batch_size=8, loss_samples=limit)
         record["tasks"][task] = result["tasks"][task]
+        record["limits"][task] = task_limit
         record["seconds"][task] = round(time.perf_counter() - start, 1)
         print(task, json.dumps(record["tasks"][task]), record["seconds"][task], flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -53,11 +56,13 @@ if __name__ == "__main__":
     parser.add_argument("what", choices=["accuracy", "speed"])
     parser.add_argument("model")
     parser.add_argument("--limit", type=int, default=200)
-    parser.add_argument("--task", default="sciq")
+    parser.add_argument("--task", default="sciq", help="speed: the task timed")
+    parser.add_argument("--tasks", default=None, help="accuracy: comma-separated (default: every task and loss)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/eval.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.what == "accuracy":
-        accuracy(args.model, args.limit, args.out)
+        tasks = args.tasks.split(",") if args.tasks else [*task_table(), "loss"]
+        accuracy(args.model, args.limit, args.out, tasks)  # adds to an existing results file
     else:
         speed(args.model, args.task, args.limit)
