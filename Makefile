@@ -21,12 +21,14 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 # The main job, reduced to about 15 minutes on 2 CPU cores: the paper's sweep on SmolLM2-135M.
+# Healing here is plain LoRA in fp32 (--heal-no-quant): on a CPU, 4-bit QLoRA saves memory but runs
+# several times slower; `layerprune heal` defaults to QLoRA, the paper's recipe.
 # Rerunning it resumes; it recomputes nothing already stored in $(DEMO)/sweep.
 demo: $(STAMP)
 	$(VENV)/bin/layerprune sweep smollm2-135m --out $(DEMO)/sweep \
 		--fractions 0,0.15,0.3,0.45 --strategies angular,deepest \
 		--tasks piqa,arc_easy,loss --limit 30 \
-		--heal --heal-steps 12 --heal-lr 2e-3 --heal-batch-size 4 --heal-grad-accum 1 --heal-seq-len 128
+		--heal --heal-no-quant --heal-steps 12 --heal-lr 2e-3 --heal-batch-size 4 --heal-grad-accum 1 --heal-seq-len 128
 	@echo "demo report: $(abspath $(DEMO))/sweep/report.html (results.csv, figures/ beside it)"
 
 # The report test opens the HTML in Debian's headless Chromium.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import errno
 import json
 import os
 import shutil
@@ -121,8 +122,16 @@ def plan(config: SweepConfig, num_layers: int) -> list[Point]:
 def _write_json(path: Path, value: Any) -> None:
     """Write atomically: a killed run or a full disk leaves the old file or none, never half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(value, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno != errno.ENOSPC:
+            raise
+        raise LayerpruneError(
+            f"disk full writing {path.name}; results stored before are intact: free space and run the same command"
+        ) from err
 
 
 def _open_sweep(out: Path, model: str, config: SweepConfig) -> None:

@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import save_tiny, tiny_model
@@ -143,3 +144,24 @@ def test_sweep_with_a_loss_strategy_stores_its_selection(setup, tmp_path):
     selection = json.loads((out / "selections" / "loss-n2.json").read_text())
     assert len(selection["candidates"]) == 4  # blocks 0-1 .. 3-4; 4-5 holds the final layer
     assert next(r for r in rows if r["n"] == 2)["layers_removed"] == selection["removed"]
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_stored_results(setup, finished, tmp_path, monkeypatch):
+    import errno
+
+    base, text = setup
+    out = tmp_path / "sweep"
+    shutil.copytree(finished, out)
+    stored = {p.name: p.read_text() for p in (out / "points").iterdir()}
+
+    real_write = Path.write_text
+
+    def no_space_for_new_points(path, *args, **kwargs):
+        if path.parent.name == "points":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", no_space_for_new_points)
+    with pytest.raises(LayerpruneError, match="disk full writing angular-n3.json; results stored before are intact"):
+        run_sweep(base, out, config(text, ns=(0, 1, 2, 3)), progress=False)
+    assert {p.name: p.read_text() for p in (out / "points").iterdir()} == stored
