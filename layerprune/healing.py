@@ -49,6 +49,9 @@ class HealConfig:
     )
     data: str = field(default="coqa", metadata={"help": "Training text: file, .jsonl, .parquet or built-in corpus."})
     validation_fraction: float = field(default=0.05, metadata={"help": "Share of documents held out."})
+    validation_sequences: int = field(
+        default=16, metadata={"help": "Held-out sequences scored at each validation (at most)."}
+    )
     eval_every: int | None = field(default=None, metadata={"help": "Validation every N steps (default steps/5)."})
     save_every: int = field(default=50, metadata={"help": "Checkpoint every N steps, for resuming."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, dropout and LoRA init."})
@@ -62,6 +65,7 @@ class HealConfig:
             (self.seq_len >= 2, f"seq-len must be at least 2, got {self.seq_len}"),
             (0 < self.validation_fraction < 1, "validation fraction must be in (0, 1)"),
             (self.save_every >= 1, "save-every must be at least 1"),
+            (self.validation_sequences >= 1, "validation-sequences must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -94,7 +98,7 @@ def training_blocks(tokenizer: Any, config: HealConfig) -> tuple[list[list[int]]
     if len(documents) < 2:
         raise LayerpruneError(f"data {config.data!r} needs at least 2 documents (one is held out for validation)")
     train = pack_documents(tokenizer, documents[:-held], config.seq_len)
-    validation = pack_documents(tokenizer, documents[-held:], config.seq_len)
+    validation = pack_documents(tokenizer, documents[-held:], config.seq_len)[: config.validation_sequences]
     if not train or not validation:
         raise LayerpruneError(
             f"data {config.data!r} is too short for one training and one validation sequence of "
