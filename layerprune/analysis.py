@@ -100,7 +100,7 @@ class _ResidualRecorder:
     def __init__(self, model: Any, arch: Architecture) -> None:
         import torch
 
-        layers = list(model.get_submodule(arch.layers))
+        layers = list(arch.layer_list(model))
         self.modules = [*layers, model.get_submodule(arch.final_norm)]
         n_states = len(self.modules)  # L + 1
         self.angular_sum = torch.zeros(n_states, n_states, dtype=torch.float64)

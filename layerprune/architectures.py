@@ -48,6 +48,15 @@ class Architecture:
             raise LayerpruneError(f"config has no integer '{self.num_layers_key}' for family {self.name}")
         return value
 
+    def layer_list(self, model: Any) -> Any:
+        """The model's nn.ModuleList of decoder layers."""
+        return model.get_submodule(self.layers)
+
+    def set_layer_list(self, model: Any, layers: Any) -> None:
+        """Put a new nn.ModuleList of decoder layers in the model."""
+        parent, _, attr = self.layers.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, layers)
+
     def layer_key(self, index: int) -> str:
         """The state-dict prefix of layer `index`, e.g. 'model.layers.3.'."""
         return Template(self.layer_key_template).substitute(layer_index=index)

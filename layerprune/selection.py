@@ -48,16 +48,14 @@ def _layers_swapped(model: Any, arch: Architecture, keep: Sequence[int]) -> Iter
 
     from .surgery import slice_config
 
-    parent_path, _, attr = arch.layers.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    original = getattr(parent, attr)
+    original = arch.layer_list(model)
     saved = {k: v for k, v in vars(model.config).items() if isinstance(v, list) or k == arch.num_layers_key}
-    setattr(parent, attr, torch.nn.ModuleList([original[i] for i in keep]))
+    arch.set_layer_list(model, torch.nn.ModuleList([original[i] for i in keep]))
     slice_config(model.config, list(keep), arch)
     try:
         yield
     finally:
-        setattr(parent, attr, original)
+        arch.set_layer_list(model, original)
         for key, value in saved.items():
             setattr(model.config, key, value)
 
@@ -77,7 +75,7 @@ class _Scorer:
         import torch
 
         states: list[Any] = []
-        modules = [self.model.get_submodule(self.arch.layers)[i] for i in keep]
+        modules = [self.arch.layer_list(self.model)[i] for i in keep]
         modules.append(self.model.get_submodule(self.arch.final_norm))
         hooks = [
             m.register_forward_pre_hook(
@@ -99,9 +97,7 @@ class _Scorer:
         import torch
 
         first = (
-            self.model.get_submodule(self.arch.layers)[suffix[0]]
-            if suffix
-            else self.model.get_submodule(self.arch.final_norm)
+            self.arch.layer_list(self.model)[suffix[0]] if suffix else self.model.get_submodule(self.arch.final_norm)
         )
 
         def swap(module: Any, args: tuple, kwargs: dict) -> Any:

@@ -136,10 +136,9 @@ def prune_model(model: Any, layers: list[int]) -> Any:
     num_layers = arch.num_layers(model.config)
     removed = set(select_layers(num_layers, layers=layers, allow_final=True))
     keep = [i for i in range(num_layers) if i not in removed]
-    old = model.get_submodule(arch.layers)
+    old = arch.layer_list(model)
     new = torch.nn.ModuleList([old[i] for i in keep])
-    parent, _, attr = arch.layers.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
+    arch.set_layer_list(model, new)
     owner_path, _, idx_attr = arch.layer_idx_attr.rpartition(".")
     for new_index, layer in enumerate(new):
         owner = layer.get_submodule(owner_path) if owner_path else layer
