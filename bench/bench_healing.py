@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,11 +77,18 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("model", help="a checkpoint folder (for example a pruned SmolLM2)")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2, help="alternate the two sides this many times")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        ours = run(OURS.format(model=args.model, out=f"{tmp}/healed", steps=args.steps))
-        baseline = run(BASELINE.format(model=args.model, work=f"{tmp}/work", steps=args.steps))
+    runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
+    for round_ in range(args.rounds):  # alternating evens out load that changes during the run
+        with tempfile.TemporaryDirectory() as tmp:
+            runs["ours"].append(run(OURS.format(model=args.model, out=f"{tmp}/healed", steps=args.steps)))
+            runs["baseline"].append(run(BASELINE.format(model=args.model, work=f"{tmp}/work", steps=args.steps)))
+    ours, baseline = ({k: statistics.median(r[k] for r in runs[side]) for k in runs[side][0]} for side in runs)
     print(f"{'':22} {'tokens/s':>9} {'peak RSS MB':>12}")
     for name, result in (("layerprune heal", ours), ("peft + Trainer script", baseline)):
         print(f"{name:22} {result['tokens_per_second']:>9.1f} {result['peak_rss_mb']:>12.0f}")
-    print(f"speed ratio (ours / baseline): {ours['tokens_per_second'] / baseline['tokens_per_second']:.2f}")
+    print(
+        f"speed ratio (ours / baseline): {ours['tokens_per_second'] / baseline['tokens_per_second']:.2f}"
+        f" (medians of {args.rounds} alternating rounds)"
+    )
