@@ -80,7 +80,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2, help="alternate the two sides this many times")
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
-    for round_ in range(args.rounds):  # alternating evens out load that changes during the run
+    for _ in range(args.rounds):  # alternating evens out load that changes during the run
         with tempfile.TemporaryDirectory() as tmp:
             runs["ours"].append(run(OURS.format(model=args.model, out=f"{tmp}/healed", steps=args.steps)))
             runs["baseline"].append(run(BASELINE.format(model=args.model, work=f"{tmp}/work", steps=args.steps)))
