@@ -182,6 +182,17 @@ def measure(model: Any, batches: list[dict], progress: bool = True) -> tuple[dic
     return recorder.result()
 
 
+def _needs_offload(path: Path) -> bool:
+    """True when the model's fp32 weights would take more than 70% of the memory available now."""
+    import os
+
+    from .checkpoint import read_header, shard_files
+
+    weights = sum(math.prod(e.shape) * 4 for shard in shard_files(path) for e in read_header(shard)[0].values())
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return weights > 0.7 * available
+
+
 def analyze(
     model: Any,
     data: str | Path | None = None,
@@ -191,24 +202,41 @@ def analyze(
     out: str | Path | None = None,
     tokenizer: Any = None,
     progress: bool = True,
+    offload: bool | None = None,
+    memory_budget_mb: float | None = None,
 ) -> AnalysisResult:
     """Measure d(l, n) for every block and Block Influence for every layer.
 
     `model` is any model argument (folder, .gguf, built-in name, hub id) or a loaded model,
-    in which case `tokenizer` is required. Writes distances.json/.csv and heatmap.png to `out`.
+    in which case `tokenizer` is required. `offload` runs the data through one layer at a time,
+    reading each layer's weights from disk (see `streaming`); by default it is chosen when the
+    model would not fit in the memory available. Writes distances.json/.csv and heatmap.png to `out`.
     """
     from .data import DEFAULT_CALIBRATION, load_documents, token_batches
-    from .models import load_model
+    from .models import load_model, load_tokenizer, resolve_model
 
     data = data or DEFAULT_CALIBRATION
     documents = load_documents(data)  # fail on bad data before loading a model
     name = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
     if isinstance(model, (str, Path)):
-        model, tokenizer = load_model(model)
+        path = resolve_model(model)
+        if offload is None and _needs_offload(path):
+            print(f"{name} would not fit in the memory available: analyzing one layer at a time (--offload)")
+            offload = True
+        if offload:
+            from .streaming import measure_streaming
+
+            tokenizer = load_tokenizer(path)
+            batches = token_batches(tokenizer, documents, samples, seq_len, batch_size)
+            budget = memory_budget_mb * 2**20 if memory_budget_mb is not None else None
+            angular, block_influence = measure_streaming(path, batches, budget, progress=progress)
+        else:
+            model, tokenizer = load_model(path)
     elif tokenizer is None:
         raise LayerpruneError("analyze() of a loaded model needs its tokenizer")
-    batches = token_batches(tokenizer, documents, samples, seq_len, batch_size)
-    angular, block_influence = measure(model, batches, progress=progress)
+    if not offload:
+        batches = token_batches(tokenizer, documents, samples, seq_len, batch_size)
+        angular, block_influence = measure(model, batches, progress=progress)
     result = AnalysisResult(
         num_layers=len(block_influence),
         angular=angular,
@@ -217,6 +245,7 @@ def analyze(
         data=str(data),
         samples=sum(len(b["input_ids"]) for b in batches),
         seq_len=seq_len,
+        extra={"offload": bool(offload)},
     )
     if out is not None:
         result.save(out)

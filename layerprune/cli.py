@@ -109,11 +109,27 @@ def analyze(
     samples: SamplesOpt = 64,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
+    offload: Annotated[
+        bool | None,
+        typer.Option("--offload/--no-offload", help="One layer in memory at a time (default: when needed)."),
+    ] = None,
+    memory_budget: Annotated[
+        float | None, typer.Option("--memory-budget", help="With --offload: MiB for weights and states.")
+    ] = None,
 ) -> None:
     """Angular distance d(l, n) for every block and Block Influence for every layer, in one pass."""
     from .analysis import analyze as run_analysis
 
-    result = run_analysis(model, data=data, samples=samples, seq_len=seq_len, batch_size=batch_size, out=out)
+    result = run_analysis(
+        model,
+        data=data,
+        samples=samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        out=out,
+        offload=offload,
+        memory_budget_mb=memory_budget,
+    )
     typer.echo(f"{result.num_layers} layers, {result.samples} samples of {result.data}")
     typer.echo("n    best block   angular distance")
     for n, start in result.best.items():

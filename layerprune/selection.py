@@ -18,13 +18,13 @@ the L+1 residual states of one calibration batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .architectures import Architecture, find_architecture
+from .architectures import find_architecture
 from .errors import LayerpruneError
+from .surgery import layers_swapped
 
 SELECTION_STRATEGIES = ("loss", "angular-rerank", "iterative")
 
@@ -37,27 +37,6 @@ class Selection:
     candidates: list[dict[str, Any]] = field(default_factory=list)  # {"layers": [...], "loss": float}
     forward_passes: float = 0.0
     seconds: float = 0.0
-
-
-@contextmanager
-def _layers_swapped(model: Any, arch: Architecture, keep: Sequence[int]) -> Iterator[None]:
-    """Temporarily run the model with only the layers `keep`, its config sliced to match
-    (models index per-layer lists such as `layer_types` by position; no cache, so layer_idx
-    does not matter)."""
-    import torch
-
-    from .surgery import slice_config
-
-    original = arch.layer_list(model)
-    saved = {k: v for k, v in vars(model.config).items() if isinstance(v, list) or k == arch.num_layers_key}
-    arch.set_layer_list(model, torch.nn.ModuleList([original[i] for i in keep]))
-    slice_config(model.config, list(keep), arch)
-    try:
-        yield
-    finally:
-        arch.set_layer_list(model, original)
-        for key, value in saved.items():
-            setattr(model.config, key, value)
 
 
 class _Scorer:
@@ -84,7 +63,7 @@ class _Scorer:
             for m in modules
         ]
         try:
-            with torch.inference_mode(), _layers_swapped(self.model, self.arch, keep):
+            with torch.inference_mode(), layers_swapped(self.model, self.arch, keep):
                 self.model.base_model(**batch, use_cache=False)
         finally:
             for hook in hooks:
@@ -107,7 +86,7 @@ class _Scorer:
 
         hook = first.register_forward_pre_hook(swap, with_kwargs=True)
         try:
-            with torch.inference_mode(), _layers_swapped(self.model, self.arch, suffix):
+            with torch.inference_mode(), layers_swapped(self.model, self.arch, suffix):
                 logits = self.model(**batch, use_cache=False).logits[:, :-1].float()
         finally:
             hook.remove()

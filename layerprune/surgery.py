@@ -14,6 +14,8 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +151,25 @@ def prune_model(model: Any, layers: list[int]) -> Any:
                 module.layer_idx = new_index
     slice_config(model.config, keep, arch)
     return model
+
+
+@contextmanager
+def layers_swapped(model: Any, arch: Architecture, keep: Sequence[int]) -> Iterator[None]:
+    """Temporarily run the model with only the layers `keep`, its config sliced to match
+    (models index per-layer lists such as `layer_types` by position; no cache, so layer_idx
+    does not matter)."""
+    import torch
+
+    original = arch.layer_list(model)
+    saved = {k: v for k, v in vars(model.config).items() if isinstance(v, list) or k == arch.num_layers_key}
+    arch.set_layer_list(model, torch.nn.ModuleList([original[i] for i in keep]))
+    slice_config(model.config, list(keep), arch)
+    try:
+        yield
+    finally:
+        arch.set_layer_list(model, original)
+        for key, value in saved.items():
+            setattr(model.config, key, value)
 
 
 def _rename_map(arch: Architecture, keys: list[str], removed: set[int]) -> dict[str, str | None]:

@@ -10,6 +10,7 @@ from reference import direct_tables, greedy
 from transformers import AutoModelForCausalLM
 
 from layerprune import analyze, load_model, prune, prune_model
+from layerprune.analysis import measure
 from layerprune.data import load_documents, token_batches
 
 pytestmark = pytest.mark.real
@@ -74,3 +75,15 @@ def test_smollm2_sciq_matches_lm_eval_command_line(smollm2):
     theirs = lm_eval_command_line(smollm2, "sciq", limit=20, batch_size=8)
     assert theirs["acc,none"] == ours["acc"] and theirs["acc_norm,none"] == ours["acc_norm"]
     assert ours["acc"] > 0.5, "SmolLM2 is well above chance (0.25) on SciQ"
+
+
+def test_real_offload_analysis_equals_in_memory(real):
+    from layerprune.streaming import measure_streaming
+
+    path, model, tokenizer = real
+    batches = token_batches(tokenizer, load_documents("coqa"), 4, 48, 2)
+    expected_angular, expected_bi = measure(model, batches, progress=False)
+    angular, block_influence = measure_streaming(path, batches, progress=False)
+    for n, row in expected_angular.items():
+        assert angular[n] == pytest.approx(row, abs=1e-5)
+    assert block_influence == pytest.approx(expected_bi, abs=1e-5)

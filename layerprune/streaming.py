@@ -1,0 +1,179 @@
+"""Analysis of models larger than memory: the calibration data goes through one layer at a time.
+
+The model is built on the meta device (accelerate's empty-weights init), with only the
+embeddings and the final norm loaded. Then for each layer l: its weights are read from the
+safetensors files (memory-mapped), every calibration batch's residual stream resid[l] goes
+through it to give resid[l+1], the final-token rows and Block Influence are taken at once, and
+the layer is freed before the next is loaded. Each layer is run by the model's own forward with
+its layer list cut to that one layer and a pre-hook that feeds in the stored resid[l], so masks,
+rotary embeddings and sliding windows are the family's own code.
+
+Peak memory: one layer's weights, the embeddings and the residual states of all samples
+(kept in memory up to `memory_budget`, spilled to a temporary folder past it).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import LayerpruneError
+
+
+def _run_layers(model: Any, arch: Any, batch: dict, start: Any, keep: list[int]) -> Any:
+    """resid entering the final norm after running only layers `keep`, starting from `start`
+    (the embeddings when `start` is None)."""
+    import torch
+
+    from .surgery import layers_swapped
+
+    captured: dict[str, Any] = {}
+    first = arch.layer_list(model)[keep[0]] if keep else model.get_submodule(arch.final_norm)
+
+    def feed(module: Any, args: tuple, kwargs: dict) -> Any:
+        if start is None:
+            return None
+        return ((start, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": start})
+
+    def capture(module: Any, args: tuple, kwargs: dict) -> None:
+        captured["resid"] = args[0] if args else kwargs["hidden_states"]
+
+    hooks = [first.register_forward_pre_hook(feed, with_kwargs=True)]
+    hooks.append(model.get_submodule(arch.final_norm).register_forward_pre_hook(capture, with_kwargs=True))
+    try:
+        with torch.inference_mode(), layers_swapped(model, arch, keep):
+            model.base_model(**batch, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured["resid"].float()
+
+
+class _States:
+    """The residual state of every batch, in memory up to a budget and on disk past it."""
+
+    def __init__(self, budget_bytes: float) -> None:
+        self.budget = budget_bytes
+        self.memory: dict[int, Any] = {}
+        self.used = 0
+        self.folder: Path | None = None
+
+    def put(self, index: int, state: Any) -> None:
+        import torch
+
+        size = state.numel() * state.element_size()
+        if index in self.memory:
+            self.used -= self.memory[index].numel() * self.memory[index].element_size()
+            del self.memory[index]
+        if self.used + size <= self.budget:
+            self.memory[index] = state
+            self.used += size
+            return
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="layerprune-spill-"))
+        torch.save(state, self.folder / f"{index}.pt")
+
+    def get(self, index: int) -> Any:
+        import torch
+
+        if index in self.memory:
+            return self.memory[index]
+        assert self.folder is not None
+        return torch.load(self.folder / f"{index}.pt")
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _layer_bytes(entries: dict, arch: Any, index: int) -> int:
+    """fp32 bytes of one layer's tensors, from the safetensors headers."""
+    total = 0
+    for key, entry in entries.items():
+        split = arch.split_layer_key(key)
+        if split and split[1] == index:
+            total += math.prod(entry.shape) * 4
+    return total
+
+
+def measure_streaming(
+    path: Path, batches: list[dict], memory_budget: float | None = None, progress: bool = True
+) -> tuple[dict[int, list[float]], list[float]]:
+    """The angular table and Block Influence of the checkpoint at `path`, one layer in memory at a time."""
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .architectures import find_architecture
+    from .checkpoint import read_header, shard_files
+
+    config = AutoConfig.from_pretrained(str(path))
+    arch = find_architecture(config)
+    num_layers = arch.num_layers(config)
+    entries = {k: e for shard in shard_files(path) for k, e in read_header(shard)[0].items()}
+    if not entries:
+        raise LayerpruneError(f"{path} has no safetensors weights to stream")
+    largest_layer = max(_layer_bytes(entries, arch, i) for i in range(num_layers))
+    if memory_budget is not None and memory_budget < largest_layer:
+        raise LayerpruneError(
+            f"memory budget {memory_budget / 2**20:.1f} MiB is smaller than one layer: at least "
+            f"{largest_layer / 2**20:.1f} MiB is needed"
+        )
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    names = set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
+
+    def load(keys: list[str]) -> None:
+        for key in keys:
+            entry = entries[key]
+            split = arch.split_layer_key(key)
+            name = f"{arch.layer_key(split[1])}{split[2]}" if split else key
+            if name not in names:
+                continue
+            with safe_open(entry.file, framework="pt") as handle:
+                tensor = handle.get_tensor(key).to(torch.float32)
+            set_module_tensor_to_device(model, name, "cpu", value=tensor)
+
+    head = [k for k in entries if arch.split_layer_key(k) is None and not k.startswith("lm_head.")]
+    load(head)
+    budget = (memory_budget - largest_layer) if memory_budget is not None else float("inf")
+    states = _States(budget)
+    last_rows: list[list[Any]] = [[] for _ in batches]
+    cos_sum = torch.zeros(num_layers, dtype=torch.float64)
+    tokens = 0
+    masks = [b["attention_mask"].bool() for b in batches]
+    last_index = [m.shape[1] - 1 - m.flip(1).int().argmax(dim=1) for m in masks]
+    try:
+        for b, batch in enumerate(batches):
+            resid = _run_layers(model, arch, batch, None, [])  # the embeddings, resid[0]
+            last_rows[b].append(resid[torch.arange(len(resid)), last_index[b]].double())
+            states.put(b, resid)
+            tokens += int(masks[b].sum())
+        for layer in tqdm(range(num_layers), desc="analyze (offload)", unit="layer", disable=not progress):
+            load([k for k in entries if (s := arch.split_layer_key(k)) and s[1] == layer])
+            for b, batch in enumerate(batches):
+                previous = states.get(b)
+                resid = _run_layers(model, arch, batch, previous, [layer])
+                cos = torch.nn.functional.cosine_similarity(previous.double(), resid.double(), dim=-1)
+                cos_sum[layer] += cos[masks[b]].sum()
+                last_rows[b].append(resid[torch.arange(len(resid)), last_index[b]].double())
+                states.put(b, resid)
+            arch.layer_list(model)[layer].to("meta")  # free this layer's weights
+    finally:
+        states.close()
+    angular_sum = torch.zeros(num_layers + 1, num_layers + 1, dtype=torch.float64)
+    samples = 0
+    for rows in last_rows:
+        unit = torch.nn.functional.normalize(torch.stack(rows, dim=1), dim=-1)
+        angular_sum += (torch.arccos((unit @ unit.transpose(1, 2)).clamp(-1, 1)) / math.pi).sum(dim=0)
+        samples += unit.shape[0]
+    mean = angular_sum / samples
+    angular = {n: [float(mean[s, s + n]) for s in range(num_layers - n + 1)] for n in range(1, num_layers)}
+    return angular, [float(v) for v in 1.0 - cos_sum / tokens]
