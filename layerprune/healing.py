@@ -188,10 +188,12 @@ def _progress_callback(tokens_per_step: int) -> Any:
         def __init__(self) -> None:
             self.bar: Any = None
             self.started, self.first_step, self.step = 0.0, 0, 0
+            self.ended: float | None = None  # training time stops here, before the final evaluation and merge
 
         @property
         def tokens_per_second(self) -> float:
-            return (self.step - self.first_step) * tokens_per_step / max(time.perf_counter() - self.started, 1e-9)
+            elapsed = (self.ended or time.perf_counter()) - self.started
+            return (self.step - self.first_step) * tokens_per_step / max(elapsed, 1e-9)
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started, self.first_step, self.step = time.perf_counter(), state.global_step, state.global_step
@@ -207,6 +209,7 @@ def _progress_callback(tokens_per_step: int) -> Any:
                 self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{self.tokens_per_second:.0f}")
 
         def on_train_end(self, args, state, control, **kwargs):
+            self.ended, self.step = time.perf_counter(), state.global_step
             if self.bar is not None:
                 self.bar.close()
 

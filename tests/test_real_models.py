@@ -87,3 +87,17 @@ def test_real_offload_analysis_equals_in_memory(real):
     for n, row in expected_angular.items():
         assert angular[n] == pytest.approx(row, abs=1e-5)
     assert block_influence == pytest.approx(expected_bi, abs=1e-5)
+
+
+def test_a_local_gguf_file_is_converted_once_to_a_cached_checkpoint(tmp_path, monkeypatch):
+    from layerprune.models import _smollm2_gguf, resolve_model
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    gguf = _smollm2_gguf()
+    before = gguf.stat().st_mtime_ns, gguf.stat().st_size
+    folder = resolve_model(gguf)
+    assert folder.parent == tmp_path / "cache" / "converted" and (folder / "model.safetensors").is_file()
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 30
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model(str(gguf)) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (gguf.stat().st_mtime_ns, gguf.stat().st_size) == before
