@@ -333,7 +333,9 @@ def heal(
     before = work / "validation_loss_before.json"
     if resume is None:  # the pruned model's own validation loss, kept across a resume
         before.write_text(json.dumps(trainer.evaluate()["eval_loss"]))
-    trainer.train(resume_from_checkpoint=resume)
+    steps_before = int(resume.rsplit("-", 1)[1]) if resume else 0
+    runtime = trainer.train(resume_from_checkpoint=resume).metrics["train_runtime"]
+    tokens_per_second = (config.steps - steps_before) * config.batch_size * config.grad_accum * config.seq_len / runtime
     final_eval = trainer.evaluate()["eval_loss"]
     history = _curve(trainer.state.log_history)
     if not trainer.is_world_process_zero():
@@ -358,7 +360,7 @@ def heal(
             "validation_blocks": len(validation),
             "validation_loss_before": json.loads(before.read_text()),
             "validation_loss_after": final_eval,
-            "tokens_per_second": round(progress.tokens_per_second, 1),
+            "tokens_per_second": round(tokens_per_second, 1),  # as the Trainer times it: train() alone
             "seconds": round(time.perf_counter() - started, 1),
             "curve": history,
             "adapter_saved": save_adapter,
