@@ -24,7 +24,7 @@ from typing import Any
 
 from .architectures import find_architecture
 from .errors import LayerpruneError
-from .surgery import layers_swapped
+from .surgery import layers_swapped, running_from
 
 SELECTION_STRATEGIES = ("loss", "angular-rerank", "iterative")
 
@@ -75,21 +75,8 @@ class _Scorer:
         """Summed next-token loss, running only `suffix` layers from a recorded state."""
         import torch
 
-        first = (
-            self.arch.layer_list(self.model)[suffix[0]] if suffix else self.model.get_submodule(self.arch.final_norm)
-        )
-
-        def swap(module: Any, args: tuple, kwargs: dict) -> Any:
-            if args:
-                return (start_state, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": start_state}
-
-        hook = first.register_forward_pre_hook(swap, with_kwargs=True)
-        try:
-            with torch.inference_mode(), layers_swapped(self.model, self.arch, suffix):
-                logits = self.model(**batch, use_cache=False).logits[:, :-1].float()
-        finally:
-            hook.remove()
+        with torch.inference_mode(), running_from(self.model, self.arch, suffix, start_state):
+            logits = self.model(**batch, use_cache=False).logits[:, :-1].float()
         self.layer_evaluations += len(suffix)
         targets = batch["input_ids"][:, 1:]
         mask = batch["attention_mask"][:, 1:].bool()

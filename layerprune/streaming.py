@@ -28,27 +28,19 @@ def _run_layers(model: Any, arch: Any, batch: dict, start: Any, keep: list[int])
     (the embeddings when `start` is None)."""
     import torch
 
-    from .surgery import layers_swapped
+    from .surgery import running_from
 
     captured: dict[str, Any] = {}
-    first = arch.layer_list(model)[keep[0]] if keep else model.get_submodule(arch.final_norm)
-
-    def feed(module: Any, args: tuple, kwargs: dict) -> Any:
-        if start is None:
-            return None
-        return ((start, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": start})
 
     def capture(module: Any, args: tuple, kwargs: dict) -> None:
         captured["resid"] = args[0] if args else kwargs["hidden_states"]
 
-    hooks = [first.register_forward_pre_hook(feed, with_kwargs=True)]
-    hooks.append(model.get_submodule(arch.final_norm).register_forward_pre_hook(capture, with_kwargs=True))
+    hook = model.get_submodule(arch.final_norm).register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        with torch.inference_mode(), layers_swapped(model, arch, keep):
+        with torch.inference_mode(), running_from(model, arch, keep, start):
             model.base_model(**batch, use_cache=False)
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
     return captured["resid"].float()
 
 

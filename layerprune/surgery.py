@@ -172,6 +172,24 @@ def layers_swapped(model: Any, arch: Architecture, keep: Sequence[int]) -> Itera
             setattr(model.config, key, value)
 
 
+@contextmanager
+def running_from(model: Any, arch: Architecture, keep: Sequence[int], start: Any = None) -> Iterator[None]:
+    """Run only layers `keep`, the first of them fed `start` as its residual stream (the final
+    norm when `keep` is empty; the embeddings as usual when `start` is None)."""
+    first = arch.layer_list(model)[keep[0]] if keep else model.get_submodule(arch.final_norm)
+
+    def feed(module: Any, args: tuple, kwargs: dict) -> Any:
+        return ((start, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": start})
+
+    handle = first.register_forward_pre_hook(feed, with_kwargs=True) if start is not None else None
+    try:
+        with layers_swapped(model, arch, keep):
+            yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def _rename_map(arch: Architecture, keys: list[str], removed: set[int]) -> dict[str, str | None]:
     """Old key -> new key (None when it is dropped), shifting layer indices down past removed ones."""
     renamed: dict[str, str | None] = {}
