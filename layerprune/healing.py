@@ -180,36 +180,31 @@ def load_for_training(path: Path, config: HealConfig) -> Any:
 
 
 def _progress_callback(tokens_per_step: int) -> Any:
-    """A Trainer callback: one progress bar with loss, tokens/s and ETA, keeping the loss curves."""
+    """A Trainer callback: one progress bar with loss, live tokens/s and ETA."""
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
     class HealProgress(TrainerCallback):
         def __init__(self) -> None:
             self.bar: Any = None
-            self.started, self.first_step, self.step = 0.0, 0, 0
-            self.ended: float | None = None  # training time stops here, before the final evaluation and merge
+            self.started, self.first_step = 0.0, 0
 
-        @property
-        def tokens_per_second(self) -> float:
-            elapsed = (self.ended or time.perf_counter()) - self.started
-            return (self.step - self.first_step) * tokens_per_step / max(elapsed, 1e-9)
+        def rate(self, step: int) -> float:
+            return (step - self.first_step) * tokens_per_step / max(time.perf_counter() - self.started, 1e-9)
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started, self.first_step, self.step = time.perf_counter(), state.global_step, state.global_step
+            self.started, self.first_step = time.perf_counter(), state.global_step
             if state.is_world_process_zero:
                 self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="heal", unit="step")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            self.step = state.global_step
             if self.bar is None or not logs:
                 return
             self.bar.update(state.global_step - self.bar.n)
             if "loss" in logs:
-                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{self.tokens_per_second:.0f}")
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{self.rate(state.global_step):.0f}")
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.ended, self.step = time.perf_counter(), state.global_step
             if self.bar is not None:
                 self.bar.close()
 
@@ -333,9 +328,9 @@ def heal(
     before = work / "validation_loss_before.json"
     if resume is None:  # the pruned model's own validation loss, kept across a resume
         before.write_text(json.dumps(trainer.evaluate()["eval_loss"]))
-    steps_before = int(resume.rsplit("-", 1)[1]) if resume else 0
     runtime = trainer.train(resume_from_checkpoint=resume).metrics["train_runtime"]
-    tokens_per_second = (config.steps - steps_before) * config.batch_size * config.grad_accum * config.seq_len / runtime
+    trained_steps = config.steps - progress.first_step  # the steps this run did, after any resume
+    tokens_per_second = trained_steps * config.batch_size * config.grad_accum * config.seq_len / runtime
     final_eval = trainer.evaluate()["eval_loss"]
     history = _curve(trainer.state.log_history)
     if not trainer.is_world_process_zero():
