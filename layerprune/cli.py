@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import sys
 import typing
+from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,6 +31,9 @@ DataOpt = Annotated[
 SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration documents.")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per document (truncated).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Documents per forward pass.")]
+QuantizeOpt = Annotated[
+    str | None, typer.Option("--quantize", help="Write the result quantized: nf4 or int8 (bitsandbytes).")
+]
 
 
 def user_errors(command: Any) -> Any:
@@ -161,11 +166,13 @@ def prune(
     batch_size: BatchOpt = 8,
     heal: Annotated[bool, typer.Option("--heal", help="Heal the pruned model (QLoRA) into --out.")] = False,
     save_adapter: Annotated[bool, typer.Option("--save-adapter", help="With --heal: keep the adapter.")] = False,
+    quantize: QuantizeOpt = None,
     heal_config: HealConfig | None = None,
 ) -> None:
     """Remove layers and write a standard Hugging Face checkpoint, streaming tensors on disk.
 
     With --heal, the pruned model is healed (see `layerprune heal`, options --heal-...) into --out.
+    With --quantize, --out holds the result quantized (see `layerprune export`).
     """
     import json
 
@@ -173,9 +180,9 @@ def prune(
     from .surgery import prune as run_prune
 
     chained = {"config": heal_config, "save_adapter": save_adapter} if heal else {}
-    folder = (prune_and_heal if heal else run_prune)(
+    make = functools.partial(
+        prune_and_heal if heal else run_prune,
         model,
-        out,
         **chained,
         layers=layers,
         n=n,
@@ -184,20 +191,29 @@ def prune(
         analysis=analysis,
         candidates=candidates,
         allow_final=allow_final,
-        overwrite=overwrite,
         data=data,
         samples=samples,
         seq_len=seq_len,
         batch_size=batch_size,
     )
+    folder = _maybe_quantized(out, quantize, overwrite, make)
     record = json.loads((folder / "layerprune.json").read_text())
     removed = record["removed_layers"]
     typer.echo(
         f"removed {len(removed)} of {record['num_layers_before']} layers ({record['strategy']}): {removed}\n"
-        f"wrote {folder} ({record['num_layers_after']} layers)"
+        f"wrote {folder} ({record['num_layers_after']} layers" + (f", {quantize})" if quantize else ")")
     )
     if heal:
         _echo_healing(record["healing"])
+
+
+def _maybe_quantized(out: Path, scheme: str | None, overwrite: bool, make: Callable[..., Path]) -> Path:
+    """`make(out)`, or with a scheme, `make` into staging and its quantized form into `out`."""
+    if scheme is None:
+        return make(out, overwrite=overwrite)
+    from .deployment import then_quantize
+
+    return then_quantize(out, scheme, lambda staging: make(staging, overwrite=False), overwrite=overwrite)
 
 
 def _echo_healing(healing: dict[str, Any]) -> None:
@@ -216,20 +232,23 @@ def heal(
     out: Annotated[Path, typer.Option("--out", help="Healed checkpoint folder (must not exist).")],
     save_adapter: Annotated[bool, typer.Option("--save-adapter", help="Also keep the LoRA adapter.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    quantize: QuantizeOpt = None,
     heal_config: HealConfig | None = None,
 ) -> None:
     """Heal a (pruned) model with QLoRA, then merge into its unquantized weights.
 
     Run again after an interruption, it resumes from the last checkpoint. For several GPUs:
     accelerate launch -m layerprune heal MODEL --out DIR ...
+    With --quantize, --out holds the merged model quantized (see `layerprune export`).
     """
     import json
 
     from .healing import heal as run_heal
 
-    folder = run_heal(model, out, heal_config, save_adapter=save_adapter, overwrite=overwrite)
+    make = functools.partial(run_heal, model, config=heal_config, save_adapter=save_adapter)
+    folder = _maybe_quantized(out, quantize, overwrite, make)
     _echo_healing(json.loads((folder / "layerprune.json").read_text())["healing"])
-    typer.echo(f"wrote {folder}")
+    typer.echo(f"wrote {folder}" + (f" ({quantize})" if quantize else ""))
 
 
 @app.command()

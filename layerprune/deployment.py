@@ -5,7 +5,8 @@ on-disk size, peak memory while generating, prefill throughput, decode throughpu
 first token, each as the median (and spread) of several repeats after a warm-up.
 
 `export_quantized` writes a checkpoint quantized by bitsandbytes (NF4 or int8) that
-transformers loads directly, through its bitsandbytes integration.
+transformers loads directly, through its bitsandbytes integration; `then_quantize` does the same
+at the end of a prune or a heal (`--quantize`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -135,15 +138,9 @@ def benchmark(models: list[str | Path], settings: InferenceSettings | None = Non
     return results
 
 
-def export_quantized(model: str | Path, out: str | Path, scheme: str, overwrite: bool = False) -> Path:
-    """Write `model` quantized with bitsandbytes (`nf4` or `int8`) as a checkpoint transformers loads directly."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+def check_quantization(scheme: str) -> None:
+    """Refuse an unknown scheme, or a machine bitsandbytes cannot run on, before any long work."""
     from transformers.utils import is_bitsandbytes_available
-
-    from .checkpoint import staged_folder
-    from .models import resolve_model
-    from .surgery import RECORD_NAME, check_destination
 
     if scheme not in QUANTIZATION_SCHEMES:
         raise LayerpruneError(f"unknown quantization {scheme!r}; choose one of {', '.join(QUANTIZATION_SCHEMES)}")
@@ -152,6 +149,33 @@ def export_quantized(model: str | Path, out: str | Path, scheme: str, overwrite:
             "quantized export needs bitsandbytes, which cannot run here; it runs on CUDA GPUs (any recent NVIDIA "
             "card) and on x86-64 or arm64 CPUs with bitsandbytes>=0.45"
         )
+
+
+def then_quantize(out: str | Path, scheme: str, make: Callable[[Path], Path], overwrite: bool = False) -> Path:
+    """Run `make` (a prune or a heal) into a staging folder beside `out`, then write its quantized
+    form to `out` (`prune/heal --quantize`). The same command rerun resumes `make` there."""
+    check_quantization(scheme)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LayerpruneError(f"output folder {out} already exists; pass --overwrite to replace it")
+    staging = out.parent / f".{out.name}.unquantized"
+    shutil.rmtree(staging, ignore_errors=True)  # a finished output of an earlier run; heal work is kept apart
+    made = make(staging)
+    export_quantized(made, out, scheme, overwrite=overwrite)
+    shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def export_quantized(model: str | Path, out: str | Path, scheme: str, overwrite: bool = False) -> Path:
+    """Write `model` quantized with bitsandbytes (`nf4` or `int8`) as a checkpoint transformers loads directly."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from .checkpoint import staged_folder
+    from .models import resolve_model
+    from .surgery import RECORD_NAME, check_destination
+
+    check_quantization(scheme)
     out = Path(out)
     src = resolve_model(model)
     check_destination(src, out, overwrite)

@@ -117,6 +117,9 @@ def select_by_loss(
     allow_final: bool = False,
 ) -> Selection:
     """Choose n layers by calibration loss with `strategy` (see the module docstring)."""
+    import time
+
+    started = time.perf_counter()
     scorer = _Scorer(model, batches)
     num_layers = scorer.num_layers
     if not 1 <= n < num_layers - (0 if allow_final else 1):
@@ -132,16 +135,21 @@ def select_by_loss(
             raise LayerpruneError("angular-rerank needs an analysis")
         pool = sorted(pool, key=lambda block: analysis.angular[n][block[0]])[:candidates]
     elif strategy == "iterative":
-        return _iterative(scorer, n, allow_final)
+        removed, rounds = _iterative(scorer, n, allow_final, started)
+        return Selection(removed, rounds, scorer.forward_passes, round(time.perf_counter() - started, 2))
     else:
         raise LayerpruneError(f"unknown strategy {strategy!r}; choose from {', '.join(SELECTION_STRATEGIES)}")
     losses = scorer.score(every, pool)
     scored = [{"layers": block, "loss": loss} for block, loss in zip(pool, losses, strict=True)]
     best = min(scored, key=lambda c: c["loss"])
-    return Selection(best["layers"], scored, scorer.forward_passes)
+    return Selection(best["layers"], scored, scorer.forward_passes, round(time.perf_counter() - started, 2))
 
 
-def _iterative(scorer: _Scorer, n: int, allow_final: bool) -> Selection:
+def _iterative(scorer: _Scorer, n: int, allow_final: bool, started: float) -> tuple[list[int], list[dict]]:
+    """Greedy removal; round k records the k layers removed so far and its cumulative cost, so the
+    first k rounds are the whole answer for n = k (the path is nested)."""
+    import time
+
     kept = list(range(scorer.num_layers))
     final = scorer.num_layers - 1
     rounds = []
@@ -154,11 +162,30 @@ def _iterative(scorer: _Scorer, n: int, allow_final: bool) -> Selection:
                 "layers": sorted(set(range(scorer.num_layers)) - set(kept) | set(choice)),
                 "loss": loss,
                 "scored": {str(c[0]): s for c, s in zip(pool, losses, strict=True)},
+                "forward_passes": scorer.forward_passes,
+                "seconds": round(time.perf_counter() - started, 2),
             }
         )
         kept.remove(choice[0])
-    removed = sorted(set(range(scorer.num_layers)) - set(kept))
-    return Selection(removed, rounds, scorer.forward_passes)
+    return sorted(set(range(scorer.num_layers)) - set(kept)), rounds
+
+
+def nested_prefix(selection: Selection, n: int) -> Selection:
+    """The `iterative` answer for a smaller n, read off a longer greedy path at no cost."""
+    rounds = selection.candidates[:n]
+    return Selection(rounds[-1]["layers"], rounds, rounds[-1]["forward_passes"], rounds[-1]["seconds"])
+
+
+def calibration_batches(tokenizer: Any, documents: list[str], samples: int, seq_len: int, batch_size: int) -> list:
+    """`token_batches`, refusing data shorter than one full sequence: too little to score blocks."""
+    from .data import token_batches
+
+    batches = token_batches(tokenizer, documents, samples, seq_len, batch_size)
+    if sum(int(b["attention_mask"].sum()) for b in batches) < seq_len:
+        raise LayerpruneError(
+            f"calibration data is too small to score blocks: fewer than one full sequence of {seq_len} tokens"
+        )
+    return batches
 
 
 def select_with_data(
@@ -174,22 +201,12 @@ def select_with_data(
     seq_len: int = 256,
     batch_size: int = 8,
 ) -> Selection:
-    """Load a model argument and its calibration data, then `select_by_loss`; refuses data
-    shorter than one full sequence."""
-    import dataclasses
-    import time
-
-    from .data import DEFAULT_CALIBRATION, load_documents, token_batches
+    """Load a model argument and its calibration data, then `select_by_loss`."""
+    from .data import DEFAULT_CALIBRATION, load_documents
     from .models import load_model
 
     data = data or DEFAULT_CALIBRATION
     documents = load_documents(data)
     loaded, tokenizer = load_model(model)
-    batches = token_batches(tokenizer, documents, samples, seq_len, batch_size)
-    if sum(int(b["attention_mask"].sum()) for b in batches) < seq_len:
-        raise LayerpruneError(
-            f"calibration data {data!r} is too small to score blocks: fewer than one full sequence of {seq_len} tokens"
-        )
-    started = time.perf_counter()
-    selection = select_by_loss(loaded, batches, n, strategy, analysis, candidates, allow_final)
-    return dataclasses.replace(selection, seconds=round(time.perf_counter() - started, 2))
+    batches = calibration_batches(tokenizer, documents, samples, seq_len, batch_size)
+    return select_by_loss(loaded, batches, n, strategy, analysis, candidates, allow_final)

@@ -159,33 +159,49 @@ def _evaluate_point(model: Any, tokenizer: Any, config: SweepConfig) -> dict[str
 
 
 def _removed_layers(point: Point, base: tuple[Any, Any], analysis: Any, config: SweepConfig, work: Path) -> list:
-    """The layers a strategy removes; loss-scored choices are stored so healed points reuse them."""
-    from .selection import SELECTION_STRATEGIES, select_by_loss
+    """The layers a strategy removes; loss-scored choices are stored in `selections/` (with their
+    cost) so healed points and reruns reuse them. `iterative` runs once, to the sweep's largest n:
+    its greedy path is nested, so every smaller n is a prefix of it."""
+    from .selection import SELECTION_STRATEGIES, Selection, calibration_batches, nested_prefix, select_by_loss
     from .surgery import select_layers
 
     if point.strategy not in SELECTION_STRATEGIES:
         return select_layers(analysis.num_layers, n=point.n, strategy=point.strategy, analysis=analysis)
-    stored = work.parent.parent / "selections" / f"{point.strategy}-n{point.n}.json"
-    if stored.is_file():
-        return json.loads(stored.read_text())["removed"]
-    from .data import load_documents, token_batches
+    folder = work.parent.parent / "selections"
+    stored = folder / f"{point.strategy}-n{point.n}.json"
+    if not stored.is_file():
+        from .data import load_documents
 
-    batches = token_batches(base[1], load_documents(config.data), config.samples, config.seq_len, config.batch_size)
-    selection = select_by_loss(base[0], batches, point.n, point.strategy, analysis)
-    stored.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(stored, asdict(selection))
-    return selection.removed
+        counts = [n for n in config.counts(analysis.num_layers) if n]
+        n = max(counts) if point.strategy == "iterative" else point.n
+        documents = load_documents(config.data)
+        batches = calibration_batches(base[1], documents, config.samples, config.seq_len, config.batch_size)
+        selection = select_by_loss(base[0], batches, n, point.strategy, analysis)
+        answers = {k: nested_prefix(selection, k) for k in counts} if point.strategy == "iterative" else {n: selection}
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, answer in answers.items():
+            if not (folder / f"{point.strategy}-n{k}.json").is_file():
+                _write_json(folder / f"{point.strategy}-n{k}.json", asdict(answer))
+    return Selection(**json.loads(stored.read_text())).removed
 
 
-def _run_point(point: Point, base: tuple[Any, Any], src: Path, analysis: Any, config: SweepConfig, work: Path) -> dict:
+def _twin(out: Path, point: Point, removed: list[int]) -> dict[str, Any] | None:
+    """A stored point of another strategy that removed the same layers: its numbers are this point's."""
+    for path in sorted((out / "points").glob(f"*-n{point.n}{'-healed' if point.healed else ''}.json")):
+        row = json.loads(path.read_text())
+        if row["healed"] == point.healed and row["layers_removed"] == removed and "same_as" not in row:
+            return {**row, "strategy": point.strategy, "same_as": row["strategy"], "seconds": 0.0}
+    return None
+
+
+def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config: SweepConfig, work: Path) -> dict:
     from .healing import heal
     from .models import load_model
     from .surgery import prune, prune_model
 
     model, tokenizer = base
-    num_layers = analysis.num_layers
+    num_layers = model.config.get_text_config().num_hidden_layers
     started = time.perf_counter()
-    removed = _removed_layers(point, base, analysis, config, work) if point.n else []
     if not point.healed:
         candidate = prune_model(copy.deepcopy(model), removed) if removed else model
         evaluated = _evaluate_point(candidate, tokenizer, config)
@@ -251,7 +267,8 @@ def run_sweep(model: str | Path, out: str | Path, config: SweepConfig, progress:
     for point in missing:
         bar.set_postfix_str(point.key)
         work = out / "work" / point.key
-        result = _run_point(point, base, src, analysis, config, work)
+        removed = _removed_layers(point, base, analysis, config, work) if point.n else []
+        result = _twin(out, point, removed) or _run_point(point, base, src, removed, config, work)
         _write_json(out / "points" / f"{point.key}.json", result)
         shutil.rmtree(work, ignore_errors=True)
         bar.update()

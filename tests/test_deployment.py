@@ -76,10 +76,25 @@ def test_quantized_export_loads_and_generates(models, tmp_path, scheme):
     )
 
 
+def test_prune_with_quantize_writes_the_pruned_model_quantized(models, tmp_path):
+    root, full, pruned = models
+    before = folder_digest(full)
+    args = ["prune", str(full), "--out", str(tmp_path / "q"), "--layers", "1-3", "--quantize", "int8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "removed 3 of 6 layers" in result.stdout and "int8" in result.stdout
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert loaded.config.num_hidden_layers == 3 and loaded.config.quantization_config.load_in_8bit
+    assert json.loads((tmp_path / "q" / "layerprune.json").read_text())["removed_layers"] == [1, 2, 3]
+    assert folder_digest(full) == before and sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
         (["export", "{full}", "--out", "{tmp}/q", "--quantize", "int3"], "unknown quantization 'int3'"),
+        (["prune", "{full}", "--out", "{tmp}/q", "--n", "2", "--quantize", "int3"], "unknown quantization 'int3'"),
+        (["heal", "{full}", "--out", "{tmp}/q", "--quantize", "fp2"], "unknown quantization 'fp2'"),
         (["export", "{tmp}/missing", "--out", "{tmp}/q"], "not found"),
         (["bench", "{tmp}/missing"], "not found"),
         (["bench", "{full}", "--new-tokens", "0"], "at least 1"),
@@ -91,7 +106,7 @@ def test_bad_input_gets_one_line(models, tmp_path, args, fragment):
     result = CliRunner().invoke(app, [a.format(full=full, tmp=tmp_path) for a in args])
     assert result.exit_code == 1
     assert result.stderr.strip().count("\n") == 0 and fragment in result.stderr
-    assert not (tmp_path / "q").exists()
+    assert not (tmp_path / "q").exists() and not (tmp_path / ".q.unquantized").exists()
 
 
 def test_export_where_bitsandbytes_cannot_run_names_the_machine(models, tmp_path, monkeypatch):

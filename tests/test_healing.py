@@ -164,7 +164,7 @@ def test_four_bit_where_bitsandbytes_cannot_run_is_refused(base, text, tmp_path,
     assert not (tmp_path / "healed").exists()
 
 
-def test_prune_then_heal_from_the_cli(base, text, tmp_path):
+def test_prune_heal_and_quantize_from_the_cli(base, text, tmp_path):
     from typer.testing import CliRunner
 
     from layerprune.cli import app
@@ -192,11 +192,15 @@ def test_prune_then_heal_from_the_cli(base, text, tmp_path):
             "2",
             "--heal-grad-accum",
             "1",
+            "--quantize",
+            "nf4",
         ],
     )
     assert result.exit_code == 0, result.output
     assert "removed 2 of 6 layers (deepest): [3, 4]" in result.stdout and "healed (LoRA, 4 steps)" in result.stdout
     record = json.loads((tmp_path / "ph" / "layerprune.json").read_text())
     assert record["removed_layers"] == [3, 4] and record["healing"]["config"]["steps"] == 4
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "ph").config.num_hidden_layers == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "heal.txt", "ph"]
+    assert record["quantization"]["scheme"] == "nf4"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ph")
+    assert loaded.config.num_hidden_layers == 4 and loaded.config.quantization_config.load_in_4bit
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "heal.txt", "ph"]  # no staging left

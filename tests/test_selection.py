@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from layerprune.analysis import measure
 from layerprune.data import token_batches
 from layerprune.errors import LayerpruneError
-from layerprune.selection import select_by_loss
+from layerprune.selection import nested_prefix, select_by_loss
 from layerprune.surgery import prune, prune_model
 
 DOCS = [f"Calibration text number {i}: the quick brown fox jumps over the lazy dog again." for i in range(6)]
@@ -77,6 +77,16 @@ def test_iterative_removes_greedily_and_gives_a_valid_noncontiguous_checkpoint(t
         cached = loaded.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     assert torch.equal(cached, greedy(loaded, ids, 6))
     assert json.loads((out / "layerprune.json").read_text())["removed_layers"] == selection.removed
+
+
+def test_iterative_path_is_nested_so_a_smaller_n_is_its_prefix():
+    model = tiny_model("llama", seed=6)
+    batches = token_batches(tiny_tokenizer(), DOCS, 6, 40, 3)
+    longer = select_by_loss(model, batches, n=3, strategy="iterative")
+    shorter = select_by_loss(model, batches, n=2, strategy="iterative")
+    prefix = nested_prefix(longer, 2)
+    assert prefix.removed == shorter.removed and prefix.candidates == longer.candidates[:2]
+    assert 0 < prefix.forward_passes == shorter.forward_passes < longer.forward_passes
 
 
 def test_prune_with_a_loss_strategy_records_every_candidate(tmp_path):
