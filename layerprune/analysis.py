@@ -135,12 +135,14 @@ class _ResidualRecorder:
         import torch
 
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            resid = (args[0] if args else kwargs["hidden_states"]).detach().double()
+            # per-token cosines in the model's dtype, summed in float64: a float64 copy of every
+            # state would cost more than the layers of a small model
+            resid = (args[0] if args else kwargs["hidden_states"]).detach()
             rows = torch.arange(resid.shape[0])
-            self._last_rows.append(resid[rows, self._last_index])
+            self._last_rows.append(resid[rows, self._last_index].double())
             if self._previous is not None:
                 cos = torch.nn.functional.cosine_similarity(self._previous, resid, dim=-1)
-                self.cos_sum[index - 1] += cos[self._mask].sum()
+                self.cos_sum[index - 1] += cos[self._mask].double().sum()
             self._previous = resid
 
         return hook
@@ -182,15 +184,46 @@ def measure(model: Any, batches: list[dict], progress: bool = True) -> tuple[dic
     return recorder.result()
 
 
+def cgroup_limits(proc: Path = Path("/proc/self/cgroup"), mount: Path = Path("/sys/fs/cgroup")) -> list[int]:
+    """Memory limits (bytes) of this process's cgroup and its ancestors, v1 or v2 (containers,
+    `systemd-run -p MemoryMax=`, batch schedulers); empty when none is set or visible."""
+    limits = []
+    for line in proc.read_text().splitlines() if proc.is_file() else []:
+        _, controllers, path = line.split(":", 2)
+        v1 = "memory" in controllers.split(",")
+        if not v1 and controllers:
+            continue
+        root, name = (mount / "memory", "memory.limit_in_bytes") if v1 else (mount, "memory.max")
+        folder = root / path.lstrip("/")
+        while folder.is_relative_to(root):
+            value = (folder / name).read_text().strip() if (folder / name).is_file() else "max"
+            if value.isdigit() and int(value) < 2**60:
+                limits.append(int(value))
+            if folder == root:
+                break
+            folder = folder.parent
+    return limits
+
+
+def memory_available() -> int:
+    """Bytes available to this process: the kernel's MemAvailable, or a smaller cgroup limit."""
+    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").is_file() else ""
+    available = next(
+        (int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable")), None
+    )
+    if available is None:
+        import os
+
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return min([available, *cgroup_limits()])
+
+
 def _needs_offload(path: Path) -> bool:
     """True when the model's fp32 weights would take more than 70% of the memory available now."""
-    import os
-
     from .checkpoint import read_header, shard_files
 
     weights = sum(math.prod(e.shape) * 4 for shard in shard_files(path) for e in read_header(shard)[0].values())
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return weights > 0.7 * available
+    return weights > 0.7 * memory_available()
 
 
 def analyze(

@@ -402,8 +402,15 @@ def export(
     typer.echo(f"wrote {export_quantized(model, out, quantize, overwrite=overwrite)} ({quantize})")
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # so SIGTERM (a scheduler, `kill`) cleans up like Ctrl-C: no partial output
+
+
 def main() -> None:
     """Entry point of the `layerprune` script."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="layerprune")
 
 

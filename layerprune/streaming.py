@@ -15,6 +15,7 @@ Peak memory: one layer's weights, the embeddings and the residual states of all 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,6 +45,23 @@ def _run_layers(model: Any, arch: Any, batch: dict, start: Any, keep: list[int])
     return captured["resid"].float()
 
 
+SPILL_PREFIX = "layerprune-spill-"
+
+
+def remove_stale_spills() -> list[Path]:
+    """Remove spill folders left by runs that were killed outright (their process is gone); an
+    interrupted run (Ctrl-C, SIGTERM) removes its own."""
+
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*-*"):
+        pid = folder.name.removeprefix(SPILL_PREFIX).split("-")[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 class _States:
     """The residual state of every batch, in memory up to a budget and on disk past it."""
 
@@ -52,6 +70,7 @@ class _States:
         self.memory: dict[int, Any] = {}
         self.used = 0
         self.folder: Path | None = None
+        remove_stale_spills()
 
     def put(self, index: int, state: Any) -> None:
         import torch
@@ -65,7 +84,7 @@ class _States:
             self.used += size
             return
         if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="layerprune-spill-"))
+            self.folder = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-"))
         torch.save(state, self.folder / f"{index}.pt")
 
     def get(self, index: int) -> Any:
@@ -153,8 +172,8 @@ def measure_streaming(
             for b, batch in enumerate(batches):
                 previous = states.get(b)
                 resid = _run_layers(model, arch, batch, previous, [layer])
-                cos = torch.nn.functional.cosine_similarity(previous.double(), resid.double(), dim=-1)
-                cos_sum[layer] += cos[masks[b]].sum()
+                cos = torch.nn.functional.cosine_similarity(previous, resid, dim=-1)
+                cos_sum[layer] += cos[masks[b]].double().sum()
                 last_rows[b].append(resid[torch.arange(len(resid)), last_index[b]].double())
                 states.put(b, resid)
             arch.layer_list(model)[layer].to("meta")  # free this layer's weights

@@ -83,7 +83,7 @@ def test_identity_layers_have_zero_distance():
         torch.nn.init.zeros_(module.weight)
     angular, block_influence = measure(model, token_batches(tiny_tokenizer(), DOCS, 5, 40, 2), progress=False)
     assert angular[1][2] == pytest.approx(0.0, abs=1e-6)
-    assert block_influence[2] == pytest.approx(0.0, abs=1e-9)
+    assert block_influence[2] == pytest.approx(0.0, abs=1e-6)  # float32 cosines
     assert min(angular[1][:2] + angular[1][3:]) > 0.01
 
 
