@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 8: what pruning buys, alone and with 4-bit quantization, on both packaged models.
+# Four models each: full, pruned (+ a short heal), quantized (NF4), pruned + quantized (NF4),
+# the last written in one command by `prune --heal --quantize`. Then, for the four:
+# size, peak memory, prefill/decode speed and time to first token (`bench`, side by side in one
+# run), and held-out loss + SciQ/PIQA 0-shot (`evaluate`, same documents for all four).
+#   bash bench/deployment.sh smollm2   # or gemma3
+set -euo pipefail
+LP=".venv/bin/layerprune"
+export OMP_NUM_THREADS=1
+case "${1:-smollm2}" in
+  smollm2) MODEL=smollm2-135m; N=8 ;;   # 8 of 30 layers (27%)
+  gemma3)  MODEL=gemma3-270m;  N=5 ;;   # 5 of 18 layers (28%)
+esac
+OUT=bench/results/deployment-$1
+mkdir -p "$OUT"
+HEAL=(--heal --heal-no-quant --heal-steps 20 --heal-lr 2e-3 --heal-batch-size 4 --heal-grad-accum 1 --heal-seq-len 256)
+PRUNE=("$MODEL" --n "$N" --strategy angular --samples 32 --seq-len 128 "${HEAL[@]}")
+[ -d "$OUT/pruned" ] || $LP prune "${PRUNE[@]}" --out "$OUT/pruned"
+[ -d "$OUT/pruned-nf4" ] || $LP prune "${PRUNE[@]}" --out "$OUT/pruned-nf4" --quantize nf4
+[ -d "$OUT/full-nf4" ] || $LP export "$MODEL" --out "$OUT/full-nf4" --quantize nf4
+$LP bench "$MODEL" "$OUT/pruned" "$OUT/full-nf4" "$OUT/pruned-nf4" --prompt-tokens 128 --new-tokens 32 \
+  --batch-size 1 --repeats 5 --out "$OUT/bench"
+for m in full pruned full-nf4 pruned-nf4; do
+  src="$OUT/$m"; [ "$m" = full ] && src="$MODEL"
+  [ -f "$OUT/eval-$m.json" ] || $LP evaluate "$src" --tasks sciq,piqa,loss --limit 100 --out "$OUT/eval-$m.json"
+done
