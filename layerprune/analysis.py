@@ -218,12 +218,16 @@ def memory_available() -> int:
     return min([available, *cgroup_limits()])
 
 
-def _needs_offload(path: Path) -> bool:
-    """True when the model's fp32 weights would take more than 70% of the memory available now."""
+def fp32_bytes(path: Path) -> int:
+    """The checkpoint's weights in fp32, from the safetensors headers (nothing is loaded)."""
     from .checkpoint import read_header, shard_files
 
-    weights = sum(math.prod(e.shape) * 4 for shard in shard_files(path) for e in read_header(shard)[0].values())
-    return weights > 0.7 * memory_available()
+    return sum(math.prod(e.shape) * 4 for shard in shard_files(path) for e in read_header(shard)[0].values())
+
+
+def fits_in_memory(path: Path) -> bool:
+    """False when the model's fp32 weights would take more than 70% of the memory available now."""
+    return fp32_bytes(path) <= 0.7 * memory_available()
 
 
 def analyze(
@@ -253,7 +257,7 @@ def analyze(
     name = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
     if isinstance(model, (str, Path)):
         path = resolve_model(model)
-        if offload is None and _needs_offload(path):
+        if offload is None and not fits_in_memory(path):
             print(f"{name} would not fit in the memory available: analyzing one layer at a time (--offload)")
             offload = True
         if offload:

@@ -202,11 +202,20 @@ def select_with_data(
     batch_size: int = 8,
 ) -> Selection:
     """Load a model argument and its calibration data, then `select_by_loss`."""
+    from .analysis import fits_in_memory, fp32_bytes, memory_available
     from .data import DEFAULT_CALIBRATION, load_documents
-    from .models import load_model
+    from .models import load_model, resolve_model
 
     data = data or DEFAULT_CALIBRATION
     documents = load_documents(data)
-    loaded, tokenizer = load_model(model)
+    path = resolve_model(model)
+    if not fits_in_memory(path):
+        raise LayerpruneError(
+            f"strategy {strategy} scores blocks with the whole model in memory, and its fp32 weights "
+            f"({fp32_bytes(path) / 2**30:.1f} GiB) would not fit in the {memory_available() / 2**30:.1f} GiB "
+            "available; "
+            "use angular or bi (their analysis runs one layer at a time) or deepest"
+        )
+    loaded, tokenizer = load_model(path)
     batches = calibration_batches(tokenizer, documents, samples, seq_len, batch_size)
     return select_by_loss(loaded, batches, n, strategy, analysis, candidates, allow_final)

@@ -107,3 +107,13 @@ def test_too_little_calibration_data_is_refused(tmp_path):
     with pytest.raises(LayerpruneError, match="too small to score blocks"):
         prune(src, tmp_path / "out", n=2, strategy="loss", data=str(data), seq_len=64, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_loss_strategies_say_when_the_model_would_not_fit_in_memory(tmp_path, monkeypatch):
+    import layerprune.analysis
+
+    src = save_tiny(tiny_model("llama"), tmp_path / "src")
+    monkeypatch.setattr(layerprune.analysis, "memory_available", lambda: 10_000)
+    with pytest.raises(LayerpruneError, match="whole model in memory.*use angular or bi"):
+        prune(src, tmp_path / "out", n=2, strategy="loss", progress=False)
+    assert not (tmp_path / "out").exists()
