@@ -77,10 +77,7 @@ def main() -> None:
 
     total = 0
     for name, shape in tensors(config):
-        if len(shape) == 1:
-            tensor = torch.ones(shape)
-        else:
-            tensor = torch.randn(shape, generator=generator) * 0.02
+        tensor = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02
         size = tensor.numel() * 4
         if shard and shard_bytes + size > args.shard_gb * 2**30:
             flush()

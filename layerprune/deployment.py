@@ -159,10 +159,11 @@ def then_quantize(out: str | Path, scheme: str, make: Callable[[Path], Path], ov
     if out.exists() and not overwrite:
         raise LayerpruneError(f"output folder {out} already exists; pass --overwrite to replace it")
     staging = out.parent / f".{out.name}.unquantized"
-    shutil.rmtree(staging, ignore_errors=True)  # a finished output of an earlier run; heal work is kept apart
-    made = make(staging)
-    export_quantized(made, out, scheme, overwrite=overwrite)
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run; a heal's resumable work is kept apart
+    try:
+        export_quantized(make(staging), out, scheme, overwrite=overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
