@@ -213,8 +213,7 @@ def select_with_data(
         raise LayerpruneError(
             f"strategy {strategy} scores blocks with the whole model in memory, and its fp32 weights "
             f"({fp32_bytes(path) / 2**30:.1f} GiB) would not fit in the {memory_available() / 2**30:.1f} GiB "
-            "available; "
-            "use angular or bi (their analysis runs one layer at a time) or deepest"
+            "available; use angular or bi (their analysis runs one layer at a time) or deepest"
         )
     loaded, tokenizer = load_model(path)
     batches = calibration_batches(tokenizer, documents, samples, seq_len, batch_size)

@@ -158,7 +158,7 @@ def _evaluate_point(model: Any, tokenizer: Any, config: SweepConfig) -> dict[str
     return evaluate(model, list(config.tasks), limit=config.limit, batch_size=config.batch_size, tokenizer=tokenizer)
 
 
-def _removed_layers(point: Point, base: tuple[Any, Any], analysis: Any, config: SweepConfig, work: Path) -> list:
+def _removed_layers(point: Point, base: tuple[Any, Any], analysis: Any, config: SweepConfig, out: Path) -> list:
     """The layers a strategy removes; loss-scored choices are stored in `selections/` (with their
     cost) so healed points and reruns reuse them. `iterative` runs once, to the sweep's largest n:
     its greedy path is nested, so every smaller n is a prefix of it."""
@@ -167,7 +167,7 @@ def _removed_layers(point: Point, base: tuple[Any, Any], analysis: Any, config: 
 
     if point.strategy not in SELECTION_STRATEGIES:
         return select_layers(analysis.num_layers, n=point.n, strategy=point.strategy, analysis=analysis)
-    folder = work.parent.parent / "selections"
+    folder = out / "selections"
     stored = folder / f"{point.strategy}-n{point.n}.json"
     if not stored.is_file():
         from .data import load_documents
@@ -267,7 +267,7 @@ def run_sweep(model: str | Path, out: str | Path, config: SweepConfig, progress:
     for point in missing:
         bar.set_postfix_str(point.key)
         work = out / "work" / point.key
-        removed = _removed_layers(point, base, analysis, config, work) if point.n else []
+        removed = _removed_layers(point, base, analysis, config, out) if point.n else []
         result = _twin(out, point, removed) or _run_point(point, base, src, removed, config, work)
         _write_json(out / "points" / f"{point.key}.json", result)
         shutil.rmtree(work, ignore_errors=True)
