@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import sys
 import typing
 from collections.abc import Callable
-from functools import wraps
+from functools import partial, wraps
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -180,7 +179,7 @@ def prune(
     from .surgery import prune as run_prune
 
     chained = {"config": heal_config, "save_adapter": save_adapter} if heal else {}
-    make = functools.partial(
+    make = partial(
         prune_and_heal if heal else run_prune,
         model,
         **chained,
@@ -245,7 +244,7 @@ def heal(
 
     from .healing import heal as run_heal
 
-    make = functools.partial(run_heal, model, config=heal_config, save_adapter=save_adapter)
+    make = partial(run_heal, model, config=heal_config, save_adapter=save_adapter)
     folder = _maybe_quantized(out, quantize, overwrite, make)
     _echo_healing(json.loads((folder / "layerprune.json").read_text())["healing"])
     typer.echo(f"wrote {folder}" + (f" ({quantize})" if quantize else ""))
