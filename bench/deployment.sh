@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 8: what pruning buys, alone and with 4-bit quantization, on both packaged models.
-# Four models each: full, pruned (+ a short heal), quantized (NF4), pruned + quantized (NF4),
-# the last written in one command by `prune --heal --quantize`. Then, for the four:
+# Four models each: full, pruned (+ a short heal), quantized (NF4), pruned + quantized (NF4).
+# For SmolLM2 the last is written in one command by `prune --heal --quantize`; for Gemma (slower
+# to heal on a CPU) by `export` of the pruned model, which gives the same (the heal is seeded).
+# Then, for the four:
 # size, peak memory, prefill/decode speed and time to first token (`bench`, side by side in one
 # run), and held-out loss + SciQ/PIQA 0-shot (`evaluate`, same documents for all four).
 #   bash bench/deployment.sh smollm2   # or gemma3
@@ -17,7 +19,10 @@ mkdir -p "$OUT"
 HEAL=(--heal --heal-no-quant --heal-steps 20 --heal-lr 2e-3 --heal-batch-size 4 --heal-grad-accum 1 --heal-seq-len 256)
 PRUNE=("$MODEL" --n "$N" --strategy angular --samples 32 --seq-len 128 "${HEAL[@]}")
 [ -d "$OUT/pruned" ] || $LP prune "${PRUNE[@]}" --out "$OUT/pruned"
-[ -d "$OUT/pruned-nf4" ] || $LP prune "${PRUNE[@]}" --out "$OUT/pruned-nf4" --quantize nf4
+if [ ! -d "$OUT/pruned-nf4" ]; then
+  if [ "$1" = smollm2 ]; then $LP prune "${PRUNE[@]}" --out "$OUT/pruned-nf4" --quantize nf4
+  else $LP export "$OUT/pruned" --out "$OUT/pruned-nf4" --quantize nf4; fi
+fi
 [ -d "$OUT/full-nf4" ] || $LP export "$MODEL" --out "$OUT/full-nf4" --quantize nf4
 $LP bench "$MODEL" "$OUT/pruned" "$OUT/full-nf4" "$OUT/pruned-nf4" --prompt-tokens 128 --new-tokens 32 \
   --batch-size 1 --repeats 5 --out "$OUT/bench"
