@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--samples", default="16,48", help="calibration sizes, in documents")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--heldout", type=int, default=200, help="LAMBADA passages")
+    parser.add_argument("--blocks", default="", help="more blocks to compare on held-out text, e.g. 7-8,8-9")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model)
@@ -57,6 +58,9 @@ def main() -> None:
             f"| {chosen.forward_passes:.1f}, {chosen.seconds:.0f} |",
             flush=True,
         )
+    for spec in filter(None, args.blocks.split(",")):
+        first, last = map(int, spec.split("-"))
+        print(f"block {first}–{last}: held-out loss {heldout_loss(list(range(first, last + 1))):.3f}", flush=True)
 
 
 if __name__ == "__main__":
