@@ -141,6 +141,9 @@ def staged_folder(out: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint folder should not be
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # some writers (transformers' save_pretrained) leave files private
+            if path.is_file():
+                os.chmod(path, 0o666 & ~umask)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, trash / out.name)

@@ -154,6 +154,8 @@ def check_quantization(scheme: str) -> None:
 def then_quantize(out: str | Path, scheme: str, make: Callable[[Path], Path], overwrite: bool = False) -> Path:
     """Run `make` (a prune or a heal) into a staging folder beside `out`, then write its quantized
     form to `out` (`prune/heal --quantize`). The same command rerun resumes `make` there."""
+    from .surgery import RECORD_NAME
+
     check_quantization(scheme)
     out = Path(out)
     if out.exists() and not overwrite:
@@ -164,6 +166,9 @@ def then_quantize(out: str | Path, scheme: str, make: Callable[[Path], Path], ov
         export_quantized(make(staging), out, scheme, overwrite=overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    record = json.loads((out / RECORD_NAME).read_text())
+    del record["quantization"]["source"]  # the staging folder, now gone: the record's history says the rest
+    (out / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
     return out
 
 

@@ -1,6 +1,7 @@
 """Inference benchmark fields, and quantized exports that load and generate."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -85,8 +86,14 @@ def test_prune_with_quantize_writes_the_pruned_model_quantized(models, tmp_path)
     assert "removed 3 of 6 layers" in result.stdout and "int8" in result.stdout
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert loaded.config.num_hidden_layers == 3 and loaded.config.quantization_config.load_in_8bit
-    assert json.loads((tmp_path / "q" / "layerprune.json").read_text())["removed_layers"] == [1, 2, 3]
+    record = json.loads((tmp_path / "q" / "layerprune.json").read_text())
+    assert record["removed_layers"] == [1, 2, 3]
+    assert record["quantization"] == {"scheme": "int8", "backend": "bitsandbytes"}
     assert folder_digest(full) == before and sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "q").iterdir():  # a checkpoint others can read, as the umask allows
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
 
 
 @pytest.mark.parametrize(
