@@ -1,4 +1,4 @@
-"""Write a random-weight Llama checkpoint of about 2.3B parameters (9.3 GB in fp32), in shards,
+"""Write a random-weight Llama checkpoint of about 2.3B parameters (9.3 GB in fp32, 4.6 GB in bf16), in shards,
 one shard at a time (this script holds at most one shard in memory), with SmolLM2's tokenizer.
 
 It stands in for a model larger than the memory a run is given (issue 6): weights are random,
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--shard-gb", type=float, default=2.0)
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bf16: as most hub models")
     args = parser.parse_args()
     tokenizer_src = resolve_model("smollm2-135m")
     config = LlamaConfig(
@@ -60,7 +61,7 @@ def main() -> None:
         vocab_size=49152,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        torch_dtype=args.dtype,
     )
     args.out.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
@@ -78,7 +79,8 @@ def main() -> None:
     total = 0
     for name, shape in tensors(config):
         tensor = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02
-        size = tensor.numel() * 4
+        tensor = tensor.to(getattr(torch, args.dtype))
+        size = tensor.numel() * tensor.element_size()
         if shard and shard_bytes + size > args.shard_gb * 2**30:
             flush()
         shard[name] = tensor
@@ -94,7 +96,7 @@ def main() -> None:
     config.save_pretrained(args.out)
     for side in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_src / side, args.out / side)
-    print(f"wrote {args.out}: {total / 1e9:.2f} GB in {len(shards)} shards, {total // 4 / 1e9:.2f}B parameters")
+    print(f"wrote {args.out}: {total / 1e9:.2f} GB of {args.dtype} in {len(shards)} shards")
 
 
 if __name__ == "__main__":

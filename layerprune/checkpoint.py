@@ -110,15 +110,28 @@ def write_shard(path: Path, tensors: list[tuple[str, TensorEntry]], metadata: di
 
 
 def _copy_range(entry: TensorEntry, out) -> None:
+    """Copy one tensor's bytes: in the kernel where it can (`copy_file_range`, as `cp` does),
+    else through a COPY_CHUNK buffer. Either way memory stays bounded whatever the tensor size."""
+    out.flush()
     with open(entry.file, "rb") as src:
-        src.seek(entry.start)
-        remaining = entry.length
+        done = 0
+        try:
+            while done < entry.length:
+                sent = os.copy_file_range(src.fileno(), out.fileno(), entry.length - done, entry.start + done)
+                if not sent:
+                    break
+                done += sent
+        except (AttributeError, OSError):  # not Linux, or a filesystem pair that cannot: copy by hand
+            pass
+        src.seek(entry.start + done)
+        remaining = entry.length - done
         while remaining:
             chunk = src.read(min(COPY_CHUNK, remaining))
             if not chunk:
                 raise LayerpruneError(f"corrupted safetensors file {entry.file}: truncated tensor data")
             out.write(chunk)
             remaining -= len(chunk)
+    out.flush()
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:

@@ -177,3 +177,20 @@ def test_a_checkpoint_without_safetensors_is_pruned_in_memory(tmp_path):
     out = prune(src, tmp_path / "out", layers=[1, 2])
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(logits(loaded), logits(prune_model(copy.deepcopy(model), [1, 2])))
+
+
+def test_disk_prune_without_copy_file_range_writes_the_same_bytes(tmp_path, monkeypatch):
+    import os
+
+    src = save_tiny(tiny_model("llama"), tmp_path / "src", shard_size="60KB")
+    fast = prune(src, tmp_path / "fast", layers=[1, 2])
+
+    def unavailable(*args):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "copy_file_range", unavailable)
+    slow = prune(src, tmp_path / "slow", layers=[1, 2])
+    shards = sorted(p.name for p in fast.glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in slow.glob("*.safetensors"))
+    for name in shards:
+        assert (fast / name).read_bytes() == (slow / name).read_bytes()
