@@ -107,6 +107,7 @@ def disk_prune(args: argparse.Namespace) -> dict:
         "shards": len(shard_files(args.model)),
         "largest_tensor_mb": largest / 2**20,
         "import_only_peak_rss_mb": baseline["peak_rss_mb"],
+        "import_only_seconds": baseline["seconds"],  # the fixed start-up cost (torch, transformers) in the prune time
         "median_seconds": median,
         "ratio": median["layerprune prune"] / median["cp -r"],
         "runs": runs,

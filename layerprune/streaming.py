@@ -100,6 +100,19 @@ class _States:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc). Layers converted from bf16 are allocated in
+    pieces below glibc's mmap threshold, and without a trim the heap keeps every layer's worth."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+        if name:
+            ctypes.CDLL(name).malloc_trim(0)
+
+
 def _layer_bytes(entries: dict, arch: Any, index: int) -> int:
     """fp32 bytes of one layer's tensors, from the safetensors headers."""
     total = 0
@@ -177,6 +190,7 @@ def measure_streaming(
                 last_rows[b].append(resid[torch.arange(len(resid)), last_index[b]].double())
                 states.put(b, resid)
             arch.layer_list(model)[layer].to("meta")  # free this layer's weights
+            _return_freed_memory()
     finally:
         states.close()
     angular_sum = torch.zeros(num_layers + 1, num_layers + 1, dtype=torch.float64)
