@@ -46,14 +46,6 @@ def timed(command: list[str], cgroup: Path | None = None) -> dict:
     }
 
 
-def fp32_gb(model: Path) -> float:
-    import math
-
-    from layerprune.checkpoint import read_header, shard_files
-
-    return sum(math.prod(e.shape) * 4 for s in shard_files(model) for e in read_header(s)[0].values()) / 2**30
-
-
 def memory_cap(args: argparse.Namespace) -> dict:
     root = Path("/sys/fs/cgroup/memory")
     if not root.is_dir():
@@ -70,7 +62,9 @@ def memory_cap(args: argparse.Namespace) -> dict:
         runs[mode]["wrote_distances"] = (out / "distances.json").is_file()
         shutil.rmtree(out.parent, ignore_errors=True)
     cgroup.rmdir()
-    return {"model_fp32_gb": fp32_gb(args.model), "limit_gb": args.limit_gb, "runs": runs}
+    from layerprune.analysis import fp32_bytes
+
+    return {"model_fp32_gb": fp32_bytes(args.model) / 2**30, "limit_gb": args.limit_gb, "runs": runs}
 
 
 def disk_prune(args: argparse.Namespace) -> dict:

@@ -131,7 +131,6 @@ def _copy_range(entry: TensorEntry, out) -> None:
                 raise LayerpruneError(f"corrupted safetensors file {entry.file}: truncated tensor data")
             out.write(chunk)
             remaining -= len(chunk)
-    out.flush()
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:

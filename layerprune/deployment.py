@@ -154,12 +154,11 @@ def check_quantization(scheme: str) -> None:
 def then_quantize(out: str | Path, scheme: str, make: Callable[[Path], Path], overwrite: bool = False) -> Path:
     """Run `make` (a prune or a heal) into a staging folder beside `out`, then write its quantized
     form to `out` (`prune/heal --quantize`). The same command rerun resumes `make` there."""
-    from .surgery import RECORD_NAME
+    from .surgery import RECORD_NAME, check_not_existing
 
     check_quantization(scheme)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise LayerpruneError(f"output folder {out} already exists; pass --overwrite to replace it")
+    check_not_existing(out, overwrite)
     staging = out.parent / f".{out.name}.unquantized"
     shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run; a heal's resumable work is kept apart
     try:

@@ -51,15 +51,23 @@ SPILL_PREFIX = "layerprune-spill-"
 def remove_stale_spills() -> list[Path]:
     """Remove spill folders left by runs that were killed outright (their process is gone); an
     interrupted run (Ctrl-C, SIGTERM) removes its own."""
-
     removed = []
     for folder in Path(tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*-*"):
         pid = folder.name.removeprefix(SPILL_PREFIX).split("-")[0]
-        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 class _States:
@@ -105,12 +113,9 @@ def _return_freed_memory() -> None:
     pieces below glibc's mmap threshold, and without a trim the heap keeps every layer's worth."""
     import contextlib
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
-        if name:
-            ctypes.CDLL(name).malloc_trim(0)
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: a libc without malloc_trim
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols, libc among them
 
 
 def _layer_bytes(entries: dict, arch: Any, index: int) -> int:

@@ -263,6 +263,10 @@ def check_destination(src: Path, out: Path, overwrite: bool) -> None:
         raise LayerpruneError(f"output {out} must not be inside the input model {src}")
     if out_r in src_r.parents:
         raise LayerpruneError(f"output {out} holds the input model {src}; choose another folder")
+    check_not_existing(out, overwrite)
+
+
+def check_not_existing(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise LayerpruneError(f"output folder {out} already exists; pass --overwrite to replace it")
 

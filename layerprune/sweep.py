@@ -162,7 +162,7 @@ def _removed_layers(point: Point, base: tuple[Any, Any], analysis: Any, config: 
     """The layers a strategy removes; loss-scored choices are stored in `selections/` (with their
     cost) so healed points and reruns reuse them. `iterative` runs once, to the sweep's largest n:
     its greedy path is nested, so every smaller n is a prefix of it."""
-    from .selection import SELECTION_STRATEGIES, Selection, calibration_batches, nested_prefix, select_by_loss
+    from .selection import SELECTION_STRATEGIES, calibration_batches, nested_prefix, select_by_loss
     from .surgery import select_layers
 
     if point.strategy not in SELECTION_STRATEGIES:
@@ -182,7 +182,7 @@ def _removed_layers(point: Point, base: tuple[Any, Any], analysis: Any, config: 
         for k, answer in answers.items():
             if not (folder / f"{point.strategy}-n{k}.json").is_file():
                 _write_json(folder / f"{point.strategy}-n{k}.json", asdict(answer))
-    return Selection(**json.loads(stored.read_text())).removed
+    return json.loads(stored.read_text())["removed"]
 
 
 def _twin(out: Path, point: Point, removed: list[int]) -> dict[str, Any] | None:
