@@ -115,15 +115,19 @@ def select_layers(
 
 
 def slice_config(config: Any, keep: list[int], arch: Architecture) -> None:
-    """Set the layer count and slice every per-layer list (declared, or of length L) to `keep`."""
+    """Set the layer count and slice every per-layer list (declared, or of length L) to `keep`,
+    in a config object or a config.json dict."""
     num_layers = arch.num_layers(config)
+    items = config if isinstance(config, dict) else config.to_dict()
     lists = set(arch.per_layer_config_lists)
-    lists |= {k for k, v in config.to_dict().items() if isinstance(v, list) and len(v) == num_layers}
-    for key in sorted(lists):
-        values = getattr(config, key, None)
-        if values is not None:
-            setattr(config, key, [values[i] for i in keep])
-    setattr(config, arch.num_layers_key, len(keep))
+    lists |= {k for k, v in items.items() if isinstance(v, list) and len(v) == num_layers}
+    update = {key: [items[key][i] for i in keep] for key in sorted(lists) if items.get(key) is not None}
+    update[arch.num_layers_key] = len(keep)
+    for key, value in update.items():
+        if isinstance(config, dict):
+            config[key] = value
+        else:
+            setattr(config, key, value)
 
 
 def prune_model(model: Any, layers: list[int]) -> Any:
@@ -257,6 +261,25 @@ def _copy_side_files(src: Path, tmp: Path) -> None:
             shutil.copy2(path, tmp / path.name)
 
 
+def _write_config(src: Path, tmp: Path, config: dict[str, Any], keep: list[int], arch: Architecture) -> None:
+    """`config` (the input's config.json) with the layer count set and every per-layer list sliced.
+
+    Edited as JSON, so pruning safetensors never imports transformers or torch (their start-up
+    is most of a prune's time on a small model). A config that leaves a declared per-layer list
+    to be derived at load time (e.g. `layer_types` from a sliding-window pattern, which would be
+    re-derived wrongly for fewer layers) is loaded by transformers, which writes the list out.
+    """
+    if all(key in config for key in arch.per_layer_config_lists):
+        slice_config(config, keep, arch)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.from_pretrained(str(src))
+    slice_config(loaded, keep, arch)
+    loaded.save_pretrained(tmp)
+
+
 def check_destination(src: Path, out: Path, overwrite: bool) -> None:
     src_r, out_r = src.resolve(), out.resolve()
     if out_r == src_r or src_r in out_r.parents:
@@ -273,10 +296,8 @@ def check_not_existing(out: Path, overwrite: bool) -> None:
 
 def prune_checkpoint(src: Path, out: Path, removed: list[int], record: dict[str, Any], overwrite: bool = False) -> Path:
     """Write `src` without the `removed` layers to `out`: streamed safetensors, sliced config, side files."""
-    from transformers import AutoConfig
-
     check_destination(src, out, overwrite)
-    config = AutoConfig.from_pretrained(str(src))
+    config = json.loads((src / "config.json").read_text())
     arch = find_architecture(config)
     num_layers = arch.num_layers(config)
     removed = select_layers(num_layers, layers=removed, allow_final=True)
@@ -284,8 +305,7 @@ def prune_checkpoint(src: Path, out: Path, removed: list[int], record: dict[str,
     with staged_folder(out) as tmp:
         if shard_files(src):
             expected = _write_weights(src, tmp, arch, set(removed))
-            slice_config(config, keep, arch)
-            config.save_pretrained(tmp)
+            _write_config(src, tmp, config, keep, arch)
             _check_output(arch, tmp, expected, len(keep))
         else:  # no safetensors (e.g. pytorch_model.bin): load, prune in memory, save as safetensors
             from transformers import AutoModelForCausalLM

@@ -1,11 +1,13 @@
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import folder_digest, save_tiny, tiny_config, tiny_model
 from reference import greedy
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from layerprune.analysis import AnalysisResult
 from layerprune.checkpoint import read_header, shard_files
@@ -194,3 +196,30 @@ def test_disk_prune_without_copy_file_range_writes_the_same_bytes(tmp_path, monk
     assert len(shards) > 1 and shards == sorted(p.name for p in slow.glob("*.safetensors"))
     for name in shards:
         assert (fast / name).read_bytes() == (slow / name).read_bytes()
+
+
+def test_disk_prune_imports_neither_torch_nor_transformers(tmp_path):
+    """config.json is edited as JSON: the start-up of torch and transformers is most of a small prune's time."""
+    src = save_tiny(tiny_model("gemma3_text"), tmp_path / "src")
+    command = [sys.executable, "-X", "importtime", "-m", "layerprune", "prune", str(src), "--out", str(tmp_path / "out")]
+    done = subprocess.run([*command, "--n", "2", "--strategy", "deepest"], capture_output=True, text=True, check=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "layerprune.surgery" in imported and not {"torch", "transformers"} & imported
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").config
+    assert loaded.num_hidden_layers == 4
+    assert loaded.layer_types == [tiny_config("gemma3_text").layer_types[i] for i in (0, 1, 2, 5)]
+
+
+def test_a_per_layer_list_left_to_be_derived_is_written_out(tmp_path):
+    """Without `layer_types` in config.json, Gemma 3 derives it from the pattern for however many
+    layers there are; the pruned config must list the kept layers' own types instead."""
+    src = save_tiny(tiny_model("gemma3_text"), tmp_path / "src")
+    raw = json.loads((src / "config.json").read_text())
+    full_types = raw.pop("layer_types")
+    (src / "config.json").write_text(json.dumps(raw))
+    assert AutoConfig.from_pretrained(src).layer_types == full_types, "transformers derives the same list"
+    out = prune(src, tmp_path / "out", layers=[0, 1])
+    kept_types = [full_types[i] for i in (2, 3, 4, 5)]
+    assert json.loads((out / "config.json").read_text())["layer_types"] == kept_types
+    derived_for_four = AutoConfig.for_model("gemma3_text", num_hidden_layers=4, sliding_window_pattern=3).layer_types
+    assert derived_for_four != kept_types, "re-deriving for fewer layers would be wrong"
