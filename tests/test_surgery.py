@@ -201,8 +201,9 @@ def test_disk_prune_without_copy_file_range_writes_the_same_bytes(tmp_path, monk
 def test_disk_prune_imports_neither_torch_nor_transformers(tmp_path):
     """config.json is edited as JSON: the start-up of torch and transformers is most of a small prune's time."""
     src = save_tiny(tiny_model("gemma3_text"), tmp_path / "src")
-    command = [sys.executable, "-X", "importtime", "-m", "layerprune", "prune", str(src), "--out", str(tmp_path / "out")]
-    done = subprocess.run([*command, "--n", "2", "--strategy", "deepest"], capture_output=True, text=True, check=True)
+    out = str(tmp_path / "out")
+    command = [sys.executable, "-X", "importtime", "-m", "layerprune", "prune", str(src), "--n", "2", "--out", out]
+    done = subprocess.run([*command, "--strategy", "deepest"], capture_output=True, text=True, check=True)
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "layerprune.surgery" in imported and not {"torch", "transformers"} & imported
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").config
