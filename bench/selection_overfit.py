@@ -1,8 +1,10 @@
 """Does the `loss` search overfit its calibration data? For each calibration size, the block it
 picks and that block's held-out loss, against `angular`'s block, on more held-out text than the
-sweep used (LAMBADA passages; calibration is CoQA).
+sweep used: the first LAMBADA passages. Calibration is CoQA by default; `--data lambada --skip 1000`
+calibrates on other LAMBADA passages, to tell the calibration text's size from its kind.
 
 python bench/selection_overfit.py gemma3-270m --n 2 --samples 16,48 --seq-len 128 --heldout 200
+python bench/selection_overfit.py gemma3-270m --n 2 --samples 48 --data lambada --skip 1000 --heldout 200
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--samples", default="16,48", help="calibration sizes, in documents")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--heldout", type=int, default=200, help="LAMBADA passages")
+    parser.add_argument("--heldout", type=int, default=200, help="the first LAMBADA passages")
+    parser.add_argument("--data", default="coqa", help="calibration corpus")
+    parser.add_argument("--skip", type=int, default=0, help="calibration documents to skip first")
     parser.add_argument("--blocks", default="", help="more blocks to compare on held-out text, e.g. 7-8,8-9")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model)
-    documents = load_documents("coqa")
+    documents = load_documents(args.data)[args.skip :]
+    if args.data == "lambada" and args.skip < args.heldout:
+        raise SystemExit("calibrating on LAMBADA needs --skip of at least --heldout, to stay disjoint")
     heldout: dict[tuple[int, ...], float] = {}
 
     def heldout_loss(block: list[int]) -> float:
@@ -41,7 +47,8 @@ def main() -> None:
             heldout[tuple(block)] = record["tasks"]["loss"]["loss"]
         return heldout[tuple(block)]
 
-    print(f"{args.model}, n = {args.n}, held-out: {args.heldout} LAMBADA passages")
+    print(f"{args.model}, n = {args.n}, calibration: {args.data} from document {args.skip}")
+    print(f"held-out: the first {args.heldout} LAMBADA passages")
     print("| calibration | angular block | held-out | loss block | calibration loss | held-out | passes, s |")
     print("|---|---|---|---|---|---|---|")
     for samples in map(int, args.samples.split(",")):

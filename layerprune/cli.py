@@ -306,7 +306,9 @@ def sweep(
     out: Annotated[Path, typer.Option("--out", help="Sweep folder (resumed if it exists).")],
     fractions: Annotated[str | None, typer.Option("--fractions", help="Fractions removed: 0,0.1,0.2,...")] = None,
     n: Annotated[str | None, typer.Option("--n", help="Or numbers of layers removed: 0,2,4,...")] = None,
-    strategies: Annotated[str, typer.Option("--strategies", help="angular, deepest and/or bi.")] = "angular,deepest",
+    strategies: Annotated[
+        str, typer.Option("--strategies", help="Any of the `prune` strategies, comma-separated.")
+    ] = "angular,deepest",
     heal: Annotated[bool, typer.Option("--heal/--no-heal", help="Also heal every pruned point.")] = True,
     tasks: Annotated[str, typer.Option("--tasks", help="Tasks, as in `evaluate`.")] = "sciq,piqa,arc_easy,loss",
     limit: Annotated[int | None, typer.Option("--limit", help="Documents per task.")] = 100,
