@@ -7,8 +7,14 @@ python bench/selection_table.py bench/results/selection-smollm2
 from __future__ import annotations
 
 import json
+import math
 import sys
+from functools import cache
 from pathlib import Path
+
+from layerprune.architectures import find_architecture
+from layerprune.checkpoint import read_header, shard_files
+from layerprune.models import resolve_model
 
 ORDER = ["deepest", "angular", "bi", "angular-rerank", "loss", "iterative"]
 
@@ -25,14 +31,34 @@ def spans(layers: list[int]) -> str:
     return ", ".join(parts)
 
 
+@cache
+def layer_share(model: str) -> float:
+    """The share of a full forward pass that the decoder layers take, by parameters per token: what
+    the analysis costs (it runs no LM head). The head is the rest: for Gemma 3's 262k vocabulary,
+    most of a pass."""
+    path = resolve_model(model)
+    config = json.loads((path / "config.json").read_text())
+    arch = find_architecture(config)
+    layers = sum(
+        math.prod(entry.shape)
+        for shard in shard_files(path)
+        for key, entry in read_header(shard)[0].items()
+        if arch.split_layer_key(key)
+    )
+    head = config["vocab_size"] * config["hidden_size"]
+    return layers / (layers + head)
+
+
 def cost(sweep: Path, strategy: str, n: int) -> str:
     if strategy == "deepest":
         return "0"
+    model = json.loads((sweep / "sweep.json").read_text())["model"]
+    analysis = layer_share(model)
     if strategy in ("angular", "bi"):
-        return "1 (analysis)"
+        return f"{analysis:.2f} (analysis)"
     stored = json.loads((sweep / "selections" / f"{strategy}-n{n}.json").read_text())
-    analysis = 1 if strategy == "angular-rerank" else 0
-    return f"{stored['forward_passes'] + analysis:.1f}, {stored['seconds']:.0f} s"
+    passes = stored["forward_passes"] + (analysis if strategy == "angular-rerank" else 0)
+    return f"{passes:.1f}, {stored['seconds']:.0f} s"
 
 
 def table(sweep: Path) -> str:

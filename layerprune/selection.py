@@ -47,7 +47,11 @@ class _Scorer:
         self.arch = find_architecture(model.config)
         self.num_layers = self.arch.num_layers(model.config)
         self.batches = batches
-        self.layer_evaluations = 0  # decoder-layer forward passes, per batch, summed
+        # Work is counted in parameters applied per token (FLOPs up to a factor): each decoder
+        # layer run, and the LM head, which is most of a pass for a large vocabulary (Gemma 3).
+        self.layer_cost = [sum(p.numel() for p in layer.parameters()) for layer in self.arch.layer_list(model)]
+        self.head_cost = model.get_output_embeddings().weight.numel()
+        self.work = 0
 
     def _resid(self, batch: dict, keep: Sequence[int]) -> list[Any]:
         """resid entering each kept layer (and the final norm) of the model reduced to `keep`."""
@@ -68,7 +72,7 @@ class _Scorer:
         finally:
             for hook in hooks:
                 hook.remove()
-        self.layer_evaluations += len(keep)
+        self.work += sum(self.layer_cost[i] for i in keep)
         return states
 
     def _suffix_loss(self, batch: dict, start_state: Any, suffix: Sequence[int]) -> tuple[float, int]:
@@ -77,7 +81,7 @@ class _Scorer:
 
         with torch.inference_mode(), running_from(self.model, self.arch, suffix, start_state):
             logits = self.model(**batch, use_cache=False).logits[:, :-1].float()
-        self.layer_evaluations += len(suffix)
+        self.work += sum(self.layer_cost[i] for i in suffix) + self.head_cost
         targets = batch["input_ids"][:, 1:]
         mask = batch["attention_mask"][:, 1:].bool()
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
@@ -99,7 +103,8 @@ class _Scorer:
 
     @property
     def forward_passes(self) -> float:
-        return self.layer_evaluations / (self.num_layers * len(self.batches))
+        """The work so far, in full forward passes (every layer and the head) over the calibration set."""
+        return self.work / ((sum(self.layer_cost) + self.head_cost) * len(self.batches))
 
 
 def _blocks(num_layers: int, n: int, allow_final: bool) -> list[list[int]]:

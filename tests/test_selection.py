@@ -10,6 +10,7 @@ from reference import greedy
 from transformers import AutoModelForCausalLM
 
 from layerprune.analysis import measure
+from layerprune.architectures import find_architecture
 from layerprune.data import token_batches
 from layerprune.errors import LayerpruneError
 from layerprune.selection import nested_prefix, select_by_loss
@@ -41,6 +42,12 @@ def test_loss_search_equals_brute_force(family):
     for candidate in selection.candidates:
         assert candidate["loss"] == pytest.approx(expected[tuple(candidate["layers"])], rel=1e-5)
     assert tuple(selection.removed) == min(expected, key=expected.get)
+    # cost: one pass over the 6 layers without the head, then per block the layers after it and the head
+    layer = sum(p.numel() for p in find_architecture(model.config).layer_list(model)[0].parameters())
+    head = model.get_output_embeddings().weight.numel()
+    suffix_layers = 4 + 3 + 2 + 1
+    expected_passes = ((6 + suffix_layers) * layer + 4 * head) / (6 * layer + head)
+    assert selection.forward_passes == pytest.approx(expected_passes)
     assert selection.forward_passes < len(expected)  # cheaper than pruning and evaluating each block
 
 
