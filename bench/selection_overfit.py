@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 
 import torch
 
 from layerprune.analysis import measure
 from layerprune.data import load_documents
-from layerprune.evaluation import evaluate
+from layerprune.evaluation import document_losses
 from layerprune.models import load_model
 from layerprune.selection import calibration_batches, select_by_loss
-from layerprune.surgery import prune_model
+from layerprune.surgery import parse_layers, prune_model
 
 
 def main() -> None:
@@ -38,20 +39,21 @@ def main() -> None:
     documents = load_documents(args.data)[args.skip :]
     if args.data == "lambada" and args.skip < args.heldout:
         raise SystemExit("calibrating on LAMBADA needs --skip of at least --heldout, to stay disjoint")
-    heldout: dict[tuple[int, ...], float] = {}
+    per_document: dict[tuple[int, ...], list[tuple[float, int]]] = {}
 
     def heldout_loss(block: list[int]) -> float:
-        if tuple(block) not in heldout:
+        """Held-out loss with `block` removed, as `layerprune evaluate --tasks loss` computes it."""
+        if tuple(block) not in per_document:
             pruned = prune_model(copy.deepcopy(model), block)
-            record = evaluate(pruned, ["loss"], limit=args.heldout, tokenizer=tokenizer)
-            heldout[tuple(block)] = record["tasks"]["loss"]["loss"]
-        return heldout[tuple(block)]
+            per_document[tuple(block)] = document_losses(pruned, tokenizer, "lambada", args.heldout, 256, 8)
+        scored = per_document[tuple(block)]
+        return sum(s for s, _ in scored) / sum(c for _, c in scored)
 
     print(f"{args.model}, n = {args.n}, calibration: {args.data} from document {args.skip}")
     print(f"held-out: the first {args.heldout} LAMBADA passages")
     print("| calibration | angular block | held-out | loss block | calibration loss | held-out | passes, s |")
     print("|---|---|---|---|---|---|---|")
-    for samples in map(int, args.samples.split(",")):
+    for samples in map(int, filter(None, args.samples.split(","))):  # "" compares --blocks only
         batches = calibration_batches(tokenizer, documents, samples, args.seq_len, 8)
         angular, _ = measure(model, batches, progress=False)
         start = min(range(len(angular[args.n]) - 1), key=angular[args.n].__getitem__)
@@ -65,9 +67,22 @@ def main() -> None:
             f"| {chosen.forward_passes:.1f}, {chosen.seconds:.0f} |",
             flush=True,
         )
-    for spec in filter(None, args.blocks.split(",")):
-        first, last = map(int, spec.split("-"))
-        print(f"block {first}–{last}: held-out loss {heldout_loss(list(range(first, last + 1))):.3f}", flush=True)
+    blocks = [parse_layers(spec) for spec in filter(None, args.blocks.split(","))]
+    for block in blocks:
+        print(f"block {block[0]}–{block[-1]}: held-out loss {heldout_loss(block):.3f}", flush=True)
+    if len(blocks) == 2:
+        difference, stderr = paired_difference(*(per_document[tuple(b)] for b in blocks))
+        print(f"difference, first block minus second: {difference:+.4f} ± {stderr:.4f} (paired standard error)")
+
+
+def paired_difference(a: list[tuple[float, int]], b: list[tuple[float, int]]) -> tuple[float, float]:
+    """Difference of two token-weighted mean losses over the same documents, with its standard error
+    from the per-document differences (ratio estimator)."""
+    tokens = sum(c for _, c in a)
+    mean_a, mean_b = sum(s for s, _ in a) / tokens, sum(s for s, _ in b) / tokens
+    residuals = [(sa - mean_a * c) - (sb - mean_b * c) for (sa, c), (sb, _) in zip(a, b, strict=True)]
+    n = len(residuals)
+    return mean_a - mean_b, math.sqrt(n / (n - 1) * sum(r * r for r in residuals)) / tokens
 
 
 if __name__ == "__main__":

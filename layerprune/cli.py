@@ -278,7 +278,8 @@ def evaluate(
         if name == "loss":
             m = metrics
             typer.echo(
-                f"{'loss':14} {m['n']:>6} loss {m['loss']:.3f}, normalized {m['loss_normalized']:.3f}, "
+                f"{'loss':14} {m['n']:>6} loss {m['loss']:.3f} ± {m['loss_stderr'] or float('nan'):.3f}, "
+                f"normalized {m['loss_normalized']:.3f}, "
                 f"perplexity {m['perplexity']:.1f} ({m['tokens']} tokens of {m['data']})"
             )
             continue

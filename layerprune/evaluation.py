@@ -162,32 +162,47 @@ def qa_accuracy(
     return results
 
 
-def heldout_loss(model: Any, tokenizer: Any, data: str | Path, samples: int, seq_len: int, batch_size: int) -> dict:
-    """Mean next-token cross-entropy over every predicted token of held-out documents."""
+def document_losses(
+    model: Any, tokenizer: Any, data: str | Path, samples: int, seq_len: int, batch_size: int
+) -> list[tuple[float, int]]:
+    """Summed next-token cross-entropy and number of predicted tokens, for each held-out document
+    (per document, so two models can be compared pair by pair)."""
     import torch
     from tqdm.auto import tqdm
 
     from .data import load_documents, token_batches
 
     batches = token_batches(tokenizer, load_documents(data), samples, seq_len, batch_size)
-    total, count = 0.0, 0
+    per_document: list[tuple[float, int]] = []
     with torch.inference_mode():
         for batch in tqdm(batches, desc="loss", unit="batch"):
             batch = {k: v.to(model.device) for k, v in batch.items()}
             logits = model(**batch, use_cache=False).logits[:, :-1].float()
             targets = batch["input_ids"][:, 1:]
-            mask = batch["attention_mask"][:, 1:].bool()
+            mask = batch["attention_mask"][:, 1:]
             losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            total += float(losses[mask].sum())
-            count += int(mask.sum())
+            sums = losses.masked_fill(mask == 0, 0.0).sum(dim=1).tolist()
+            per_document += zip(sums, mask.sum(dim=1).tolist(), strict=True)
+    return per_document
+
+
+def heldout_loss(model: Any, tokenizer: Any, data: str | Path, samples: int, seq_len: int, batch_size: int) -> dict:
+    """Mean next-token cross-entropy over every predicted token of held-out documents, with its
+    standard error over documents (the ratio estimator's, as the mean is weighted by tokens)."""
+    per_document = document_losses(model, tokenizer, data, samples, seq_len, batch_size)
+    total = sum(s for s, _ in per_document)
+    count = sum(c for _, c in per_document)
     loss = total / count
+    n = len(per_document)
+    spread = sum((s - loss * c) ** 2 for s, c in per_document)
     vocab = model.config.get_text_config().vocab_size
     return {
         "loss": loss,
+        "loss_stderr": math.sqrt(n / (n - 1) * spread) / count if n > 1 else None,
         "perplexity": math.exp(loss),
         "loss_normalized": loss / math.log(vocab),
         "tokens": count,
-        "n": sum(len(b["input_ids"]) for b in batches),
+        "n": n,
         "data": str(data),
     }
 

@@ -28,7 +28,7 @@ from typing import Any
 from .errors import LayerpruneError
 from .healing import HealConfig
 
-LOSS_COLUMNS = ["loss", "loss_normalized", "perplexity"]
+LOSS_COLUMNS = ("loss", "loss_stderr", "loss_normalized", "perplexity")
 RESULT_FIELDS = (
     "strategy",
     "n",
@@ -289,11 +289,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
     tasks = sorted({t for r in rows for t in r["tasks"]})
     columns = list(RESULT_FIELDS)
     for task in tasks:
-        metrics = (
-            ("loss", "loss_normalized", "perplexity")
-            if task == "loss"
-            else ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
-        )
+        metrics = LOSS_COLUMNS if task == "loss" else ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
         columns += [f"{task}_{m}" if task != "loss" else m for m in metrics]
     tmp = out / ".results.csv.tmp"
     with open(tmp, "w", newline="") as handle:
@@ -304,7 +300,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
             flat["layers_removed"] = " ".join(map(str, row["layers_removed"]))
             for task, metrics in row["tasks"].items():
                 if task == "loss":
-                    flat.update({m: metrics[m] for m in LOSS_COLUMNS})
+                    flat.update({m: metrics.get(m) for m in LOSS_COLUMNS})
                 else:
                     flat.update({f"{task}_{m}": value for m, value in metrics.items()})
             writer.writerow(flat)

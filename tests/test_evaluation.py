@@ -80,14 +80,20 @@ def test_loss_equals_the_models_own_cross_entropy(tiny, tmp_path):
     docs = ["The first held-out document is here.", "A second, somewhat longer, held-out document follows it."]
     text.write_text("\n\n".join(docs))
     result = evaluate(model, ["loss"], loss_data=text, tokenizer=tokenizer)["tasks"]["loss"]
-    total = tokens = 0
+    sums, counts = [], []
     for doc in docs:
         ids = torch.tensor([tokenizer(doc)["input_ids"]])
         with torch.no_grad():
-            total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
-        tokens += ids.shape[1] - 1
+            sums.append(float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1))
+        counts.append(ids.shape[1] - 1)
+    total, tokens = sum(sums), sum(counts)
     assert result["tokens"] == tokens and result["n"] == 2
     assert result["loss"] == pytest.approx(total / tokens, rel=1e-5)
+    # the standard error of a token-weighted mean over 2 documents, written out
+    mean_count = tokens / 2
+    residuals = [(s - total / tokens * c) / mean_count for s, c in zip(sums, counts, strict=True)]
+    expected = (sum(r * r for r in residuals) / (2 * 1)) ** 0.5
+    assert result["loss_stderr"] == pytest.approx(expected, rel=1e-4) and result["loss_stderr"] > 0
     assert result["loss_normalized"] == pytest.approx(result["loss"] / torch.log(torch.tensor(272.0)).item())
 
 
