@@ -8,7 +8,11 @@ the layer is freed before the next is loaded. Each layer is run by the model's o
 its layer list cut to that one layer and a pre-hook that feeds in the stored resid[l], so masks,
 rotary embeddings and sliding windows are the family's own code.
 
-Peak memory: one layer's weights, the embeddings and the residual states of all samples
+Of the embedding table only the rows of the token ids in the calibration data are read (a
+memory map touches only their pages), and the ids are renumbered to index those rows: for a
+large vocabulary (Gemma 3's 262k tokens, 671 MB in fp32) the full table would outweigh a layer.
+
+Peak memory: one layer's weights, the used embedding rows and the residual states of all samples
 (kept in memory up to `memory_budget`, spilled to a temporary folder past it).
 """
 
@@ -118,6 +122,39 @@ def _return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols, libc among them
 
 
+_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _read_rows(entry: Any, rows: Any) -> Any:
+    """Rows `rows` (sorted ids) of a 2-D tensor in a safetensors file, as fp32, read through a
+    memory map so that only their pages are touched."""
+    import numpy as np
+    import torch
+
+    if entry.dtype not in _TORCH_DTYPES or len(entry.shape) != 2:
+        raise LayerpruneError(f"cannot read rows of a {entry.dtype} tensor of shape {entry.shape} in {entry.file}")
+    table = np.memmap(entry.file, dtype=np.uint8, mode="r", offset=entry.start, shape=(entry.length,))
+    picked = np.ascontiguousarray(table.reshape(entry.shape[0], -1)[rows.numpy()])
+    del table
+    dtype = getattr(torch, _TORCH_DTYPES[entry.dtype])
+    return torch.from_numpy(picked).view(dtype).to(torch.float32)
+
+
+def _used_embeddings(model: Any, entries: dict, batches: list[dict]) -> tuple[list[dict], list[str]]:
+    """Give the model only the embedding rows that `batches` use, and the batches renumbered to
+    them; returns the batches and the checkpoint keys now loaded (none if the table is not found)."""
+    import torch
+
+    embedding = model.get_input_embeddings()
+    key = next((n for n, p in model.named_parameters() if p is embedding.weight), None)
+    if key not in entries:
+        return batches, []
+    ids = torch.unique(torch.cat([b["input_ids"].flatten() for b in batches]))
+    embedding.weight = torch.nn.Parameter(_read_rows(entries[key], ids), requires_grad=False)
+    embedding.padding_idx = None  # an index into the full table; it only matters for training
+    return [{**b, "input_ids": torch.searchsorted(ids, b["input_ids"])} for b in batches], [key]
+
+
 def _layer_bytes(entries: dict, arch: Any, index: int) -> int:
     """fp32 bytes of one layer's tensors, from the safetensors headers."""
     total = 0
@@ -170,8 +207,8 @@ def measure_streaming(
                 tensor = handle.get_tensor(key).to(torch.float32)
             set_module_tensor_to_device(model, name, "cpu", value=tensor)
 
-    head = [k for k in entries if arch.split_layer_key(k) is None and not k.startswith("lm_head.")]
-    load(head)
+    batches, loaded = _used_embeddings(model, entries, batches)
+    load([k for k in entries if arch.split_layer_key(k) is None and not k.startswith("lm_head.") and k not in loaded])
     budget = (memory_budget - largest_layer) if memory_budget is not None else float("inf")
     states = _States(budget)
     last_rows: list[list[Any]] = [[] for _ in batches]

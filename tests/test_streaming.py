@@ -131,3 +131,29 @@ def test_memory_limits_are_read_from_the_cgroup_and_its_parents(tmp_path, versio
     (root / "job" / name).write_text("3221225472\n")
     assert cgroup_limits(proc, tmp_path / "sys") == [3 * 2**30]
     assert cgroup_limits(tmp_path / "missing", tmp_path / "sys") == []
+
+
+def test_only_the_embedding_rows_the_data_uses_are_read(tmp_path):
+    """A large vocabulary's table would outweigh a layer: the model gets only the used rows, and
+    the renumbered ids give the same embeddings."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from layerprune.checkpoint import read_header, shard_files
+    from layerprune.streaming import _used_embeddings
+
+    model = tiny_model("gemma3_text")  # its embedding also scales by sqrt(hidden size)
+    src = save_tiny(model, tmp_path / "model", shard_size="60KB")
+    batches = token_batches(tiny_tokenizer(), DOCS, 4, 40, 3)
+    entries = {k: e for shard in shard_files(src) for k, e in read_header(shard)[0].items()}
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    renumbered, loaded = _used_embeddings(empty, entries, batches)
+    used = torch.unique(torch.cat([b["input_ids"].flatten() for b in batches]))
+    assert loaded == ["model.embed_tokens.weight"]
+    assert empty.get_input_embeddings().weight.shape == (len(used), 64) and len(used) < model.config.vocab_size
+    with torch.no_grad():
+        for before, after in zip(batches, renumbered, strict=True):
+            expected = model.get_input_embeddings()(before["input_ids"])
+            torch.testing.assert_close(empty.get_input_embeddings()(after["input_ids"]), expected, rtol=0, atol=0)
