@@ -330,8 +330,10 @@ def heal(
         before.write_text(json.dumps(trainer.evaluate()["eval_loss"]))
     runtime = trainer.train(resume_from_checkpoint=resume).metrics["train_runtime"]
     trained_steps = config.steps - progress.first_step  # the steps this run did, after any resume
-    tokens_per_second = trained_steps * config.batch_size * config.grad_accum * config.seq_len / runtime
-    final_eval = trainer.evaluate()["eval_loss"]
+    evaluations = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] > progress.first_step]
+    training_seconds = runtime - sum(e["eval_runtime"] for e in evaluations)  # train() times its evaluations too
+    tokens_per_second = trained_steps * config.batch_size * config.grad_accum * config.seq_len / training_seconds
+    final_eval = _final_validation_loss(trainer, evaluations, config.steps)
     history = _curve(trainer.state.log_history)
     if not trainer.is_world_process_zero():
         return out
@@ -355,7 +357,7 @@ def heal(
             "validation_blocks": len(validation),
             "validation_loss_before": json.loads(before.read_text()),
             "validation_loss_after": final_eval,
-            "tokens_per_second": round(tokens_per_second, 1),  # as the Trainer times it: train() alone
+            "tokens_per_second": round(tokens_per_second, 1),  # training steps only: no load, evaluation or merge
             "seconds": round(time.perf_counter() - started, 1),
             "curve": history,
             "adapter_saved": save_adapter,
@@ -365,6 +367,14 @@ def heal(
         loss_curves(history, tmp / "heal_curve.png")
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _final_validation_loss(trainer: Any, evaluations: list[dict[str, Any]], steps: int) -> float:
+    """The validation loss after the last step: the Trainer's own when it evaluated there (as
+    transformers 5 does at the end of a run with step-wise evaluation), else evaluated now."""
+    if evaluations and evaluations[-1]["step"] == steps:
+        return evaluations[-1]["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
 
 
 def _curve(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:

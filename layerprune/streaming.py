@@ -134,7 +134,7 @@ def _read_rows(entry: Any, rows: Any) -> Any:
     if entry.dtype not in _TORCH_DTYPES or len(entry.shape) != 2:
         raise LayerpruneError(f"cannot read rows of a {entry.dtype} tensor of shape {entry.shape} in {entry.file}")
     table = np.memmap(entry.file, dtype=np.uint8, mode="r", offset=entry.start, shape=(entry.length,))
-    picked = np.ascontiguousarray(table.reshape(entry.shape[0], -1)[rows.numpy()])
+    picked = table.reshape(entry.shape[0], -1)[rows.numpy()]  # a copy of those rows only
     del table
     dtype = getattr(torch, _TORCH_DTYPES[entry.dtype])
     return torch.from_numpy(picked).view(dtype).to(torch.float32)

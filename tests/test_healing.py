@@ -69,6 +69,25 @@ def test_healing_lowers_validation_loss_and_writes_a_plain_checkpoint(base, text
     assert not (tmp_path / ".healed.heal-work").exists()
 
 
+def test_validation_runs_once_before_and_once_after_the_last_step(base, text, tmp_path, monkeypatch):
+    """transformers 5 evaluates at the end of a run itself: that result is used, not computed twice."""
+    from transformers import Trainer
+
+    calls = []
+    evaluate = Trainer.evaluate
+
+    def counted(self, *args, **kwargs):
+        result = evaluate(self, *args, **kwargs)
+        calls.append((self.state.global_step, result["eval_loss"]))
+        return result
+
+    monkeypatch.setattr(Trainer, "evaluate", counted)
+    out = heal(base, tmp_path / "healed", config(text, steps=5, eval_every=2))
+    record = json.loads((out / "layerprune.json").read_text())["healing"]
+    assert [step for step, _ in calls] == [0, 2, 4, 5]
+    assert record["validation_loss_before"] == calls[0][1] and record["validation_loss_after"] == calls[-1][1]
+
+
 def test_merged_checkpoint_equals_adapter_on_its_base(base, text, tmp_path):
     from peft import PeftModel
 
