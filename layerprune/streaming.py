@@ -126,13 +126,11 @@ _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": 
 
 
 def _read_rows(entry: Any, rows: Any) -> Any:
-    """Rows `rows` (sorted ids) of a 2-D tensor in a safetensors file, as fp32, read through a
-    memory map so that only their pages are touched."""
+    """Rows `rows` (sorted ids) of a 2-D float tensor in a safetensors file, as fp32, read through
+    a memory map so that only their pages are touched."""
     import numpy as np
     import torch
 
-    if entry.dtype not in _TORCH_DTYPES or len(entry.shape) != 2:
-        raise LayerpruneError(f"cannot read rows of a {entry.dtype} tensor of shape {entry.shape} in {entry.file}")
     table = np.memmap(entry.file, dtype=np.uint8, mode="r", offset=entry.start, shape=(entry.length,))
     picked = table.reshape(entry.shape[0], -1)[rows.numpy()]  # a copy of those rows only
     del table
@@ -142,13 +140,14 @@ def _read_rows(entry: Any, rows: Any) -> Any:
 
 def _used_embeddings(model: Any, entries: dict, batches: list[dict]) -> tuple[list[dict], list[str]]:
     """Give the model only the embedding rows that `batches` use, and the batches renumbered to
-    them; returns the batches and the checkpoint keys now loaded (none if the table is not found)."""
+    them; returns the batches and the checkpoint keys now loaded (none if the table is not found
+    or not a plain float matrix)."""
     import torch
 
     embedding = model.get_input_embeddings()
     key = next((n for n, p in model.named_parameters() if p is embedding.weight), None)
-    if key not in entries:
-        return batches, []
+    if key not in entries or entries[key].dtype not in _TORCH_DTYPES or len(entries[key].shape) != 2:
+        return batches, []  # loaded whole, as any other tensor
     ids = torch.unique(torch.cat([b["input_ids"].flatten() for b in batches]))
     embedding.weight = torch.nn.Parameter(_read_rows(entries[key], ids), requires_grad=False)
     embedding.padding_idx = None  # an index into the full table; it only matters for training
