@@ -38,9 +38,12 @@ chromium:
 test: $(STAMP) lint chromium
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q
 
+# ruff, the layer contract (import-linter, see pyproject.toml) and the types (mypy).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check layerprune tests bench
 	$(VENV)/bin/ruff format --check layerprune
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -30,8 +30,7 @@ OURS = (
     COMMON
     + """
 from layerprune.healing import heal
-out = heal({model!r}, {out!r}, config)
-record = json.load(open(f"{{out}}/layerprune.json"))["healing"]
+record = heal({model!r}, {out!r}, config).healing
 print(json.dumps({{"tokens_per_second": record["tokens_per_second"],
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """

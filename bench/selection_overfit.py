@@ -16,10 +16,10 @@ import math
 import torch
 
 from layerprune.analysis import measure
-from layerprune.data import load_documents
+from layerprune.data import Calibration, load_documents
 from layerprune.evaluation import document_losses
 from layerprune.models import load_model
-from layerprune.selection import calibration_batches, select_by_loss
+from layerprune.scoring import calibration_batches, select_by_loss
 from layerprune.surgery import parse_layers, prune_model
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     print("| calibration | angular block | held-out | loss block | calibration loss | held-out | passes, s |")
     print("|---|---|---|---|---|---|---|")
     for samples in map(int, filter(None, args.samples.split(","))):  # "" compares --blocks only
-        batches = calibration_batches(tokenizer, documents, samples, args.seq_len, 8)
+        batches = calibration_batches(Calibration(args.data, samples, args.seq_len, 8), tokenizer, documents)
         angular, _ = measure(model, batches, progress=False)
         start = min(range(len(angular[args.n]) - 1), key=angular[args.n].__getitem__)
         angular_block = list(range(start, start + args.n))

@@ -1,34 +1,50 @@
 """layerprune: measure which transformer layers are redundant, remove them, heal and evaluate.
 
-Public API (the CLI is a thin layer over these):
-    analyze(model, ...)        -> AnalysisResult   angular distances and Block Influence
-    prune(model, out, ...)     -> Path             pruned Hugging Face checkpoint on disk
-    prune_model(model, layers) -> model            the same surgery on a loaded model
-    evaluate(model, tasks)     -> dict             lm-eval QA accuracy and held-out loss
-    resolve_model(spec)        -> Path             a local checkpoint folder for any model argument
+Public API (the CLI is a thin layer over these; each takes its settings as a config object or
+as that config's fields by keyword):
+    analyze(model, ...)            -> AnalysisResult  angular distances and Block Influence
+    prune(model, out, ...)         -> PruneResult     pruned Hugging Face checkpoint on disk
+    prune_and_heal(model, out, ..) -> HealResult      the same, healed
+    heal(model, out, ...)          -> HealResult      (Q)LoRA healing, merged
+    prune_model(model, layers)     -> model           the same surgery on a loaded model
+    select_layers(num_layers, ...) -> list[int]       a strategy's choice, without a model
+    evaluate(model, tasks, ...)    -> dict            lm-eval QA accuracy and held-out loss
+    run_sweep(model, out, config)  -> Path            the paper's experiment, with a report
+    resolve_model(spec)            -> Path            a local checkpoint folder for any model argument
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("layerprune")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0"
-
+from ._version import __version__
 from .analysis import AnalysisResult, analyze
+from .data import Calibration
 from .errors import LayerpruneError
-from .evaluation import evaluate
+from .evaluation import EvalConfig, evaluate
+from .healing import HealConfig, HealResult, heal
 from .models import load_model, resolve_model
-from .surgery import prune, prune_model, select_layers
+from .pipeline import PruneConfig, PruneResult, prune, prune_and_heal
+from .strategies import STRATEGIES, select_layers
+from .surgery import prune_model
+from .sweep import SweepConfig, run_sweep
 
 __all__ = [
+    "STRATEGIES",
     "AnalysisResult",
+    "Calibration",
+    "EvalConfig",
+    "HealConfig",
+    "HealResult",
     "LayerpruneError",
+    "PruneConfig",
+    "PruneResult",
+    "SweepConfig",
+    "__version__",
     "analyze",
     "evaluate",
+    "heal",
     "load_model",
     "prune",
+    "prune_and_heal",
     "prune_model",
     "resolve_model",
+    "run_sweep",
     "select_layers",
 ]

@@ -1,30 +1,65 @@
-"""Stream safetensors checkpoints tensor by tensor, without building the model.
+"""Checkpoints on disk: validated safetensors headers, streamed shard writes, `layerprune.json`
+records, and output folders that never look finished before they are, nor clobber an input.
 
-safetensors' `save_file` needs every tensor of a shard in memory; this module instead
-copies each tensor's bytes from the source file to the destination in bounded chunks, so
-peak memory stays at one copy buffer, whatever the size of the model or of its largest
-tensor. The format is an 8-byte little-endian header length, a JSON header of dtype,
-shape and data_offsets per tensor, then the raw bytes.
+Reading. Every safetensors header is validated before any byte is written, as the safetensors
+library itself does: every dtype is known, shape x itemsize equals the byte range, the ranges are
+contiguous and end at the end of the file, and shard names stay inside the checkpoint folder. A
+checkpoint's config must count the layers its tensors hold.
+
+Writing. safetensors' `save_file` needs every tensor of a shard in memory; `write_shard` instead
+copies each tensor's bytes from the source file in bounded chunks, so peak memory stays at one
+copy buffer whatever the size of the model. The format is an 8-byte little-endian header length,
+a JSON header of dtype, shape and data_offsets per tensor, then the raw bytes.
+
+Output folders. `staged_output` writes into a temporary folder beside the destination and renames
+it into place only when the block succeeds, under a lock on the destination; the temporary folder
+records its writer, so one left by a killed run is reclaimed by the next run in that folder.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import shutil
+import socket
 import struct
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
-from .errors import LayerpruneError
+from .architectures import Architecture, find_architecture
+from .errors import LayerpruneError, describe_os_error
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+RECORD_NAME = "layerprune.json"
 COPY_CHUNK = 16 * 1024 * 1024
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+# bytes per element of every dtype safetensors writes
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+# a folder holding one of these was written by layerprune, so --overwrite may replace it
+OUTPUT_MARKERS = (RECORD_NAME, "distances.json", "sweep.json")
+WRITER_NAME = ".layerprune-writer"
+
+
+def read_json(path: Path, what: str = "JSON file") -> Any:
+    """A JSON file's content, or a one-line error naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise LayerpruneError(f"{path} is not a valid {what}: {err}") from err
+
+
+# --- reading --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -39,48 +74,121 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """The tensors of one safetensors file, checked against its size, and its metadata."""
+    """The tensors of one safetensors file, fully validated against the file, and its metadata."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as handle:
+            if size < 8:
+                raise ValueError("shorter than a header")
             (header_len,) = struct.unpack("<Q", handle.read(8))
             if header_len > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(handle.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
-        data_start = 8 + header_len
-        entries: dict[str, TensorEntry] = {}
-        spans = []
-        for key, info in header.items():
-            begin, end = info["data_offsets"]
-            entries[key] = TensorEntry(path, info["dtype"], tuple(info["shape"]), data_start + begin, end - begin)
-            spans.append((begin, end))
-        spans.sort()
-        position = 0
-        for begin, end in spans:
-            if begin != position or end < begin:
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError("metadata is not a map of strings")
+        entries = {key: _entry(path, 8 + header_len, key, info) for key, info in header.items()}
+        position = 8 + header_len
+        for entry in sorted(entries.values(), key=lambda e: (e.start, e.length)):
+            if entry.start != position:
                 raise ValueError("tensor data is not contiguous")
-            position = end
-        if data_start + position != size:
-            raise ValueError(f"data ends at byte {data_start + position} but the file has {size}")
+            position += entry.length
+        if position != size:
+            raise ValueError(f"data ends at byte {position} but the file has {size}")
     except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise LayerpruneError(f"corrupted safetensors file {path}: {err}") from err
     return entries, metadata
 
 
+def _entry(path: Path, data_start: int, key: str, info: Any) -> TensorEntry:
+    """One header entry, checked: known dtype, integer shape, a byte range that fits it."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(f"tensor {key!r} needs exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in DTYPE_SIZES:
+        raise ValueError(f"tensor {key!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {key!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise ValueError(f"tensor {key!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise ValueError(f"tensor {key!r} has invalid data_offsets {offsets!r}")
+    if math.prod(shape) * DTYPE_SIZES[dtype] != end - begin:
+        raise ValueError(f"tensor {key!r}: shape {shape} of {dtype} does not fill its {end - begin} bytes")
+    return TensorEntry(path, dtype, tuple(shape), data_start + begin, end - begin)
+
+
 def shard_files(folder: Path) -> list[Path]:
     """The safetensors shards of a checkpoint folder, in index order; [] if it has none."""
     index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as err:
-            raise LayerpruneError(f"corrupted index {index}: {err}") from err
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise LayerpruneError(f"{index} names missing shards: {', '.join(missing)}")
-        return [folder / n for n in sorted(names)]
-    return sorted(folder.glob("*.safetensors"))
+    if not index.is_file():
+        return sorted(folder.glob("*.safetensors"))
+    raw = read_json(index, "safetensors index")
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+        raise LayerpruneError(f"corrupted index {index}: no weight_map of shard names")
+    names = list(dict.fromkeys(weight_map.values()))
+    root = folder.resolve()
+    outside = [n for n in names if not n or not (folder / n).resolve().is_relative_to(root)]
+    if outside:
+        raise LayerpruneError(f"{index} names a shard outside the checkpoint folder: {outside[0]!r}")
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise LayerpruneError(f"{index} names missing shards: {', '.join(missing)}")
+    return [folder / n for n in sorted(names)]
+
+
+def tensor_entries(folder: Path) -> dict[str, TensorEntry]:
+    """Every tensor of a checkpoint folder, across its shards, each header validated."""
+    entries: dict[str, TensorEntry] = {}
+    for shard in shard_files(folder):
+        found, _ = read_header(shard)
+        twice = sorted(set(found) & set(entries))
+        if twice:
+            raise LayerpruneError(f"tensor {twice[0]} is in two shards of {folder}")
+        entries.update(found)
+    return entries
+
+
+def read_config(folder: Path) -> tuple[dict[str, Any], Architecture]:
+    """A checkpoint's config.json and its family."""
+    config = read_json(folder / CONFIG_NAME, "config.json")
+    if not isinstance(config, dict):
+        raise LayerpruneError(f"{folder / CONFIG_NAME} is not a JSON object")
+    return config, find_architecture(config)
+
+
+def check_layers(folder: Path, arch: Architecture, num_layers: int, keys: Iterable[str]) -> None:
+    """The tensors hold exactly the layers the config counts, each with the same tensor names: a
+    layer missing from the weights would be loaded as random values."""
+    per_layer: dict[int, set[str]] = {}
+    for key in keys:
+        if split := arch.split_layer_key(key):
+            per_layer.setdefault(split[1], set()).add(split[2])
+    indices = sorted(per_layer)  # 0..L-1 exactly, checked without building a range of the config's size
+    if len(indices) != num_layers or (indices and (indices[0] != 0 or indices[-1] != num_layers - 1)):
+        held = f"{len(indices)} layers ({indices[0]}..{indices[-1]})" if indices else "no layers"
+        raise LayerpruneError(f"{folder}: config.json counts {num_layers} layers but the weights hold {held}")
+    names = set().union(*per_layer.values())
+    short = next((i for i in sorted(per_layer) if per_layer[i] != names), None)
+    if short is not None:
+        missing = sorted(names - per_layer[short])
+        raise LayerpruneError(f"{folder}: layer {short} has no tensor {missing[0]} (other layers have one)")
+
+
+def validate_checkpoint(folder: Path) -> dict[str, TensorEntry]:
+    """Check a checkpoint folder before use: its config, family, headers and layer count."""
+    config, arch = read_config(folder)
+    entries = tensor_entries(folder)
+    if entries:
+        check_layers(folder, arch, arch.num_layers(config), entries)
+    return entries
+
+
+# --- writing --------------------------------------------------------------------------------
 
 
 def shard_name(number: int, total: int) -> str:
@@ -109,7 +217,7 @@ def write_shard(path: Path, tensors: list[tuple[str, TensorEntry]], metadata: di
     return offset
 
 
-def _copy_range(entry: TensorEntry, out) -> None:
+def _copy_range(entry: TensorEntry, out: IO[bytes]) -> None:
     """Copy one tensor's bytes: in the kernel where it can (`copy_file_range`, as `cp` does),
     else through a COPY_CHUNK buffer. Either way memory stays bounded whatever the tensor size."""
     out.flush()
@@ -121,7 +229,10 @@ def _copy_range(entry: TensorEntry, out) -> None:
                 if not sent:
                     break
                 done += sent
-        except (AttributeError, OSError):  # not Linux, or a filesystem pair that cannot: copy by hand
+        except OSError as err:  # a file system pair that cannot: copy by hand; a full disk is a full disk
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+        except AttributeError:  # not Linux
             pass
         src.seek(entry.start + done)
         remaining = entry.length - done
@@ -139,30 +250,259 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> No
     (folder / INDEX_NAME).write_text(json.dumps(body, indent=2) + "\n")
 
 
+# --- records --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Written:
+    """A folder layerprune wrote, and the record it wrote there (its layerprune.json)."""
+
+    path: Path
+    record: dict[str, Any]
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """The `layerprune.json` of a folder layerprune wrote, or None."""
+    path = folder / RECORD_NAME
+    return read_json(path, RECORD_NAME) if path.is_file() else None
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> None:
+    (folder / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def extend_record(source: Path, section: str, value: dict[str, Any], source_name: str) -> dict[str, Any]:
+    """The source's record (or a new one naming it) with one more section: what was done to it."""
+    record = read_record(source) or {"source": source_name}
+    return {**record, section: value}
+
+
+# --- output folders -------------------------------------------------------------------------
+
+
+def check_overlap(out: Path, inputs: Iterable[Path]) -> None:
+    """Refuse a destination that is, holds or lies inside any input (as given and as resolved:
+    symlinks and relative paths included), or that is the current folder or holds it."""
+    target = out.resolve()
+    for given in inputs:
+        for source in {given.absolute(), given.resolve()}:
+            if target == source:
+                raise LayerpruneError(f"output {out} is the input model {given}; choose another --out")
+            if target in source.parents:
+                raise LayerpruneError(f"output {out} holds the input model {given}; choose another --out")
+            if source in target.parents:
+                raise LayerpruneError(f"output {out} must not be inside the input model {given}")
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise LayerpruneError(f"output {out} is the current folder or holds it; choose another --out")
+
+
+def check_destination(out: Path, inputs: Iterable[Path], overwrite: bool, resume: str | None = None) -> None:
+    """Refuse an output folder that overlaps an input (`check_overlap`), is a file, or (without
+    `overwrite`) exists; `overwrite` replaces only a folder layerprune wrote. A folder holding the
+    file `resume` (a resumable job's record) may exist, to be continued."""
+    check_overlap(out, inputs)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise LayerpruneError(f"output {out} exists and is not a folder; choose another --out")
+    if resume is not None and ((out / resume).is_file() or not any(out.iterdir())):
+        return
+    if resume is not None:
+        raise LayerpruneError(f"{out} holds files that are not layerprune's; choose another --out")
+    if not overwrite:
+        raise LayerpruneError(f"output folder {out} already exists; pass --overwrite to replace it")
+    if any(out.iterdir()) and not any((out / marker).is_file() for marker in OUTPUT_MARKERS):
+        raise LayerpruneError(
+            f"{out} holds files that layerprune did not write; --overwrite replaces only layerprune's outputs"
+        )
+
+
+def _writer() -> dict[str, Any]:
+    """Who is writing: enough to tell later whether that process is still alive."""
+    return {"pid": os.getpid(), "started": _start_time(os.getpid()), "host": socket.gethostname()}
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time since boot (/proc), which tells a reused pid apart; None if unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def writer_alive(record: dict[str, Any]) -> bool:
+    """Whether the process that wrote `record` may still be running (another host: assume so)."""
+    if record.get("host") != socket.gethostname():
+        return True
+    pid = record.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    started = record.get("started")
+    return started is None or _start_time(pid) in (None, started)
+
+
+def scratch_folder(parent: Path, prefix: str) -> Path:
+    """A new hidden working folder that records its writer, so a later run can reclaim it."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (folder / WRITER_NAME).write_text(json.dumps(_writer()))
+    return folder
+
+
+def reclaim_stale(parent: Path, pattern: str = ".*.tmp.*") -> list[Path]:
+    """Remove working folders matching `pattern` in `parent` whose writer is dead (a run killed
+    outright); those of live runs, and folders that record no writer, are left alone."""
+    removed = []
+    for folder in parent.glob(pattern):
+        record = folder / WRITER_NAME
+        try:
+            writer = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(writer, dict) and not writer_alive(writer):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 @contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
+def _locked(out: Path) -> Iterator[None]:
+    """An exclusive lock on the destination (a lock file beside it). The kernel releases it when
+    its holder dies, however it dies, so a killed run never blocks the next one."""
+    import fcntl
+
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        handle = open(lock, "a+")  # noqa: SIM115 (held open for the whole block)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            with suppress(ValueError, AttributeError):
+                holder = str(json.loads(holder)["pid"])
+            raise LayerpruneError(
+                f"another layerprune (pid {holder}) is writing {out}; wait for it to finish"
+            ) from None
+        with suppress(FileNotFoundError):
+            if os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino:
+                break  # the file we locked is still the lock file (not one its last holder just removed)
+        handle.close()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(_writer()))
+        handle.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()
+
+
+def _make_parents(folder: Path, out: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns those created, deepest first."""
+    created = []
+    current = folder.absolute()
+    while not current.exists() and current != current.parent:
+        created.append(current)
+        current = current.parent
+    if not current.is_dir():
+        raise LayerpruneError(f"cannot create {out}: {current} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _remove_empty(created)
+        raise LayerpruneError(f"cannot create {out}: {describe_os_error(err)}") from err
+    return created
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def _mb(size: float) -> str:
+    return f"{size / 2**20:,.1f} MB"
+
+
+@contextmanager
+def staged_output(
+    out: Path, *, overwrite: bool = False, inputs: Iterable[Path] = (), needed_bytes: int | None = None
+) -> Iterator[Path]:
     """A temporary folder beside `out` that becomes `out` only if the block succeeds.
 
-    An existing `out` is replaced only at that moment; on any error the temporary folder is
-    removed, so nothing half-written is ever left where the result belongs.
+    The destination is checked (see `check_destination`), locked against other writers, and
+    checked again under the lock at the moment it is replaced. On any failure the temporary
+    folder, and any parent folder made for it, are removed; a full disk says how much space was
+    needed (`needed_bytes`, when known) and how much was free.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+    inputs = list(inputs)
+    check_destination(out, inputs, overwrite)
+    created = _make_parents(out.parent, out)
+    try:
+        for pattern in (".*.tmp.*", ".*.old.*"):
+            reclaim_stale(out.parent, pattern)
+        with _locked(out):
+            check_destination(out, inputs, overwrite)
+            if needed_bytes is not None and needed_bytes > _free_bytes(out.parent):
+                raise LayerpruneError(
+                    f"not enough space for {out}: it needs about {_mb(needed_bytes)}, "
+                    f"{_mb(_free_bytes(out.parent))} is free there"
+                )
+            tmp = scratch_folder(out.parent, f".{out.name}.tmp.")
+            try:
+                yield tmp
+                _publish(tmp, out, overwrite)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; removed after a failure
+    except OSError as err:
+        _remove_empty(created)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise _explained(err, out, needed_bytes) from err
+        raise
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished temporary folder to `out`, replacing an existing `out` only if allowed."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint folder should not be
-    try:
-        yield tmp
-        for path in tmp.rglob("*"):  # some writers (transformers' save_pretrained) leave files private
-            if path.is_file():
-                os.chmod(path, 0o666 & ~umask)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    (tmp / WRITER_NAME).unlink()
+    for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers (save_pretrained) leave them private
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if not overwrite:  # another run finished first
+        raise LayerpruneError(f"output folder {out} already exists; pass --overwrite to replace it")
+    trash = scratch_folder(out.parent, f".{out.name}.old.")
+    os.replace(out, trash / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _explained(err: OSError, out: Path, needed_bytes: int | None) -> LayerpruneError:
+    """A full or read-only file system while writing `out`, in one line that says what to do."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        folder = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+        needed = f"it needs about {_mb(needed_bytes)}, " if needed_bytes is not None else ""
+        return LayerpruneError(
+            f"disk full writing {out}: {needed}{_mb(_free_bytes(folder))} is free there; nothing was left behind"
+        )
+    return LayerpruneError(f"cannot write {out}: {describe_os_error(err)}")

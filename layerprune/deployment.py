@@ -5,8 +5,8 @@ on-disk size, peak memory while generating, prefill throughput, decode throughpu
 first token, each as the median (and spread) of several repeats after a warm-up.
 
 `export_quantized` writes a checkpoint quantized by bitsandbytes (NF4 or int8) that
-transformers loads directly, through its bitsandbytes integration; `then_quantize` does the same
-at the end of a prune or a heal (`--quantize`).
+transformers loads directly, through its bitsandbytes integration (`pipeline.then_quantize` does
+the same at the end of a prune or a heal: `--quantize`).
 """
 
 from __future__ import annotations
@@ -14,26 +14,30 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import Written, extend_record, staged_output, write_record
 from .errors import LayerpruneError
-
-QUANTIZATION_SCHEMES = ("nf4", "int8")
+from .models import check_quantization, load_model, model_inputs, quantization_config, resolve_model
+from .plots import inference_bars
 
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    prompt_tokens: int = 128
-    new_tokens: int = 32
-    batch_size: int = 1
-    repeats: int = 3
-    warmup: int = 1
+    """How each model is timed: the same random prompts for every model."""
+
+    prompt_tokens: int = field(default=128, metadata={"help": "Prompt length for prefill."})
+    new_tokens: int = field(default=32, metadata={"help": "Tokens generated for decode."})
+    batch_size: int = field(default=1, metadata={"help": "Sequences generated at once."})
+    repeats: int = field(default=3, metadata={"help": "Timed repeats after the warm-up."})
+    warmup: int = field(default=1, metadata={"help": "Untimed warm-up runs."})
 
     def __post_init__(self) -> None:
         if min(self.prompt_tokens, self.new_tokens, self.batch_size, self.repeats) < 1 or self.warmup < 0:
@@ -98,8 +102,6 @@ def benchmark_one(model: str | Path, settings: InferenceSettings) -> dict[str, A
     """Every figure for one model argument (run it in its own process for a clean peak memory)."""
     import torch
 
-    from .models import load_model, resolve_model
-
     path = resolve_model(model)
     loaded, _ = load_model(path, device="cuda" if torch.cuda.is_available() else "cpu")
     figures = measure(loaded, settings)
@@ -115,12 +117,8 @@ def benchmark_one(model: str | Path, settings: InferenceSettings) -> dict[str, A
     }
 
 
-def benchmark(models: list[str | Path], settings: InferenceSettings | None = None) -> list[dict[str, Any]]:
+def benchmark(models: Sequence[str | Path], settings: InferenceSettings | None = None) -> list[dict[str, Any]]:
     """Benchmark several models side by side, each in a fresh subprocess so peak memory is its own."""
-    import subprocess
-    import sys
-
-    from .models import resolve_model
 
     settings = settings or InferenceSettings()
     for model in models:
@@ -138,69 +136,33 @@ def benchmark(models: list[str | Path], settings: InferenceSettings | None = Non
     return results
 
 
-def check_quantization(scheme: str) -> None:
-    """Refuse an unknown scheme, or a machine bitsandbytes cannot run on, before any long work."""
-    from transformers.utils import is_bitsandbytes_available
-
-    if scheme not in QUANTIZATION_SCHEMES:
-        raise LayerpruneError(f"unknown quantization {scheme!r}; choose one of {', '.join(QUANTIZATION_SCHEMES)}")
-    if not is_bitsandbytes_available():
-        raise LayerpruneError(
-            "quantized export needs bitsandbytes, which cannot run here; it runs on CUDA GPUs (any recent NVIDIA "
-            "card) and on x86-64 or arm64 CPUs with bitsandbytes>=0.45"
-        )
-
-
-def then_quantize(out: str | Path, scheme: str, make: Callable[[Path], Path], overwrite: bool = False) -> Path:
-    """Run `make` (a prune or a heal) into a staging folder beside `out`, then write its quantized
-    form to `out` (`prune/heal --quantize`). The same command rerun resumes `make` there."""
-    from .surgery import RECORD_NAME, check_not_existing
-
-    check_quantization(scheme)
+def write_benchmark(results: list[dict[str, Any]], settings: InferenceSettings, out: str | Path) -> Path:
+    """bench.json (settings and every figure) and bench.png (bars side by side) in the folder `out`."""
     out = Path(out)
-    check_not_existing(out, overwrite)
-    staging = out.parent / f".{out.name}.unquantized"
-    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run; a heal's resumable work is kept apart
-    try:
-        export_quantized(make(staging), out, scheme, overwrite=overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    record = json.loads((out / RECORD_NAME).read_text())
-    del record["quantization"]["source"]  # the staging folder, now gone: the record's history says the rest
-    (out / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"settings": asdict(settings), "models": results}, indent=1))
+    inference_bars(results, out / "bench.png")
     return out
 
 
-def export_quantized(model: str | Path, out: str | Path, scheme: str, overwrite: bool = False) -> Path:
+def export_quantized(model: str | Path, out: str | Path, scheme: str, overwrite: bool = False) -> Written:
     """Write `model` quantized with bitsandbytes (`nf4` or `int8`) as a checkpoint transformers loads directly."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    from .checkpoint import staged_folder
-    from .models import resolve_model
-    from .surgery import RECORD_NAME, check_destination
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_quantization(scheme)
     out = Path(out)
+    inputs = model_inputs(model)
     src = resolve_model(model)
-    check_destination(src, out, overwrite)
-    quantization = (
-        BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-        )
-        if scheme == "nf4"
-        else BitsAndBytesConfig(load_in_8bit=True)
-    )
+    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    loaded = AutoModelForCausalLM.from_pretrained(str(src), quantization_config=quantization, device_map=device_map)
-    with staged_folder(out) as tmp:
+    with staged_output(out, overwrite=overwrite, inputs=[*inputs, src]) as tmp:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(src), quantization_config=quantization_config(scheme, compute), device_map=device_map
+        )
         loaded.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(src)).save_pretrained(tmp)
-        previous = src / RECORD_NAME
-        record = json.loads(previous.read_text()) if previous.is_file() else {"source": str(model)}
-        record["quantization"] = {"scheme": scheme, "backend": "bitsandbytes", "source": str(src)}
-        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
-    return out
+        quantization = {"scheme": scheme, "backend": "bitsandbytes", "source": str(src)}
+        record = extend_record(src, "quantization", quantization, str(model))
+        write_record(tmp, record)
+    return Written(out, record)

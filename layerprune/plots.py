@@ -1,15 +1,18 @@
-"""Figures: the angular-distance heatmap of the paper (its Figure 2 style)."""
+"""Figures from plain numbers: the paper's angular-distance heatmap, healing curves, the sweep's
+metrics against the fraction removed, and inference costs side by side.
+
+A leaf module: it draws what it is given and imports nothing else of layerprune (nor torch).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .analysis import AnalysisResult
+from typing import Any
 
 
-def angular_heatmap(result: AnalysisResult, path: str | Path) -> Path:
+def angular_heatmap(
+    angular: dict[int, list[float]], best: dict[int, int], num_layers: int, title: str, path: str | Path
+) -> Path:
     """d(l, n) with the start layer l across and the block size n up; the best l per n is marked."""
     import matplotlib
 
@@ -17,19 +20,17 @@ def angular_heatmap(result: AnalysisResult, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    num_layers = result.num_layers
     grid = np.full((num_layers - 1, num_layers), np.nan)
-    for n, row in result.angular.items():
+    for n, row in angular.items():
         grid[n - 1, : len(row)] = row
     fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
     image = ax.imshow(
         grid, origin="lower", aspect="auto", cmap="viridis_r", extent=(-0.5, num_layers - 0.5, 0.5, num_layers - 0.5)
     )
-    best = result.best
     ax.plot([best[n] for n in best], list(best), "r.", markersize=5, label="smallest d for each n")
     ax.set_xlabel("start layer l")
     ax.set_ylabel("block size n (layers removed)")
-    ax.set_title(f"Angular distance d(l, n): {Path(result.model).name or result.model}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
     fig.colorbar(image, ax=ax, label="arccos(cos)/π")
     fig.tight_layout()

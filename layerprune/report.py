@@ -11,7 +11,10 @@ import html
 import json
 from pathlib import Path
 
+from .checkpoint import read_json
 from .errors import LayerpruneError
+from .plots import metric_by_fraction
+from .strategies import STRATEGIES
 
 TOLERANCE = 0.05  # "within 5% of the full model's accuracy"
 
@@ -61,6 +64,8 @@ def _table(rows: list[dict], tasks: list[str]) -> str:
             "yes" if r["healed"] else "no",
             " ".join(map(str, r["layers_removed"])) or "–",
             f"{r['parameters'] / 1e6:.1f}",
+            f"{r['size_mb']:.1f}",
+            f"{r['decode_tokens_per_s']:.1f}",
         ]
         for t in tasks:
             m = r["tasks"].get(t, {})
@@ -80,16 +85,27 @@ table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;paddi
 th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.8em}"""
 
 
+def _strategy_items(rows: list[dict]) -> str:
+    """One line per strategy in the sweep, from the strategy registry."""
+    names = sorted({r["strategy"] for r in rows if r["n"]})
+    return "".join(
+        f"<li><b>{html.escape(n)}</b>: {html.escape(STRATEGIES[n].help if n in STRATEGIES else '(not installed)')}</li>"
+        for n in names
+    )
+
+
+def _healing_method(sweep: dict) -> str:
+    heal = sweep.get("config", {}).get("heal_config") or sweep.get("settings", {}).get("heal_config") or {}
+    return "QLoRA: LoRA on the 4-bit NF4 model" if heal.get("quant", True) else "LoRA on the unquantized model"
+
+
 def write_report(out: str | Path, tolerance: float = TOLERANCE) -> Path:
     """Build DIR/report.html (and the figures under DIR/figures/) from the stored sweep results."""
-    from .plots import metric_by_fraction
-
     out = Path(out)
-    try:
-        rows = json.loads((out / "results.json").read_text())
-        sweep = json.loads((out / "sweep.json").read_text())
-    except (OSError, ValueError) as err:
-        raise LayerpruneError(f"{out} holds no sweep results (results.json, sweep.json): {err}") from err
+    if not (out / "results.json").is_file() or not (out / "sweep.json").is_file():
+        raise LayerpruneError(f"{out} holds no sweep results (results.json, sweep.json)")
+    rows = read_json(out / "results.json", "sweep results file")
+    sweep = read_json(out / "sweep.json", "sweep settings file")
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
     tasks = _qa_tasks(rows)
@@ -130,10 +146,10 @@ def write_report(out: str | Path, tolerance: float = TOLERANCE) -> Path:
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>layerprune sweep: {name}</title>
 <style>{STYLE}</style></head><body>
 <h1>Layer pruning sweep: {name}</h1>
-<p>Each point removes n layers by a strategy (angular: the block of smallest angular distance,
-Gromov et al. 2024; deepest: the n layers before the final one; bi: lowest Block Influence), is
-evaluated, and with healing is QLoRA-fine-tuned first. Accuracy should stay flat, then collapse
-to chance; healed loss should grow slowly.</p>
+<p>Each point removes n layers by a strategy, is evaluated, and with healing is fine-tuned first
+({html.escape(_healing_method(sweep))}). Accuracy should stay flat, then collapse to chance;
+healed loss should grow slowly. The strategies:</p>
+<ul>{_strategy_items(rows)}</ul>
 <h2>How far can I prune?</h2>
 <p>Largest fraction of layers removed that keeps each task's accuracy within {tolerance:.0%} of
 the full model's (and every smaller fraction within it too):</p>

@@ -19,59 +19,24 @@ Peak memory: one layer's weights, the used embedding rows and the residual state
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from .architectures import Architecture, find_architecture
+from .checkpoint import TensorEntry, check_layers, reclaim_stale, scratch_folder, tensor_entries
 from .errors import LayerpruneError
-
-
-def _run_layers(model: Any, arch: Any, batch: dict, start: Any, keep: list[int]) -> Any:
-    """resid entering the final norm after running only layers `keep`, starting from `start`
-    (the embeddings when `start` is None)."""
-    import torch
-
-    from .surgery import running_from
-
-    captured: dict[str, Any] = {}
-
-    def capture(module: Any, args: tuple, kwargs: dict) -> None:
-        captured["resid"] = args[0] if args else kwargs["hidden_states"]
-
-    hook = model.get_submodule(arch.final_norm).register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        with torch.inference_mode(), running_from(model, arch, keep, start):
-            model.base_model(**batch, use_cache=False)
-    finally:
-        hook.remove()
-    return captured["resid"].float()
-
+from .memory import return_freed_memory
+from .residual import AngularSums, final_rows, last_token_index, run_layers
 
 SPILL_PREFIX = "layerprune-spill-"
 
 
 def remove_stale_spills() -> list[Path]:
-    """Remove spill folders left by runs that were killed outright (their process is gone); an
+    """Remove spill folders left by runs that were killed outright (their writer is gone); an
     interrupted run (Ctrl-C, SIGTERM) removes its own."""
-    removed = []
-    for folder in Path(tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*-*"):
-        pid = folder.name.removeprefix(SPILL_PREFIX).split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
+    return reclaim_stale(Path(tempfile.gettempdir()), f"{SPILL_PREFIX}*")
 
 
 class _States:
@@ -96,7 +61,7 @@ class _States:
             self.used += size
             return
         if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-"))
+            self.folder = scratch_folder(Path(tempfile.gettempdir()), SPILL_PREFIX)
         torch.save(state, self.folder / f"{index}.pt")
 
     def get(self, index: int) -> Any:
@@ -112,20 +77,10 @@ class _States:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _return_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc). Layers converted from bf16 are allocated in
-    pieces below glibc's mmap threshold, and without a trim the heap keeps every layer's worth."""
-    import contextlib
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: a libc without malloc_trim
-        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols, libc among them
-
-
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
-def _read_rows(entry: Any, rows: Any) -> Any:
+def _read_rows(entry: TensorEntry, rows: Any) -> Any:
     """Rows `rows` (sorted ids) of a 2-D float tensor in a safetensors file, as fp32, read through
     a memory map so that only their pages are touched."""
     import numpy as np
@@ -145,7 +100,7 @@ def _used_embeddings(model: Any, entries: dict, batches: list[dict]) -> tuple[li
     import torch
 
     embedding = model.get_input_embeddings()
-    key = next((n for n, p in model.named_parameters() if p is embedding.weight), None)
+    key = next((n for n, p in model.named_parameters() if p is embedding.weight), "")
     if key not in entries or entries[key].dtype not in _TORCH_DTYPES or len(entries[key].shape) != 2:
         return batches, []  # loaded whole, as any other tensor
     ids = torch.unique(torch.cat([b["input_ids"].flatten() for b in batches]))
@@ -154,7 +109,7 @@ def _used_embeddings(model: Any, entries: dict, batches: list[dict]) -> tuple[li
     return [{**b, "input_ids": torch.searchsorted(ids, b["input_ids"])} for b in batches], [key]
 
 
-def _layer_bytes(entries: dict, arch: Any, index: int) -> int:
+def _layer_bytes(entries: dict[str, TensorEntry], arch: Architecture, index: int) -> int:
     """fp32 bytes of one layer's tensors, from the safetensors headers."""
     total = 0
     for key, entry in entries.items():
@@ -175,15 +130,13 @@ def measure_streaming(
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .architectures import find_architecture
-    from .checkpoint import read_header, shard_files
-
     config = AutoConfig.from_pretrained(str(path))
     arch = find_architecture(config)
     num_layers = arch.num_layers(config)
-    entries = {k: e for shard in shard_files(path) for k, e in read_header(shard)[0].items()}
+    entries = tensor_entries(path)
     if not entries:
         raise LayerpruneError(f"{path} has no safetensors weights to stream")
+    check_layers(path, arch, num_layers, entries)
     largest_layer = max(_layer_bytes(entries, arch, i) for i in range(num_layers))
     if memory_budget is not None and memory_budget < largest_layer:
         raise LayerpruneError(
@@ -210,36 +163,27 @@ def measure_streaming(
     load([k for k in entries if arch.split_layer_key(k) is None and not k.startswith("lm_head.") and k not in loaded])
     budget = (memory_budget - largest_layer) if memory_budget is not None else float("inf")
     states = _States(budget)
+    sums = AngularSums(num_layers)
     last_rows: list[list[Any]] = [[] for _ in batches]
-    cos_sum = torch.zeros(num_layers, dtype=torch.float64)
-    tokens = 0
     masks = [b["attention_mask"].bool() for b in batches]
-    last_index = [m.shape[1] - 1 - m.flip(1).int().argmax(dim=1) for m in masks]
+    last_index = [last_token_index(m) for m in masks]
     try:
         for b, batch in enumerate(batches):
-            resid = _run_layers(model, arch, batch, None, [])  # the embeddings, resid[0]
-            last_rows[b].append(resid[torch.arange(len(resid)), last_index[b]].double())
+            resid = run_layers(model, arch, batch, None, [])  # the embeddings, resid[0]
+            last_rows[b].append(final_rows(resid, last_index[b]))
             states.put(b, resid)
-            tokens += int(masks[b].sum())
         for layer in tqdm(range(num_layers), desc="analyze (offload)", unit="layer", disable=not progress):
             load([k for k in entries if (s := arch.split_layer_key(k)) and s[1] == layer])
             for b, batch in enumerate(batches):
                 previous = states.get(b)
-                resid = _run_layers(model, arch, batch, previous, [layer])
-                cos = torch.nn.functional.cosine_similarity(previous, resid, dim=-1)
-                cos_sum[layer] += cos[masks[b]].double().sum()
-                last_rows[b].append(resid[torch.arange(len(resid)), last_index[b]].double())
+                resid = run_layers(model, arch, batch, previous, [layer])
+                sums.add_neighbours(layer, previous, resid, masks[b])
+                last_rows[b].append(final_rows(resid, last_index[b]))
                 states.put(b, resid)
             arch.layer_list(model)[layer].to("meta")  # free this layer's weights
-            _return_freed_memory()
+            return_freed_memory()
     finally:
         states.close()
-    angular_sum = torch.zeros(num_layers + 1, num_layers + 1, dtype=torch.float64)
-    samples = 0
-    for rows in last_rows:
-        unit = torch.nn.functional.normalize(torch.stack(rows, dim=1), dim=-1)
-        angular_sum += (torch.arccos((unit @ unit.transpose(1, 2)).clamp(-1, 1)) / math.pi).sum(dim=0)
-        samples += unit.shape[0]
-    mean = angular_sum / samples
-    angular = {n: [float(mean[s, s + n]) for s in range(num_layers - n + 1)] for n in range(1, num_layers)}
-    return angular, [float(v) for v in 1.0 - cos_sum / tokens]
+    for rows, mask in zip(last_rows, masks, strict=True):
+        sums.add_samples(rows, int(mask.sum()))
+    return sums.result()

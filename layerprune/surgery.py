@@ -1,4 +1,5 @@
-"""Remove whole layers: choose which, then cut them from a checkpoint on disk or a loaded model.
+"""Cut whole layers out: from a checkpoint on disk, or from a loaded model. Choosing which is
+the strategies' job; this module only removes a given set and checks the result.
 
 On disk, tensors are streamed from the input's safetensors and their layer index renumbered,
 without building the model; the result is written to a temporary folder and renamed into
@@ -10,124 +11,81 @@ renumbered and every per-layer config list sliced, so `generate()` and its KV ca
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
-import time
+import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .analysis import AnalysisResult
 from .architectures import Architecture, find_architecture
 from .checkpoint import (
+    CONFIG_NAME,
     INDEX_NAME,
+    RECORD_NAME,
     WEIGHT_SUFFIXES,
     TensorEntry,
+    check_layers,
+    read_config,
     read_header,
+    read_record,
     shard_files,
     shard_name,
-    staged_folder,
+    staged_output,
+    tensor_entries,
     write_index,
+    write_record,
     write_shard,
 )
-from .errors import LayerpruneError
+from .errors import LayerpruneError, LayerpruneWarning
+from .models import load_weights
+from .residual import slice_config
 
-STRATEGIES = ("angular", "deepest", "bi")  # chosen from the analysis alone
-ALL_STRATEGIES = (*STRATEGIES, "loss", "angular-rerank", "iterative")  # the last three score removals by loss
-RECORD_NAME = "layerprune.json"
+_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
 
 
-def parse_layers(spec: str) -> list[int]:
-    """'20-27' or '3,5,7-9' -> sorted unique layer indices."""
-    layers: set[int] = set()
-    try:
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            first, _, last = part.partition("-")
-            layers.update(range(int(first), int(last or first) + 1))
-    except ValueError as err:
-        raise LayerpruneError(f"cannot read layers {spec!r}: use a range like 20-27 or a list like 3,5,7-9") from err
-    if not layers:
+def parse_layers(spec: str, num_layers: int | None = None) -> list[int]:
+    """'20-27' or '3,5,7-9' -> sorted unique layer indices. Each range is checked against
+    `num_layers` before it is expanded, so an absurd range costs nothing."""
+    parts = [part.strip() for part in spec.split(",")]
+    if not spec.strip():
         raise LayerpruneError(f"no layers in {spec!r}")
-    return sorted(layers)
+    ranges = []
+    for part in parts:
+        match = _RANGE.fullmatch(part)
+        if match is None:
+            what = "an empty item" if not part else repr(part)
+            raise LayerpruneError(
+                f"cannot read layers {spec!r}: {what} is not a layer or a range; use 20-27 or 3,5,7-9"
+            )
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if last < first:
+            raise LayerpruneError(f"layer range {part} runs backwards; write it {last}-{first}")
+        if num_layers is not None and last >= num_layers:
+            raise LayerpruneError(f"layers {part} are out of range: the model has layers 0..{num_layers - 1}")
+        ranges.append(range(first, last + 1))
+    layers = sorted({i for r in ranges for i in r})
+    if sum(len(r) for r in ranges) != len(layers):
+        warnings.warn(f"layers {spec!r} name some layer twice; each is removed once", LayerpruneWarning, stacklevel=2)
+    return layers
 
 
-def _count_from(num_layers: int, n: int | None, fraction: float | None) -> int:
-    if fraction is not None:
-        if not 0 < fraction < 1:
-            raise LayerpruneError(f"fraction must be in (0, 1), got {fraction}")
-        n = round(fraction * num_layers)
-        if n < 1:
-            raise LayerpruneError(f"fraction {fraction} of {num_layers} layers removes no layer")
-    assert n is not None
-    if not 1 <= n < num_layers:
-        raise LayerpruneError(f"n must be between 1 and {num_layers - 1} for a model of {num_layers} layers, got {n}")
-    return n
-
-
-def select_layers(
-    num_layers: int,
-    *,
-    layers: list[int] | str | None = None,
-    n: int | None = None,
-    fraction: float | None = None,
-    strategy: str = "angular",
-    analysis: AnalysisResult | None = None,
-    allow_final: bool = False,
-) -> list[int]:
-    """The layers to remove: given explicitly, or n (or a fraction) chosen by a strategy.
-
-    deepest: the n layers just before the final layer (Gromov et al.'s heuristic, no data).
-    angular: l*(n)..l*(n)+n-1, the block of smallest angular distance (needs `analysis`).
-    bi: the n layers of lowest Block Influence (ShortGPT; need not be contiguous).
-    """
-    if sum(x is not None for x in (layers, n, fraction)) != 1:
-        raise LayerpruneError("give exactly one of layers, n or fraction")
+def check_removal(num_layers: int, removed: Iterable[int], allow_final: bool = False) -> list[int]:
+    """The layers to remove, sorted, checked against the model: in range, not all, and not the
+    final layer unless `allow_final`."""
+    chosen = sorted(set(removed))
     final = num_layers - 1
-    if layers is not None:
-        chosen = parse_layers(layers) if isinstance(layers, str) else sorted(set(layers))
-        bad = [i for i in chosen if not 0 <= i < num_layers]
-        if bad:
-            raise LayerpruneError(f"layers {bad} are out of range: the model has layers 0..{final}")
-        if len(chosen) >= num_layers:
-            raise LayerpruneError(f"cannot remove all {num_layers} layers")
-    else:
-        count = _count_from(num_layers, n, fraction)
-        if strategy == "deepest":
-            chosen = list(range(final - count, final))
-        elif strategy in ("angular", "bi"):
-            if analysis is None:
-                raise LayerpruneError(f"strategy {strategy} needs an analysis")
-            if analysis.num_layers != num_layers:
-                raise LayerpruneError(f"the analysis is of {analysis.num_layers} layers, the model has {num_layers}")
-            if strategy == "angular":
-                start = analysis.best_start(count, allow_final)
-                chosen = list(range(start, start + count))
-            else:
-                candidates = range(num_layers if allow_final else final)
-                chosen = sorted(sorted(candidates, key=analysis.block_influence.__getitem__)[:count])
-        else:
-            raise LayerpruneError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    bad = [i for i in chosen if not 0 <= i < num_layers]
+    if bad:
+        raise LayerpruneError(f"layers {bad[:10]} are out of range: the model has layers 0..{final}")
+    if not chosen:
+        raise LayerpruneError("no layers to remove")
+    if len(chosen) >= num_layers:
+        raise LayerpruneError(f"cannot remove all {num_layers} layers")
     if final in chosen and not allow_final:
         raise LayerpruneError(f"removing the final layer ({final}) is refused; pass --allow-final to allow it")
     return chosen
-
-
-def slice_config(config: Any, keep: list[int], arch: Architecture) -> None:
-    """Set the layer count and slice every per-layer list (declared, or of length L) to `keep`,
-    in a config object or a config.json dict."""
-    num_layers = arch.num_layers(config)
-    items = config if isinstance(config, dict) else config.to_dict()
-    lists = set(arch.per_layer_config_lists)
-    lists |= {k for k, v in items.items() if isinstance(v, list) and len(v) == num_layers}
-    update = {key: [items[key][i] for i in keep] for key in sorted(lists) if items.get(key) is not None}
-    update[arch.num_layers_key] = len(keep)
-    for key, value in update.items():
-        if isinstance(config, dict):
-            config[key] = value
-        else:
-            setattr(config, key, value)
 
 
 def prune_model(model: Any, layers: list[int]) -> Any:
@@ -140,7 +98,7 @@ def prune_model(model: Any, layers: list[int]) -> Any:
 
     arch = find_architecture(model.config)
     num_layers = arch.num_layers(model.config)
-    removed = set(select_layers(num_layers, layers=layers, allow_final=True))
+    removed = set(check_removal(num_layers, layers, allow_final=True))
     keep = [i for i in range(num_layers) if i not in removed]
     old = arch.layer_list(model)
     new = torch.nn.ModuleList([old[i] for i in keep])
@@ -152,46 +110,9 @@ def prune_model(model: Any, layers: list[int]) -> Any:
             raise LayerpruneError(f"{arch.name}: layer has no attribute {arch.layer_idx_attr}")
         for module in layer.modules():  # the attention's, and any other copy (e.g. Gemma3's decoder layer)
             if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_index
+                module.layer_idx = new_index  # type: ignore[assignment]
     slice_config(model.config, keep, arch)
     return model
-
-
-@contextmanager
-def layers_swapped(model: Any, arch: Architecture, keep: Sequence[int]) -> Iterator[None]:
-    """Temporarily run the model with only the layers `keep`, its config sliced to match
-    (models index per-layer lists such as `layer_types` by position; no cache, so layer_idx
-    does not matter)."""
-    import torch
-
-    original = arch.layer_list(model)
-    saved = {k: v for k, v in vars(model.config).items() if isinstance(v, list) or k == arch.num_layers_key}
-    arch.set_layer_list(model, torch.nn.ModuleList([original[i] for i in keep]))
-    slice_config(model.config, list(keep), arch)
-    try:
-        yield
-    finally:
-        arch.set_layer_list(model, original)
-        for key, value in saved.items():
-            setattr(model.config, key, value)
-
-
-@contextmanager
-def running_from(model: Any, arch: Architecture, keep: Sequence[int], start: Any = None) -> Iterator[None]:
-    """Run only layers `keep`, the first of them fed `start` as its residual stream (the final
-    norm when `keep` is empty; the embeddings as usual when `start` is None)."""
-    first = arch.layer_list(model)[keep[0]] if keep else model.get_submodule(arch.final_norm)
-
-    def feed(module: Any, args: tuple, kwargs: dict) -> Any:
-        return ((start, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": start})
-
-    handle = first.register_forward_pre_hook(feed, with_kwargs=True) if start is not None else None
-    try:
-        with layers_swapped(model, arch, keep):
-            yield
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 def _rename_map(arch: Architecture, keys: list[str], removed: set[int]) -> dict[str, str | None]:
@@ -210,11 +131,8 @@ def _rename_map(arch: Architecture, keys: list[str], removed: set[int]) -> dict[
 
 def _check_output(arch: Architecture, folder: Path, expected: dict[str, tuple[str, tuple[int, ...]]], layers: int):
     """The written tensors are exactly the expected ones, with unchanged shapes and dtypes, and
-    every layer 0..layers-1 has the same tensor names."""
-    written: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for shard in shard_files(folder):
-        entries, _ = read_header(shard)
-        written.update({k: (e.dtype, e.shape) for k, e in entries.items()})
+    every layer 0..layers-1 has the same tensor names. A failure here is a bug, not bad input."""
+    written = {k: (e.dtype, e.shape) for k, e in tensor_entries(folder).items()}
     if written != expected:
         raise RuntimeError(
             f"pruned checkpoint self-check failed: {len(written)} tensors written, {len(expected)} expected"
@@ -228,13 +146,9 @@ def _check_output(arch: Architecture, folder: Path, expected: dict[str, tuple[st
         raise RuntimeError("pruned checkpoint self-check failed: layers are not numbered 0..L'-1 with equal tensors")
 
 
-def _write_weights(src: Path, tmp: Path, arch: Architecture, removed: set[int]) -> dict[str, tuple[str, tuple]]:
-    """Stream the kept tensors of every input shard into one output shard each.
-
-    Returns the (dtype, shape) of every tensor written, for the self-check.
-    """
+def _plan(src: Path, arch: Architecture, removed: set[int]) -> tuple[list[list[tuple[str, TensorEntry]]], dict]:
+    """The kept tensors of every input shard, renamed (one output shard each), and the metadata."""
     plans: list[list[tuple[str, TensorEntry]]] = []
-    note = ",".join(map(str, sorted(removed)))
     metadata: dict[str, str] = {}
     for shard in shard_files(src):
         entries, metadata = read_header(shard)
@@ -242,6 +156,12 @@ def _write_weights(src: Path, tmp: Path, arch: Architecture, removed: set[int]) 
         plan = [(new, entry) for key, entry in entries.items() if (new := rename[key])]
         if plan:
             plans.append(plan)
+    return plans, metadata
+
+
+def _write_weights(tmp: Path, plans: list[list[tuple[str, TensorEntry]]], metadata: dict, removed: set[int]) -> None:
+    """Stream the planned tensors into their shards, with an index when there are several."""
+    note = ",".join(map(str, sorted(removed)))
     weight_map: dict[str, str] = {}
     total = 0
     for number, plan in enumerate(plans, start=1):
@@ -250,13 +170,12 @@ def _write_weights(src: Path, tmp: Path, arch: Architecture, removed: set[int]) 
         weight_map.update({key: name for key, _ in plan})
     if len(plans) > 1:
         write_index(tmp, weight_map, total)
-    return {key: (entry.dtype, entry.shape) for plan in plans for key, entry in plan}
 
 
 def _copy_side_files(src: Path, tmp: Path) -> None:
     """Tokenizer, generation config, chat template...: every top-level file that is not weights or config."""
     for path in src.iterdir():
-        skip = path.name in ("config.json", INDEX_NAME, RECORD_NAME) or path.name.endswith(WEIGHT_SUFFIXES)
+        skip = path.name in (CONFIG_NAME, INDEX_NAME, RECORD_NAME) or path.name.endswith(WEIGHT_SUFFIXES)
         if path.is_file() and not skip and not path.name.endswith(".index.json"):
             shutil.copy2(path, tmp / path.name)
 
@@ -271,7 +190,7 @@ def _write_config(src: Path, tmp: Path, config: dict[str, Any], keep: list[int],
     """
     if all(key in config for key in arch.per_layer_config_lists):
         slice_config(config, keep, arch)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return
     from transformers import AutoConfig
 
@@ -280,127 +199,48 @@ def _write_config(src: Path, tmp: Path, config: dict[str, Any], keep: list[int],
     loaded.save_pretrained(tmp)
 
 
-def check_destination(src: Path, out: Path, overwrite: bool) -> None:
-    src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r or src_r in out_r.parents:
-        raise LayerpruneError(f"output {out} must not be inside the input model {src}")
-    if out_r in src_r.parents:
-        raise LayerpruneError(f"output {out} holds the input model {src}; choose another folder")
-    check_not_existing(out, overwrite)
+def _prune_bin(src: Path, tmp: Path, removed: list[int]) -> None:
+    """A checkpoint without safetensors (pytorch_model.bin): load it (refusing missing or
+    unexpected weights), prune in memory, save as safetensors."""
+    prune_model(load_weights(src, dtype="auto"), removed).save_pretrained(tmp)
 
 
-def check_not_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise LayerpruneError(f"output folder {out} already exists; pass --overwrite to replace it")
-
-
-def prune_checkpoint(src: Path, out: Path, removed: list[int], record: dict[str, Any], overwrite: bool = False) -> Path:
-    """Write `src` without the `removed` layers to `out`: streamed safetensors, sliced config, side files."""
-    check_destination(src, out, overwrite)
-    config = json.loads((src / "config.json").read_text())
-    arch = find_architecture(config)
+def prune_checkpoint(
+    src: Path,
+    out: Path,
+    removed: list[int],
+    record: dict[str, Any],
+    overwrite: bool = False,
+    inputs: Iterable[Path] = (),
+) -> dict[str, Any]:
+    """Write `src` without the `removed` layers to `out`: streamed safetensors, sliced config, side
+    files, and `layerprune.json` (`record` plus the layers removed and kept, and `src`'s history),
+    which it returns."""
+    config, arch = read_config(src)
     num_layers = arch.num_layers(config)
-    removed = select_layers(num_layers, layers=removed, allow_final=True)
+    entries = tensor_entries(src)  # every header validated before anything is written
+    if entries:
+        check_layers(src, arch, num_layers, entries)
+    removed = check_removal(num_layers, removed, allow_final=True)
     keep = [i for i in range(num_layers) if i not in set(removed)]
-    with staged_folder(out) as tmp:
-        if shard_files(src):
-            expected = _write_weights(src, tmp, arch, set(removed))
+    plans, metadata = _plan(src, arch, set(removed))
+    needed = sum(entry.length for plan in plans for _, entry in plan)
+    with staged_output(out, overwrite=overwrite, inputs=[src, *inputs], needed_bytes=needed) as tmp:
+        if entries:
+            _write_weights(tmp, plans, metadata, set(removed))
             _write_config(src, tmp, config, keep, arch)
-            _check_output(arch, tmp, expected, len(keep))
-        else:  # no safetensors (e.g. pytorch_model.bin): load, prune in memory, save as safetensors
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto")
-            prune_model(model, removed).save_pretrained(tmp)
+            _check_output(arch, tmp, {new: (e.dtype, e.shape) for plan in plans for new, e in plan}, len(keep))
+        else:
+            _prune_bin(src, tmp, removed)
         _copy_side_files(src, tmp)
-        previous = src / RECORD_NAME
-        history = [json.loads(previous.read_text())] if previous.is_file() else []
+        previous = read_record(src)
         record = {
             **record,
             "num_layers_before": num_layers,
             "num_layers_after": len(keep),
             "removed_layers": removed,
             "kept_layers": keep,
-            "history": history,
+            "history": [previous] if previous else [],
         }
-        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
-    return out
-
-
-def prune(
-    model: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    layers: list[int] | str | None = None,
-    n: int | None = None,
-    fraction: float | None = None,
-    strategy: str = "angular",
-    analysis: AnalysisResult | str | os.PathLike[str] | None = None,
-    candidates: int = 5,
-    allow_final: bool = False,
-    overwrite: bool = False,
-    data: str | None = None,
-    samples: int = 64,
-    seq_len: int = 256,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> Path:
-    """Prune a model argument to a new checkpoint folder `out`; returns `out`.
-
-    `deepest` and explicit `layers` never load the model; `angular` and `bi` run `analyze`
-    first unless given an analysis (an AnalysisResult or a distances.json path); `loss`,
-    `angular-rerank` (its `candidates` best angular blocks) and `iterative` score removals by
-    calibration loss (see `selection`).
-    """
-    from . import __version__
-    from .models import resolve_model
-    from .selection import SELECTION_STRATEGIES
-
-    if strategy not in ALL_STRATEGIES:
-        raise LayerpruneError(f"unknown strategy {strategy!r}; choose one of {', '.join(ALL_STRATEGIES)}")
-    if sum(x is not None for x in (layers, n, fraction)) != 1:
-        raise LayerpruneError("give exactly one of layers, n or fraction")
-    out = Path(out)
-    src = resolve_model(model)
-    check_destination(src, out, overwrite)
-    config = json.loads((src / "config.json").read_text())
-    num_layers = find_architecture(config).num_layers(config)
-    if isinstance(analysis, (str, os.PathLike)):
-        analysis = AnalysisResult.load(analysis)
-    calibration = {"data": data, "samples": samples, "seq_len": seq_len, "batch_size": batch_size}
-    record: dict[str, Any] = {
-        "layerprune_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "source": str(model),
-        "source_path": str(src),
-        "strategy": "explicit" if layers is not None else strategy,
-    }
-    if layers is None:
-        count = _count_from(num_layers, n, fraction)  # refuse a bad n before any long computation
-        needs_analysis = strategy in ("angular", "bi", "angular-rerank")
-        if analysis is None and needs_analysis:
-            from .analysis import analyze
-
-            analysis = analyze(src, **calibration, progress=progress)
-        if strategy in SELECTION_STRATEGIES:
-            from .selection import select_with_data
-
-            selection = select_with_data(src, count, strategy, analysis, candidates, allow_final, **calibration)
-            layers = selection.removed
-            record["selection"] = {
-                "candidates": selection.candidates,
-                "forward_passes": selection.forward_passes,
-                "seconds": selection.seconds,
-                "calibration": calibration,
-            }
-        else:
-            layers = select_layers(num_layers, n=count, strategy=strategy, analysis=analysis, allow_final=allow_final)
-        if analysis is not None:
-            record.setdefault("selection", {}).update(
-                angular_distance_of_block=analysis.angular[count][layers[0]] if strategy == "angular" else None,
-                angular_distances_for_n=analysis.angular.get(count),
-                block_influence=analysis.block_influence,
-                analysis={k: getattr(analysis, k) for k in ("model", "data", "samples", "seq_len")},
-            )
-    removed = select_layers(num_layers, layers=layers, allow_final=allow_final)
-    return prune_checkpoint(src, out, removed, record, overwrite=overwrite)
+        write_record(tmp, record)
+    return record

@@ -25,8 +25,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
+from .analysis import AnalysisResult, analyze
+from .architectures import find_architecture
+from .checkpoint import check_destination
+from .config import flatten
+from .data import Calibration
+from .deployment import InferenceSettings, measure
 from .errors import LayerpruneError
-from .healing import HealConfig
+from .evaluation import DEFAULT_TASKS, check_tasks, evaluate
+from .healing import HealConfig, heal
+from .models import load_model, model_inputs, resolve_model
+from .pipeline import prune
+from .report import write_report
+from .scoring import calibration_batches
+from .strategies import MODEL, STRATEGIES, Request, get_strategy
+from .surgery import prune_model
 
 LOSS_COLUMNS = ("loss", "loss_stderr", "loss_normalized", "perplexity")
 RESULT_FIELDS = (
@@ -42,28 +56,35 @@ RESULT_FIELDS = (
     "seconds",
 )
 # a short generation per point: enough to rank decode speed, cheap beside the evaluation
-SPEED_SETTINGS = {"prompt_tokens": 64, "new_tokens": 16, "batch_size": 1, "repeats": 3, "warmup": 1}
+SPEED_SETTINGS = InferenceSettings(prompt_tokens=64, new_tokens=16, batch_size=1, repeats=3, warmup=1)
+
+
+def _strategy_names() -> tuple[str, ...]:
+    return tuple(STRATEGIES)
 
 
 @dataclass(frozen=True)
 class SweepConfig:
     """What to sweep and how to measure it."""
 
-    ns: tuple[int, ...] = field(default=(), metadata={"help": "Numbers of layers to remove (0 is the full model)."})
-    fractions: tuple[float, ...] = field(default=(), metadata={"help": "Or fractions of layers, in [0, 1)."})
-    strategies: tuple[str, ...] = field(default=("angular", "deepest"), metadata={"help": "Pruning strategies."})
+    ns: tuple[int, ...] = field(
+        default=(), metadata={"help": "Numbers of layers removed: 0,2,4,... (0: the full model).", "flag": "n"}
+    )
+    fractions: tuple[float, ...] = field(default=(), metadata={"help": "Or fractions of layers removed: 0,0.1,0.2,..."})
+    strategies: tuple[str, ...] = field(
+        default=("angular", "deepest"),
+        metadata={
+            "help": "Pruning strategies, comma-separated (see `layerprune strategies`).",
+            "choices": _strategy_names,
+        },
+    )
     heal: bool = field(default=True, metadata={"help": "Also heal every pruned point."})
-    heal_config: HealConfig = field(default_factory=HealConfig)
-    tasks: tuple[str, ...] = field(default=("sciq", "piqa", "arc_easy", "loss"), metadata={"help": "Tasks."})
+    heal_config: HealConfig = field(default_factory=HealConfig, metadata={"prefix": "heal_"})
+    tasks: tuple[str, ...] = field(default=DEFAULT_TASKS, metadata={"help": "Tasks, as in `evaluate`."})
     limit: int | None = field(default=100, metadata={"help": "Documents per task (None: all)."})
-    data: str = field(default="coqa", metadata={"help": "Calibration text for the analysis."})
-    samples: int = field(default=64, metadata={"help": "Calibration documents."})
-    seq_len: int = field(default=256, metadata={"help": "Calibration tokens per document."})
-    batch_size: int = field(default=8, metadata={"help": "Batch size of analysis and evaluation."})
+    calibration: Calibration = field(default_factory=Calibration)
 
     def __post_init__(self) -> None:
-        from .surgery import ALL_STRATEGIES as STRATEGIES
-
         if bool(self.ns) == bool(self.fractions):
             raise LayerpruneError("give exactly one of --n and --fractions")
         bad = [f for f in self.fractions if not 0 <= f < 1]
@@ -71,9 +92,10 @@ class SweepConfig:
             raise LayerpruneError(f"fractions must be in [0, 1), got {bad}")
         if any(n < 0 for n in self.ns):
             raise LayerpruneError(f"n must be 0 or more, got {list(self.ns)}")
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
-        if unknown or not self.strategies:
-            raise LayerpruneError(f"unknown strategy {unknown}; choose from {', '.join(STRATEGIES)}")
+        if not self.strategies:
+            raise LayerpruneError(f"no strategy given; choose from {', '.join(STRATEGIES)}")
+        for strategy in self.strategies:
+            get_strategy(strategy)
         if self.limit is not None and self.limit < 1:
             raise LayerpruneError(f"--limit must be at least 1, got {self.limit}")
 
@@ -90,7 +112,8 @@ class SweepConfig:
 
     def comparable(self) -> dict[str, Any]:
         """The settings that must match for results to be comparable (the points may grow)."""
-        raw = asdict(self)
+        raw = {k: v for k, v in flatten(self).items() if not k.startswith("heal_")}
+        raw["heal_config"] = asdict(self.heal_config)
         for key in ("ns", "fractions", "strategies"):
             raw.pop(key)
         raw["tasks"] = sorted(raw["tasks"])
@@ -135,10 +158,8 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _open_sweep(out: Path, model: str, config: SweepConfig) -> None:
-    from . import __version__
-
     record = out / "sweep.json"
-    settings = {"model": model, "settings": config.comparable()}
+    settings: dict[str, Any] = {"model": model, "settings": config.comparable()}
     if record.is_file():
         stored = json.loads(record.read_text())
         if {"model": stored["model"], "settings": stored["settings"]} != settings:
@@ -149,39 +170,38 @@ def _open_sweep(out: Path, model: str, config: SweepConfig) -> None:
                 f"{out} holds a sweep with other settings ({', '.join(changed)}); use another --out to keep them apart"
             )
     (out / "points").mkdir(parents=True, exist_ok=True)
-    _write_json(record, {**settings, "config": asdict(config), "layerprune_version": __version__})
+    _write_json(
+        record,
+        {**settings, "config": {**config.comparable(), **_points_settings(config)}, "layerprune_version": __version__},
+    )
+
+
+def _points_settings(config: SweepConfig) -> dict[str, Any]:
+    return {"ns": list(config.ns), "fractions": list(config.fractions), "strategies": list(config.strategies)}
 
 
 def _evaluate_point(model: Any, tokenizer: Any, config: SweepConfig) -> dict[str, Any]:
-    from .evaluation import evaluate
+    return evaluate(
+        model, config.tasks, limit=config.limit, batch_size=config.calibration.batch_size, tokenizer=tokenizer
+    )
 
-    return evaluate(model, list(config.tasks), limit=config.limit, batch_size=config.batch_size, tokenizer=tokenizer)
 
-
-def _removed_layers(point: Point, base: tuple[Any, Any], analysis: Any, config: SweepConfig, out: Path) -> list:
-    """The layers a strategy removes; loss-scored choices are stored in `selections/` (with their
-    cost) so healed points and reruns reuse them. `iterative` runs once, to the sweep's largest n:
-    its greedy path is nested, so every smaller n is a prefix of it."""
-    from .selection import SELECTION_STRATEGIES, calibration_batches, nested_prefix, select_by_loss
-    from .surgery import select_layers
-
-    if point.strategy not in SELECTION_STRATEGIES:
-        return select_layers(analysis.num_layers, n=point.n, strategy=point.strategy, analysis=analysis)
+def _removed_layers(point: Point, base: tuple[Any, Any], analysis: AnalysisResult, config: SweepConfig, out: Path):
+    """The layers a strategy removes at a point. Every strategy's choices are stored in
+    `selections/` (with what led to them), so healed points and reruns reuse them; a strategy
+    that answers several n from one run (`iterative`) is asked for all the sweep's n at once."""
     folder = out / "selections"
     stored = folder / f"{point.strategy}-n{point.n}.json"
     if not stored.is_file():
-        from .data import load_documents
-
-        counts = [n for n in config.counts(analysis.num_layers) if n]
-        n = max(counts) if point.strategy == "iterative" else point.n
-        documents = load_documents(config.data)
-        batches = calibration_batches(base[1], documents, config.samples, config.seq_len, config.batch_size)
-        selection = select_by_loss(base[0], batches, n, point.strategy, analysis)
-        answers = {k: nested_prefix(selection, k) for k in counts} if point.strategy == "iterative" else {n: selection}
+        strategy = get_strategy(point.strategy)
+        model, tokenizer = base
+        batches = calibration_batches(config.calibration, tokenizer) if MODEL in strategy.needs else None
+        request = Request(analysis.num_layers, point.n, analysis=analysis, model=model, batches=batches)
+        ns = [n for n in config.counts(analysis.num_layers) if n]
         folder.mkdir(parents=True, exist_ok=True)
-        for k, answer in answers.items():
-            if not (folder / f"{point.strategy}-n{k}.json").is_file():
-                _write_json(folder / f"{point.strategy}-n{k}.json", asdict(answer))
+        for n, choice in strategy.choose_many(request, ns).items():
+            if not (folder / f"{point.strategy}-n{n}.json").is_file():
+                _write_json(folder / f"{point.strategy}-n{n}.json", {"removed": choice.layers, **choice.provenance})
     return json.loads(stored.read_text())["removed"]
 
 
@@ -195,26 +215,19 @@ def _twin(out: Path, point: Point, removed: list[int]) -> dict[str, Any] | None:
 
 
 def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config: SweepConfig, work: Path) -> dict:
-    from .healing import heal
-    from .models import load_model
-    from .surgery import prune, prune_model
-
     model, tokenizer = base
-    num_layers = model.config.get_text_config().num_hidden_layers
+    num_layers = find_architecture(model.config).num_layers(model.config)
     started = time.perf_counter()
     if not point.healed:
         candidate = prune_model(copy.deepcopy(model), removed) if removed else model
         evaluated = _evaluate_point(candidate, tokenizer, config)
     else:
         pruned = prune(src, work / "pruned", layers=removed, overwrite=True)
-        healed = heal(pruned, work / "healed", config.heal_config)  # resumes if a killed run left checkpoints
-        candidate, tokenizer = load_model(healed)
+        healed = heal(pruned.path, work / "healed", config.heal_config)  # resumes if a killed run left checkpoints
+        candidate, tokenizer = load_model(healed.path)
         evaluated = _evaluate_point(candidate, tokenizer, config)
-        evaluated["healing"] = json.loads((healed / "layerprune.json").read_text())["healing"]
-        evaluated["healing"].pop("curve", None)
-    from .deployment import InferenceSettings, measure
-
-    speed = measure(candidate, InferenceSettings(**SPEED_SETTINGS))["decode_tokens_per_s"]["median"]
+        evaluated["healing"] = {k: v for k, v in healed.healing.items() if k != "curve"}
+    speed = measure(candidate, SPEED_SETTINGS)["decode_tokens_per_s"]["median"]
     return {
         "strategy": point.strategy,
         "n": point.n,
@@ -234,34 +247,23 @@ def run_sweep(model: str | Path, out: str | Path, config: SweepConfig, progress:
     """Run (or resume) a sweep into `out`; writes results.json, results.csv and report.html."""
     from tqdm.auto import tqdm
 
-    from .analysis import AnalysisResult, analyze
-    from .models import load_model, resolve_model
-    from .report import write_report
-
     out = Path(out)
+    inputs = model_inputs(model)
+    check_destination(out, inputs, overwrite=False, resume="sweep.json")
     src = resolve_model(model)
-    from .evaluation import check_tasks
-
+    check_destination(out, [src], overwrite=False, resume="sweep.json")
     check_tasks(list(config.tasks))
     out.mkdir(parents=True, exist_ok=True)
     _open_sweep(out, str(model), config)
     base = load_model(src)
-    num_layers = base[0].config.get_text_config().num_hidden_layers
+    num_layers = find_architecture(base[0].config).num_layers(base[0].config)
     points = plan(config, num_layers)
     distances = out / "analysis" / "distances.json"
     if distances.is_file():
         analysis = AnalysisResult.load(distances)
     else:
-        analysis = analyze(
-            base[0],
-            tokenizer=base[1],
-            data=config.data,
-            samples=config.samples,
-            seq_len=config.seq_len,
-            batch_size=config.batch_size,
-            progress=progress,
-        )
-        analysis.save(out / "analysis")
+        analysis = analyze(base[0], config.calibration, tokenizer=base[1], progress=progress)
+        analysis.save(out / "analysis", overwrite=True)
     missing = [p for p in points if not (out / "points" / f"{p.key}.json").is_file()]
     bar = tqdm(total=len(points), initial=len(points) - len(missing), desc="sweep", unit="point", disable=not progress)
     for point in missing:

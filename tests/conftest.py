@@ -121,3 +121,64 @@ def gemma3() -> Path:
     from layerprune.models import resolve_model
 
     return resolve_model("gemma3-270m")
+
+
+def sweep_config(text, **changes):
+    """A sweep small enough for a test: 3 points per strategy, 2 healing steps, 6 documents per task."""
+    from layerprune.config import build
+    from layerprune.healing import HealConfig
+    from layerprune.sweep import SweepConfig
+
+    heal = HealConfig(steps=2, batch_size=2, grad_accum=1, seq_len=32, data=str(text), quant=False)
+    settings = dict(
+        ns=(0, 1, 2),
+        strategies=("angular", "deepest"),
+        heal=True,
+        heal_config=heal,
+        tasks=("arc_easy", "loss"),
+        limit=6,
+        data=str(text),
+        samples=8,
+        seq_len=32,
+    )
+    return build(SweepConfig, {**settings, **changes})
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """A tiny base model and a text to calibrate and heal on, for sweeps."""
+    root = tmp_path_factory.mktemp("sweep")
+    base = save_tiny(tiny_model("qwen3", seed=2), root / "base")
+    text = root / "text.txt"
+    text.write_text("\n\n".join(f"Story {i}. The cat sat on the mat and looked at the dog. " * 3 for i in range(40)))
+    return base, text
+
+
+@pytest.fixture(scope="session")
+def finished(setup, tmp_path_factory):
+    """A finished sweep of the tiny model, shared by the sweep and report tests."""
+    from layerprune.sweep import run_sweep
+
+    base, text = setup
+    out = tmp_path_factory.mktemp("run") / "sweep"
+    run_sweep(base, out, sweep_config(text), progress=False)
+    return out
+
+
+HEAL_TEXT = "\n\n".join(
+    f"Story {i}. The little cat sat on the warm mat while the old dog slept by the door. " * 2 for i in range(60)
+)
+
+
+@pytest.fixture
+def base(tmp_path):
+    """A tiny Llama checkpoint to heal."""
+    return save_tiny(tiny_model("llama", seed=1), tmp_path / "base")
+
+
+@pytest.fixture
+def text(tmp_path):
+    """Text to heal on."""
+    path = tmp_path / "heal.txt"
+    path.write_text(HEAL_TEXT)
+    return path

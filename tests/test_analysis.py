@@ -2,12 +2,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import save_tiny, tiny_model, tiny_tokenizer
 from reference import direct_tables
 
 from layerprune.analysis import AnalysisResult, analyze, measure
 from layerprune.data import token_batches
-from layerprune.errors import LayerpruneError
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -87,24 +86,14 @@ def test_identity_layers_have_zero_distance():
     assert min(angular[1][:2] + angular[1][3:]) > 0.01
 
 
-def test_hub_dataset_names_are_streamed(monkeypatch):
-    import datasets
+def test_offload_is_chosen_when_the_model_would_not_fit(tmp_path, monkeypatch, capsys):
+    import layerprune.memory as memory
 
-    from layerprune.data import load_documents
-
-    calls = []
-
-    def fake_load_dataset(path, config, split, streaming):
-        calls.append((path, config, split, streaming))
-        return iter([{"text": "first document"}, {"text": ""}, {"text": "second document"}])
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    assert load_documents("allenai/c4:en") == ["first document", "second document"]
-    assert calls == [("allenai/c4", "en", "train", True)]
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("offline")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(LayerpruneError, match="hub dataset could not be streamed"):
-        load_documents("someone/corpus")
+    src = save_tiny(tiny_model("llama"), tmp_path / "model")
+    data = tmp_path / "calib.txt"
+    data.write_text("\n\n".join(DOCS))
+    monkeypatch.setattr(memory, "memory_available", lambda: 100_000)  # less than the tiny model's weights
+    result = analyze(src, data=data, samples=4, seq_len=32, progress=False)
+    assert result.extra == {"offload": True} and "one layer at a time (--offload)" in capsys.readouterr().out
+    monkeypatch.setattr(memory, "memory_available", lambda: 2**40)
+    assert analyze(src, data=data, samples=4, seq_len=32, progress=False).extra == {"offload": False}

@@ -1,9 +1,12 @@
 """The command line: real runs on tiny checkpoints, and one-line errors for bad input."""
 
 import json
+import subprocess
+import sys
 
 import pytest
-from conftest import folder_digest, save_tiny, tiny_model
+from conftest import folder_digest, save_tiny, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from layerprune.cli import app
@@ -114,3 +117,88 @@ def test_missing_model_and_unsupported_family_are_refused(tmp_path):
     result = run("prune", bert, "--out", tmp_path / "out", "--n", 1, "--strategy", "deepest")
     assert_one_line_error(result, "unsupported architecture", "llama", "gpt2")
     assert not (tmp_path / "out").exists()
+
+
+def test_disk_prune_imports_neither_torch_nor_transformers(tmp_path):
+    """config.json is edited as JSON: the start-up of torch and transformers is most of a small prune's time."""
+    src = save_tiny(tiny_model("gemma3_text"), tmp_path / "src")
+    out = str(tmp_path / "out")
+    command = [sys.executable, "-X", "importtime", "-m", "layerprune", "prune", str(src), "--n", "2", "--out", out]
+    done = subprocess.run([*command, "--strategy", "deepest"], capture_output=True, text=True, check=True)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "layerprune.surgery" in imported and not {"torch", "transformers"} & imported
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").config
+    assert loaded.num_hidden_layers == 4
+    assert loaded.layer_types == [tiny_config("gemma3_text").layer_types[i] for i in (0, 1, 2, 5)]
+
+
+def test_a_bug_is_one_line_with_exit_2_and_a_traceback_only_when_debugging(checkpoint, tmp_path, monkeypatch):
+    import layerprune.pipeline
+
+    def broken(*args, **kwargs):
+        raise TypeError("an internal mistake\nwith a second line")
+
+    monkeypatch.setattr(layerprune.pipeline, "choose_layers", broken)
+    args = ["prune", checkpoint, "--out", tmp_path / "out", "--n", 1, "--strategy", "deepest"]
+    result = run(*args)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "internal error, a bug in layerprune: TypeError: an internal mistake" in result.stderr
+    assert "LAYERPRUNE_DEBUG=1" in result.stderr and "Traceback" not in result.output
+    monkeypatch.setenv("LAYERPRUNE_DEBUG", "1")
+    debug = run(*args)
+    assert isinstance(debug.exception, TypeError)  # raised through: the traceback is shown
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_layer_named_twice_is_a_one_line_warning_after_success(checkpoint, tmp_path):
+    result = run("prune", checkpoint, "--out", tmp_path / "out", "--layers", "1-2,2")
+    assert result.exit_code == 0
+    assert result.stderr.strip() == "warning: layers '1-2,2' name some layer twice; each is removed once"
+    assert "removed 2 of 6 layers (explicit): [1, 2]" in result.stdout
+
+
+def test_analyze_into_an_existing_file_or_folder_is_refused(checkpoint, tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    result = run("analyze", checkpoint, "--out", tmp_path / "taken", "--samples", 2)
+    assert_one_line_error(result, "exists and is not a folder")
+    (tmp_path / "done").mkdir()
+    result = run("analyze", checkpoint, "--out", tmp_path / "done", "--samples", 2)
+    assert_one_line_error(result, "already exists", "--overwrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "taken"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        (lambda raw: raw["angular"]["2"].pop(), "row n = 2 of the angular table should have 5 distances"),
+        (lambda raw: raw["block_influence"].pop(), "Block Influence should have 6 values"),
+        (lambda raw: raw.pop("angular"), "KeyError"),
+    ],
+)
+def test_a_damaged_analysis_file_is_refused_in_one_line(checkpoint, tmp_path, damage, fragment):
+    out = tmp_path / "an"
+    assert run("analyze", checkpoint, "--out", out, "--samples", 2, "--seq-len", 16).exit_code == 0
+    raw = json.loads((out / "distances.json").read_text())
+    damage(raw)
+    (out / "distances.json").write_text(json.dumps(raw))
+    result = run("prune", checkpoint, "--out", tmp_path / "p", "--n", 2, "--analysis", out / "distances.json")
+    assert_one_line_error(result, "is not a layerprune distances.json", fragment)
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
+def test_a_stopped_prune_leaves_nothing(checkpoint, tmp_path, signal_name):
+    """A scheduler's SIGTERM and a closed terminal's SIGHUP clean up like Ctrl-C."""
+    script = f"""
+import os, signal, sys
+import layerprune.surgery as surgery
+def stop(*args):
+    os.kill(os.getpid(), signal.{signal_name})
+surgery.write_shard = stop
+from layerprune.cli import main
+sys.argv = ["layerprune", "prune", {str(checkpoint)!r}, "--out", {str(tmp_path / "out")!r}, "--layers", "1"]
+main()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 130 and done.stderr.strip().endswith("interrupted"), done.stderr
+    assert list(tmp_path.iterdir()) == []

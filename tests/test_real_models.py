@@ -51,7 +51,7 @@ def test_real_disk_prune_equals_in_memory_prune_and_generates(real, tmp_path):
     before = folder_digest(path)
     num_layers = model.config.num_hidden_layers
     removed = list(range(num_layers // 3, num_layers // 3 + num_layers // 4))  # holds a Gemma3 full-attention layer
-    out = prune(path, tmp_path / "pruned", layers=removed)
+    out = prune(path, tmp_path / "pruned", layers=removed).path
     assert folder_digest(path) == before
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     in_memory = prune_model(copy.deepcopy(model), removed)

@@ -1,6 +1,7 @@
 """Analysis one layer at a time (--offload) gives the in-memory results, within a memory budget."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 from conftest import save_tiny, tiny_model, tiny_tokenizer
 
 from layerprune.analysis import analyze, measure
+from layerprune.checkpoint import WRITER_NAME, scratch_folder
 from layerprune.data import token_batches
 from layerprune.errors import LayerpruneError
 from layerprune.streaming import SPILL_PREFIX, measure_streaming, remove_stale_spills
@@ -71,14 +73,14 @@ import layerprune.streaming as streaming
 from layerprune.analysis import analyze
 from layerprune.cli import _terminate
 signal.signal(signal.SIGTERM, _terminate)  # as the CLI's entry point does
-calls, real = [], streaming._run_layers
+calls, real = [], streaming.run_layers
 def run(*args):
     calls.append(1)
     if len(calls) == 8:  # mid-analysis, with states spilled
         print("spilled", len(glob.glob(tempfile.gettempdir() + "/{SPILL_PREFIX}*")))
         os.kill(os.getpid(), signal.SIGTERM)
     return real(*args)
-streaming._run_layers = run
+streaming.run_layers = run
 try:
     analyze({str(src)!r}, data={str(data)!r}, samples=4, seq_len=32, batch_size=1, offload=True,
             memory_budget_mb=0.15, progress=False)
@@ -96,41 +98,14 @@ except KeyboardInterrupt:
 
 def test_spills_of_killed_runs_are_removed_by_the_next_run(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    dead = tmp_path / f"{SPILL_PREFIX}999999999-abc"  # no such process: killed with SIGKILL
-    alive = tmp_path / f"{SPILL_PREFIX}{os.getpid()}-def"  # a run still going
+    alive = scratch_folder(tmp_path, SPILL_PREFIX)  # a run still going: this one
+    dead = scratch_folder(tmp_path, SPILL_PREFIX)
+    record = json.loads((dead / WRITER_NAME).read_text())
+    (dead / WRITER_NAME).write_text(json.dumps({**record, "pid": 999999999}))  # no such process: killed with SIGKILL
     for folder in (dead, alive):
-        folder.mkdir()
         (folder / "0.pt").write_bytes(b"state")
     assert remove_stale_spills() == [dead]
     assert not dead.exists() and alive.exists()
-
-
-def test_offload_is_chosen_when_the_model_would_not_fit(tmp_path, monkeypatch, capsys):
-    import layerprune.analysis as analysis
-
-    src = save_tiny(tiny_model("llama"), tmp_path / "model")
-    data = tmp_path / "calib.txt"
-    data.write_text("\n\n".join(DOCS))
-    monkeypatch.setattr(analysis, "memory_available", lambda: 100_000)  # less than the tiny model's weights
-    result = analyze(src, data=data, samples=4, seq_len=32, progress=False)
-    assert result.extra == {"offload": True} and "one layer at a time (--offload)" in capsys.readouterr().out
-    monkeypatch.setattr(analysis, "memory_available", lambda: 2**40)
-    assert analyze(src, data=data, samples=4, seq_len=32, progress=False).extra == {"offload": False}
-
-
-@pytest.mark.parametrize("version", [1, 2])
-def test_memory_limits_are_read_from_the_cgroup_and_its_parents(tmp_path, version):
-    from layerprune.analysis import cgroup_limits
-
-    proc = tmp_path / "cgroup"
-    root = tmp_path / "sys" / ("memory" if version == 1 else "")
-    name = "memory.limit_in_bytes" if version == 1 else "memory.max"
-    proc.write_text("4:memory:/job/step\n" if version == 1 else "0::/job/step\n")
-    (root / "job" / "step").mkdir(parents=True)
-    (root / "job" / "step" / name).write_text("max\n" if version == 2 else "9223372036854771712\n")
-    (root / "job" / name).write_text("3221225472\n")
-    assert cgroup_limits(proc, tmp_path / "sys") == [3 * 2**30]
-    assert cgroup_limits(tmp_path / "missing", tmp_path / "sys") == []
 
 
 def test_only_the_embedding_rows_the_data_uses_are_read(tmp_path):

@@ -1,7 +1,7 @@
-"""Choose the layers to remove by what their removal costs: next-token loss on calibration data.
+"""Score removals by what they cost: next-token loss on calibration data, searched efficiently.
 
-Angular distance only stands in for the model's quality after removal; these strategies measure
-it directly (beyond Gromov et al. 2024):
+Angular distance only stands in for the model's quality after removal; these searches measure
+it directly (beyond Gromov et al. 2024), for the strategies of the same names:
 
 - `loss`: exact search over every contiguous block of n layers for the lowest calibration loss.
 - `angular-rerank`: the k blocks of smallest angular distance, re-ranked by calibration loss.
@@ -18,15 +18,15 @@ the L+1 residual states of one calibration batch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .architectures import find_architecture
+from .data import Calibration
 from .errors import LayerpruneError
-from .surgery import layers_swapped, running_from
-
-SELECTION_STRATEGIES = ("loss", "angular-rerank", "iterative")
+from .residual import layers_swapped, next_token_losses, running_from, stream_modules, watching
 
 
 @dataclass(frozen=True)
@@ -58,20 +58,12 @@ class _Scorer:
         import torch
 
         states: list[Any] = []
-        modules = [self.arch.layer_list(self.model)[i] for i in keep]
-        modules.append(self.model.get_submodule(self.arch.final_norm))
-        hooks = [
-            m.register_forward_pre_hook(
-                lambda mod, args, kw: states.append(args[0] if args else kw["hidden_states"]), with_kwargs=True
-            )
-            for m in modules
-        ]
-        try:
-            with torch.inference_mode(), layers_swapped(self.model, self.arch, keep):
-                self.model.base_model(**batch, use_cache=False)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        with (
+            watching(stream_modules(self.model, self.arch, keep), lambda _, resid: states.append(resid)),
+            torch.inference_mode(),
+            layers_swapped(self.model, self.arch, keep),
+        ):
+            self.model.base_model(**self._on_device(batch), use_cache=False)
         self.work += sum(self.layer_cost[i] for i in keep)
         return states
 
@@ -79,13 +71,16 @@ class _Scorer:
         """Summed next-token loss, running only `suffix` layers from a recorded state."""
         import torch
 
+        batch = self._on_device(batch)
         with torch.inference_mode(), running_from(self.model, self.arch, suffix, start_state):
-            logits = self.model(**batch, use_cache=False).logits[:, :-1].float()
+            losses, mask = next_token_losses(self.model(**batch, use_cache=False).logits, batch)
         self.work += sum(self.layer_cost[i] for i in suffix) + self.head_cost
-        targets = batch["input_ids"][:, 1:]
-        mask = batch["attention_mask"][:, 1:].bool()
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         return float(losses[mask].sum()), int(mask.sum())
+
+    def _on_device(self, batch: dict) -> dict:
+        """The batch where the model's embeddings are (a dispatched model moves it on from there)."""
+        device = self.model.get_input_embeddings().weight.device
+        return {k: v.to(device) for k, v in batch.items()}
 
     def score(self, kept: Sequence[int], candidates: list[list[int]]) -> list[float]:
         """Mean calibration loss of the model reduced to `kept`, minus each candidate set of layers."""
@@ -122,7 +117,6 @@ def select_by_loss(
     allow_final: bool = False,
 ) -> Selection:
     """Choose n layers by calibration loss with `strategy` (see the module docstring)."""
-    import time
 
     started = time.perf_counter()
     scorer = _Scorer(model, batches)
@@ -143,9 +137,9 @@ def select_by_loss(
         removed, rounds = _iterative(scorer, n, allow_final, started)
         return Selection(removed, rounds, scorer.forward_passes, round(time.perf_counter() - started, 2))
     else:
-        raise LayerpruneError(f"unknown strategy {strategy!r}; choose from {', '.join(SELECTION_STRATEGIES)}")
+        raise LayerpruneError(f"unknown loss search {strategy!r}; choose from loss, angular-rerank, iterative")
     losses = scorer.score(every, pool)
-    scored = [{"layers": block, "loss": loss} for block, loss in zip(pool, losses, strict=True)]
+    scored: list[dict[str, Any]] = [{"layers": block, "loss": loss} for block, loss in zip(pool, losses, strict=True)]
     best = min(scored, key=lambda c: c["loss"])
     return Selection(best["layers"], scored, scorer.forward_passes, round(time.perf_counter() - started, 2))
 
@@ -153,7 +147,6 @@ def select_by_loss(
 def _iterative(scorer: _Scorer, n: int, allow_final: bool, started: float) -> tuple[list[int], list[dict]]:
     """Greedy removal; round k records the k layers removed so far and its cumulative cost, so the
     first k rounds are the whole answer for n = k (the path is nested)."""
-    import time
 
     kept = list(range(scorer.num_layers))
     final = scorer.num_layers - 1
@@ -181,45 +174,12 @@ def nested_prefix(selection: Selection, n: int) -> Selection:
     return Selection(rounds[-1]["layers"], rounds, rounds[-1]["forward_passes"], rounds[-1]["seconds"])
 
 
-def calibration_batches(tokenizer: Any, documents: list[str], samples: int, seq_len: int, batch_size: int) -> list:
-    """`token_batches`, refusing data shorter than one full sequence: too little to score blocks."""
-    from .data import token_batches
-
-    batches = token_batches(tokenizer, documents, samples, seq_len, batch_size)
-    if sum(int(b["attention_mask"].sum()) for b in batches) < seq_len:
+def calibration_batches(calibration: Calibration, tokenizer: Any, documents: list[str] | None = None) -> list[dict]:
+    """The calibration batches, refusing data shorter than one full sequence: too little to score blocks."""
+    batches = calibration.batches(tokenizer, documents)
+    if sum(int(b["attention_mask"].sum()) for b in batches) < calibration.seq_len:
         raise LayerpruneError(
-            f"calibration data is too small to score blocks: fewer than one full sequence of {seq_len} tokens"
+            "calibration data is too small to score blocks: fewer than one full sequence of "
+            f"{calibration.seq_len} tokens"
         )
     return batches
-
-
-def select_with_data(
-    model: Any,
-    n: int,
-    strategy: str,
-    analysis: Any = None,
-    candidates: int = 5,
-    allow_final: bool = False,
-    *,
-    data: str | None = None,
-    samples: int = 64,
-    seq_len: int = 256,
-    batch_size: int = 8,
-) -> Selection:
-    """Load a model argument and its calibration data, then `select_by_loss`."""
-    from .analysis import fits_in_memory, fp32_bytes, memory_available
-    from .data import DEFAULT_CALIBRATION, load_documents
-    from .models import load_model, resolve_model
-
-    data = data or DEFAULT_CALIBRATION
-    documents = load_documents(data)
-    path = resolve_model(model)
-    if not fits_in_memory(path):
-        raise LayerpruneError(
-            f"strategy {strategy} scores blocks with the whole model in memory, and its fp32 weights "
-            f"({fp32_bytes(path) / 2**30:.1f} GiB) would not fit in the {memory_available() / 2**30:.1f} GiB "
-            "available; use angular or bi (their analysis runs one layer at a time) or deepest"
-        )
-    loaded, tokenizer = load_model(path)
-    batches = calibration_batches(tokenizer, documents, samples, seq_len, batch_size)
-    return select_by_loss(loaded, batches, n, strategy, analysis, candidates, allow_final)

@@ -13,8 +13,9 @@ from layerprune.analysis import measure
 from layerprune.architectures import find_architecture
 from layerprune.data import token_batches
 from layerprune.errors import LayerpruneError
-from layerprune.selection import nested_prefix, select_by_loss
-from layerprune.surgery import prune, prune_model
+from layerprune.pipeline import prune
+from layerprune.scoring import nested_prefix, select_by_loss
+from layerprune.surgery import prune_model
 
 DOCS = [f"Calibration text number {i}: the quick brown fox jumps over the lazy dog again." for i in range(6)]
 
@@ -76,7 +77,7 @@ def test_iterative_removes_greedily_and_gives_a_valid_noncontiguous_checkpoint(t
     assert selection.candidates[0]["layers"] == [first]
     assert len(selection.removed) == 3 and 5 not in selection.removed
     src = save_tiny(model, tmp_path / "src")
-    out = prune(src, tmp_path / "out", layers=selection.removed)
+    out = prune(src, tmp_path / "out", layers=selection.removed).path
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.arange(3, 20).unsqueeze(0)
     with torch.no_grad():
@@ -94,33 +95,3 @@ def test_iterative_path_is_nested_so_a_smaller_n_is_its_prefix():
     prefix = nested_prefix(longer, 2)
     assert prefix.removed == shorter.removed and prefix.candidates == longer.candidates[:2]
     assert 0 < prefix.forward_passes == shorter.forward_passes < longer.forward_passes
-
-
-def test_prune_with_a_loss_strategy_records_every_candidate(tmp_path):
-    src = save_tiny(tiny_model("llama", seed=7), tmp_path / "src")
-    data = tmp_path / "calib.txt"
-    data.write_text("\n\n".join(DOCS))
-    out = prune(src, tmp_path / "out", n=2, strategy="loss", data=str(data), samples=6, seq_len=40, progress=False)
-    record = json.loads((out / "layerprune.json").read_text())
-    scored = record["selection"]["candidates"]
-    assert len(scored) == 4 and record["removed_layers"] == min(scored, key=lambda c: c["loss"])["layers"]
-    assert record["selection"]["forward_passes"] > 0
-
-
-def test_too_little_calibration_data_is_refused(tmp_path):
-    src = save_tiny(tiny_model("llama"), tmp_path / "src")
-    data = tmp_path / "tiny.txt"
-    data.write_text("too short")
-    with pytest.raises(LayerpruneError, match="too small to score blocks"):
-        prune(src, tmp_path / "out", n=2, strategy="loss", data=str(data), seq_len=64, progress=False)
-    assert not (tmp_path / "out").exists()
-
-
-def test_loss_strategies_say_when_the_model_would_not_fit_in_memory(tmp_path, monkeypatch):
-    import layerprune.analysis
-
-    src = save_tiny(tiny_model("llama"), tmp_path / "src")
-    monkeypatch.setattr(layerprune.analysis, "memory_available", lambda: 10_000)
-    with pytest.raises(LayerpruneError, match="whole model in memory.*use angular or bi"):
-        prune(src, tmp_path / "out", n=2, strategy="loss", progress=False)
-    assert not (tmp_path / "out").exists()

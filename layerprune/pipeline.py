@@ -1,0 +1,195 @@
+"""Recipes over the components: choose layers then cut them, prune then heal, then quantize.
+
+    prune:          strategy.choose(...) -> surgery.prune_checkpoint(...)
+    prune_and_heal: prune into the heal's work folder -> heal into the output
+    then_quantize:  any of the above into a staging folder -> its quantized form into the output
+
+Each returns a result object holding the folder written and its `layerprune.json` record.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .analysis import AnalysisResult, analyze
+from .checkpoint import Written, check_destination, read_config, read_record, write_record
+from .config import build
+from .data import Calibration
+from .deployment import export_quantized
+from .errors import LayerpruneError
+from .healing import HealConfig, HealResult, heal, heal_work_dir
+from .memory import fits_in_memory, fp32_bytes, memory_available
+from .models import ModelSpec, check_quantization, load_model, model_inputs, resolve_model
+from .scoring import calibration_batches
+from .strategies import ANALYSIS, MODEL, STRATEGIES, Request, get_strategy, layer_count
+from .surgery import check_removal, parse_layers, prune_checkpoint
+
+
+def _strategy_names() -> tuple[str, ...]:
+    return tuple(STRATEGIES)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Which layers to remove: given explicitly, or how many and by which strategy."""
+
+    layers: str | None = field(default=None, metadata={"help": "Layers to remove: 20-27 or 3,5,7-9."})
+    n: int | None = field(default=None, metadata={"help": "Number of layers to remove."})
+    fraction: float | None = field(default=None, metadata={"help": "Fraction of layers to remove."})
+    strategy: str = field(
+        default="angular",
+        metadata={"help": "How to choose them (see `layerprune strategies`).", "choices": _strategy_names},
+    )
+    candidates: int = field(default=5, metadata={"help": "angular-rerank: blocks re-scored by loss."})
+    seed: int = field(default=0, metadata={"help": "Seed of strategies that draw at random."})
+    allow_final: bool = field(default=False, metadata={"help": "Allow removing the final layer."})
+    calibration: Calibration = field(default_factory=Calibration)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, (list, tuple)):  # the API also takes a list of layer indices
+            object.__setattr__(self, "layers", ",".join(map(str, self.layers)))
+        get_strategy(self.strategy)
+        if sum(x is not None for x in (self.layers, self.n, self.fraction)) != 1:
+            raise LayerpruneError("give exactly one of layers, n or fraction")
+        if self.fraction is not None and not 0 < self.fraction < 1:
+            raise LayerpruneError(f"fraction must be in (0, 1), got {self.fraction}")
+        if self.candidates < 1:
+            raise LayerpruneError(f"--candidates must be at least 1, got {self.candidates}")
+
+
+class PruneResult(Written):
+    """A pruned checkpoint: its folder and the `layerprune.json` written there."""
+
+    @property
+    def removed(self) -> list[int]:
+        return self.record["removed_layers"]
+
+
+def choose_layers(
+    src: Path, config: PruneConfig, analysis: AnalysisResult | None = None, progress: bool = True
+) -> tuple[list[int], dict[str, Any]]:
+    """The layers `config` removes from the checkpoint at `src`, and what led to them."""
+    raw, arch = read_config(src)
+    num_layers = arch.num_layers(raw)
+    if config.layers is not None:
+        return check_removal(num_layers, parse_layers(config.layers, num_layers), config.allow_final), {}
+    count = layer_count(num_layers, config.n, config.fraction)  # refuse a bad n before any long work
+    strategy = get_strategy(config.strategy)
+    if ANALYSIS in strategy.needs and analysis is None:
+        analysis = analyze(src, config.calibration, progress=progress)
+    model = batches = None
+    if MODEL in strategy.needs:
+        if not fits_in_memory(src):
+            raise LayerpruneError(
+                f"strategy {strategy.name} scores blocks with the whole model in memory, and its fp32 weights "
+                f"({fp32_bytes(src) / 2**30:.1f} GiB) would not fit in the {memory_available() / 2**30:.1f} GiB "
+                "available; use angular or bi (their analysis runs one layer at a time) or deepest"
+            )
+        documents = config.calibration.documents()
+        model, tokenizer = load_model(src)
+        batches = calibration_batches(config.calibration, tokenizer, documents)
+    request = Request(num_layers, count, config.allow_final, analysis, model, batches, config.candidates, config.seed)
+    choice = strategy.choose(request)
+    selection = dict(choice.provenance)
+    if MODEL in strategy.needs:
+        selection["calibration"] = asdict(config.calibration)
+    if analysis is not None:
+        selection.update(
+            angular_distances_for_n=analysis.angular.get(count),
+            block_influence=analysis.block_influence,
+            analysis={k: getattr(analysis, k) for k in ("model", "data", "samples", "seq_len")},
+        )
+    return check_removal(num_layers, choice.layers, config.allow_final), selection
+
+
+def prune(
+    model: ModelSpec,
+    out: str | os.PathLike[str],
+    config: PruneConfig | None = None,
+    *,
+    analysis: AnalysisResult | str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> PruneResult:
+    """Prune a model argument to a new checkpoint folder `out`.
+
+    The settings are `config`, or `PruneConfig`'s fields as keywords (`n=8, strategy="loss",
+    samples=32`, ...). `deepest` and explicit `layers` never load the model; strategies that
+    need the analysis run `analyze` first unless given one (an AnalysisResult or a
+    distances.json path); the loss-scored ones load the model and calibration data.
+    """
+    config = config or build(PruneConfig, settings)
+    out = Path(out)
+    inputs = model_inputs(model)
+    check_destination(out, inputs, overwrite)  # before any long work; checked again when written
+    src = resolve_model(model)
+    if isinstance(analysis, (str, os.PathLike)):
+        analysis = AnalysisResult.load(analysis)
+    removed, selection = choose_layers(src, config, analysis, progress)
+    record: dict[str, Any] = {
+        "layerprune_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": str(model),
+        "source_path": str(src),
+        "strategy": "explicit" if config.layers is not None else config.strategy,
+    }
+    if selection:
+        record["selection"] = selection
+    written = prune_checkpoint(src, out, removed, record, overwrite=overwrite, inputs=inputs)
+    return PruneResult(out, written)
+
+
+def prune_and_heal(
+    model: ModelSpec,
+    out: str | os.PathLike[str],
+    config: PruneConfig | None = None,
+    heal_config: HealConfig | None = None,
+    *,
+    analysis: AnalysisResult | str | os.PathLike[str] | None = None,
+    save_adapter: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **settings: Any,
+) -> HealResult:
+    """Prune (see `prune`) into the heal's work folder beside `out`, then heal that into `out`.
+
+    Run again after an interruption, the prune is redone (it is deterministic) and the heal resumes.
+    """
+    config = config or build(PruneConfig, settings)
+    out = Path(out)
+    check_destination(out, model_inputs(model), overwrite)
+    work = heal_work_dir(out)
+    if overwrite:
+        shutil.rmtree(work, ignore_errors=True)
+    base = prune(model, work / "base", config, analysis=analysis, overwrite=True, progress=progress)
+    return heal(base.path, out, heal_config, save_adapter=save_adapter, overwrite=overwrite, restart=False)
+
+
+def then_quantize(
+    out: str | os.PathLike[str], scheme: str, make: Callable[[Path], Any], overwrite: bool = False
+) -> Written:
+    """Run `make(staging)` (a prune or a heal) into a staging folder beside `out`, then write its
+    quantized form to `out` (`prune/heal --quantize`). The same command rerun redoes `make`
+    there (a heal resumes from its own work folder)."""
+    check_quantization(scheme)
+    out = Path(out)
+    check_destination(out, [], overwrite)
+    staging = out.parent / f".{out.name}.unquantized"
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run; a heal's resumable work is kept apart
+    try:
+        made = make(staging)
+        export_quantized(made.path, out, scheme, overwrite=overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    record = read_record(out) or {}
+    del record["quantization"]["source"]  # the staging folder, now gone: the record's history says the rest
+    write_record(out, record)
+    return Written(out, record)

@@ -1,0 +1,32 @@
+"""How much memory there is: the kernel's figure, or a smaller cgroup limit."""
+
+import pytest
+from conftest import save_tiny, tiny_model
+
+import layerprune.memory as memory
+from layerprune.memory import fits_in_memory, fp32_bytes
+
+
+def test_a_models_size_comes_from_its_headers_and_decides_whether_it_fits(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    src = save_tiny(model, tmp_path / "model", shard_size="60KB")
+    assert fp32_bytes(src) == sum(p.numel() * 4 for p in model.state_dict().values())
+    monkeypatch.setattr(memory, "memory_available", lambda: int(fp32_bytes(src) / memory.FIT_SHARE) + 1)
+    assert fits_in_memory(src)
+    monkeypatch.setattr(memory, "memory_available", lambda: int(fp32_bytes(src) / memory.FIT_SHARE) - 1000)
+    assert not fits_in_memory(src)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_memory_limits_are_read_from_the_cgroup_and_its_parents(tmp_path, version):
+    from layerprune.memory import cgroup_limits
+
+    proc = tmp_path / "cgroup"
+    root = tmp_path / "sys" / ("memory" if version == 1 else "")
+    name = "memory.limit_in_bytes" if version == 1 else "memory.max"
+    proc.write_text("4:memory:/job/step\n" if version == 1 else "0::/job/step\n")
+    (root / "job" / "step").mkdir(parents=True)
+    (root / "job" / "step" / name).write_text("max\n" if version == 2 else "9223372036854771712\n")
+    (root / "job" / name).write_text("3221225472\n")
+    assert cgroup_limits(proc, tmp_path / "sys") == [3 * 2**30]
+    assert cgroup_limits(tmp_path / "missing", tmp_path / "sys") == []
