@@ -10,6 +10,7 @@ n come from one run (the greedy path of `iterative`) also registers `many`.
 from __future__ import annotations
 
 import difflib
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -175,6 +176,13 @@ def _iterative_path(request: Request, ns: list[int]) -> dict[int, Choice]:
 def _iterative(request: Request) -> Choice:
     """greedily, one layer at a time, the layer whose removal raises calibration loss least (SLEB-style)"""
     return _chosen(_by_loss(request, "iterative"))
+
+
+@strategy("random", cost="nothing: the model is never loaded")
+def _random(request: Request) -> Choice:
+    """n layers drawn at random (seeded by --seed), a baseline for the other strategies"""
+    candidates = range(request.num_layers if request.allow_final else request.final)
+    return Choice(sorted(random.Random(request.seed).sample(candidates, request.n)), {"seed": request.seed})
 
 
 def layer_count(num_layers: int, n: int | None, fraction: float | None) -> int:

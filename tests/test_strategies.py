@@ -1,5 +1,7 @@
 """The strategy registry: every strategy chooses valid layers, and the CLI, sweep and report read it."""
 
+import json
+
 import pytest
 from conftest import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
@@ -102,3 +104,33 @@ def test_select_layers_refuses_impossible_requests(kwargs):
     with pytest.raises(LayerpruneError) as err:
         select_layers(6, **kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_random_is_a_seeded_baseline_that_every_consumer_sees(tmp_path):
+    from conftest import save_tiny
+
+    from layerprune.config import build
+    from layerprune.pipeline import prune
+    from layerprune.sweep import SweepConfig, run_sweep
+
+    draws = {seed: STRATEGIES["random"].choose(Request(30, 8, seed=seed)).layers for seed in range(20)}
+    assert all(len(set(d)) == 8 and max(d) < 29 for d in draws.values()), "8 distinct layers, the final one kept"
+    assert len({tuple(d) for d in draws.values()}) > 15, "different seeds draw differently"
+    assert STRATEGIES["random"].choose(Request(30, 8, seed=3)).layers == draws[3], "the same seed draws the same"
+    src = save_tiny(tiny_model("llama"), tmp_path / "src")
+    written = prune(src, tmp_path / "out", n=2, strategy="random", seed=3)
+    assert written.removed == STRATEGIES["random"].choose(Request(6, 2, seed=3)).layers
+    assert written.record["selection"] == {"seed": 3}
+    assert "random" in CliRunner().invoke(app, ["prune", "--help"]).stdout
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(DOCS * 4))
+    config = build(SweepConfig, {"ns": (0, 2), "strategies": ("random",), "heal": False, "tasks": ("loss",),
+                                 "limit": 2, "data": str(text), "samples": 4, "seq_len": 32})  # fmt: skip
+    sweep = run_sweep(src, tmp_path / "sweep", config, progress=False)
+    rows = json.loads((sweep / "results.json").read_text())
+    assert [r["strategy"] for r in rows] == ["full", "random"] and rows[1]["layers_removed"] == draws_for_6(0)
+    assert STRATEGIES["random"].help in (sweep / "report.html").read_text()
+
+
+def draws_for_6(seed):
+    return STRATEGIES["random"].choose(Request(6, 2, seed=seed)).layers
