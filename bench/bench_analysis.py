@@ -10,6 +10,7 @@ Also reports whether each method chooses the same block l*(n) as layerprune for 
 
 python bench/bench_analysis.py smollm2-135m --samples 16 --seq-len 128 --rounds 3 \
     --short-transformers /tmp/st-lib
+python bench/bench_analysis.py gemma3-270m --rounds 5 --methods floor,layerprune   # against the floor only
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--short-transformers", default=None, help="folder short-transformers is installed in")
+    parser.add_argument("--methods", default="floor,layerprune,pruneme", help="comma-separated, floor first")
     args = parser.parse_args()
-    methods = ["floor", "layerprune", "pruneme"] + (["short-transformers"] if args.short_transformers else [])
+    methods = args.methods.split(",") + (["short-transformers"] if args.short_transformers else [])
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for round_ in range(args.rounds):  # alternate, so load on the machine hits every method alike
         for method in methods:

@@ -62,9 +62,9 @@ def memory_cap(args: argparse.Namespace) -> dict:
         runs[mode]["wrote_distances"] = (out / "distances.json").is_file()
         shutil.rmtree(out.parent, ignore_errors=True)
     cgroup.rmdir()
-    from layerprune.memory import fp32_bytes
+    from layerprune.devices import model_bytes
 
-    return {"model_fp32_gb": fp32_bytes(args.model) / 2**30, "limit_gb": args.limit_gb, "runs": runs}
+    return {"model_fp32_gb": model_bytes(args.model, "float32") / 2**30, "limit_gb": args.limit_gb, "runs": runs}
 
 
 def disk_prune(args: argparse.Namespace) -> dict:

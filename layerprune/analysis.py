@@ -21,15 +21,15 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .architectures import find_architecture
 from .checkpoint import check_destination, staged_output
 from .data import Calibration
+from .devices import Placement, fits_on_device, plan_of, plan_placement
 from .errors import LayerpruneError
-from .memory import fits_in_memory
 from .models import load_model, load_tokenizer, model_inputs, resolve_model
 from .plots import angular_heatmap
 from .residual import AngularSums, final_rows, last_token_index, stream_modules, watching
@@ -154,6 +154,7 @@ def analyze(
     progress: bool = True,
     offload: bool | None = None,
     memory_budget_mb: float | None = None,
+    placement: Placement | None = None,
     **calibration_settings: Any,
 ) -> AnalysisResult:
     """Measure d(l, n) for every block and Block Influence for every layer.
@@ -162,8 +163,9 @@ def analyze(
     in which case `tokenizer` is required. The calibration text is `calibration`, or built from
     its settings given as keywords (`data=`, `samples=`, `seq_len=`, `batch_size=`). `offload`
     runs the data through one layer at a time, reading each layer's weights from disk (see
-    `streaming`); by default it is chosen when the model would not fit in the memory available.
-    Writes distances.json/.csv and heatmap.png to a new folder `out`.
+    `streaming`); by default it is chosen when the model would not fit in the memory of the device
+    that runs it (`placement`, see `devices`). Writes distances.json/.csv and heatmap.png to a new
+    folder `out`.
     """
     calibration = calibration or Calibration(**calibration_settings)
     documents = calibration.documents()  # fail on bad data before loading a model
@@ -175,19 +177,22 @@ def analyze(
             check_destination(Path(out), inputs, overwrite)
         path = resolve_model(model)
         inputs.append(path)
-        if offload is None and not fits_in_memory(path):
-            print(f"{name} would not fit in the memory available: analyzing one layer at a time (--offload)")
+        plan = plan_placement(placement, path)
+        if offload is None and not fits_on_device(plan, path):
+            print(f"{name} would not fit in the memory of {plan.device}: analyzing one layer at a time (--offload)")
             offload = True
         if offload:
+            plan = replace(plan, device_map=None, max_memory=None)  # one layer at a time on the device
             batches = calibration.batches(load_tokenizer(path), documents)
             budget = memory_budget_mb * 2**20 if memory_budget_mb is not None else None
-            angular, block_influence = measure_streaming(path, batches, budget, progress=progress)
+            angular, block_influence = measure_streaming(path, batches, budget, plan, progress=progress)
         else:
-            model, tokenizer = load_model(path)
+            model, tokenizer = load_model(path, plan)
     elif tokenizer is None:
         raise LayerpruneError("analyze() of a loaded model needs its tokenizer")
     else:
         name = getattr(model, "name_or_path", type(model).__name__)
+        plan = plan_of(model)
     if not offload:
         batches = calibration.batches(tokenizer, documents)
         angular, block_influence = measure(model, batches, progress=progress)
@@ -199,7 +204,7 @@ def analyze(
         data=str(calibration.data),
         samples=sum(len(b["input_ids"]) for b in batches),
         seq_len=calibration.seq_len,
-        extra={"offload": bool(offload)},
+        extra={"offload": bool(offload), **plan.record()},
     )
     if out is not None:
         result.save(out, overwrite=overwrite, inputs=inputs)

@@ -23,6 +23,7 @@ from .analysis import analyze as run_analysis
 from .config import build, flat_fields
 from .data import Calibration
 from .deployment import InferenceSettings, benchmark, export_quantized, write_benchmark
+from .devices import Placement
 from .errors import LayerpruneError, LayerpruneWarning, describe
 from .evaluation import EvalConfig
 from .evaluation import evaluate as run_evaluation
@@ -111,6 +112,8 @@ def config_options(cls: type, prefix: str = "", name: str = "config") -> Callabl
             flag = f"{flag}/--{field.prefix.replace('_', '-')}no-{bare}"
         elif typing.get_origin(annotation) is tuple:  # a list setting: comma-separated on the command line
             annotation, default = str | None, ",".join(map(str, default)) or None
+        elif str in typing.get_args(annotation) and set(typing.get_args(annotation)) - {str, type(None)}:
+            annotation, default = str, str(default)  # a number or a word (--batch-size 8 or auto)
         help_text = field.help + (f" One of: {', '.join(field.choices)}." if field.choices else "")
         return inspect.Parameter(
             field.name,
@@ -163,6 +166,7 @@ def strategies() -> None:
 
 @app.command()
 @user_errors
+@config_options(Placement, name="placement")
 @config_options(Calibration, name="calibration")
 def analyze(
     model: ModelArg,
@@ -176,12 +180,22 @@ def analyze(
         float | None, typer.Option("--memory-budget", help="With --offload: MiB for weights and states.")
     ] = None,
     calibration: Calibration | None = None,
+    placement: Placement | None = None,
 ) -> None:
     """Angular distance d(l, n) for every block and Block Influence for every layer, in one pass."""
     result = run_analysis(
-        model, calibration, out=out, overwrite=overwrite, offload=offload, memory_budget_mb=memory_budget
+        model,
+        calibration,
+        out=out,
+        overwrite=overwrite,
+        offload=offload,
+        memory_budget_mb=memory_budget,
+        placement=placement,
     )
-    typer.echo(f"{result.num_layers} layers, {result.samples} samples of {result.data}")
+    where = f"{result.extra['device']}, {result.extra['dtype']}" + (
+        ", one layer at a time" if result.extra["offload"] else ""
+    )
+    typer.echo(f"{result.num_layers} layers, {result.samples} samples of {result.data} ({where})")
     typer.echo("n    best block   angular distance")
     for n, start in result.best.items():
         typer.echo(f"{n:<4} {start:>3}..{start + n - 1:<6}  {result.angular[n][start]:.4f}")
@@ -319,15 +333,17 @@ def report(
 
 @app.command()
 @user_errors
+@config_options(Placement, name="placement")
 @config_options(InferenceSettings, name="settings")
 def bench(
     models: Annotated[list[str], typer.Argument(help="Models to compare (folders, .gguf, built-in names).")],
     out: Annotated[Path | None, typer.Option("--out", help="Folder for bench.json and bench.png.")] = None,
     settings: InferenceSettings | None = None,
+    placement: Placement | None = None,
 ) -> None:
     """Inference cost side by side: parameters, size, peak memory, prefill, decode, time to first token."""
     assert settings is not None
-    results = benchmark(models, settings)
+    results = benchmark(models, settings, placement)
     typer.echo(
         f"{'model':28} {'params M':>9} {'disk MB':>8} {'peak MB':>8} {'prefill tok/s':>14} "
         f"{'decode tok/s':>13} {'TTFT s':>7}"
@@ -341,7 +357,7 @@ def bench(
         )
     typer.echo(
         f"medians of {settings.repeats} repeats; prompt {settings.prompt_tokens} tokens, "
-        f"{settings.new_tokens} new, batch {settings.batch_size}"
+        f"{settings.new_tokens} new, batch {settings.batch_size}; on {results[0]['device']}, {results[0]['dtype']}"
     )
     if out:
         write_benchmark(results, settings, out)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Written, extend_record, staged_output, write_record
+from .devices import Placement, plan_placement, quantized_plan
 from .errors import LayerpruneError
 from .models import check_quantization, load_model, model_inputs, quantization_config, resolve_model
 from .plots import inference_bars
@@ -98,36 +99,43 @@ def measure(model: Any, settings: InferenceSettings) -> dict[str, Any]:
     }
 
 
-def benchmark_one(model: str | Path, settings: InferenceSettings) -> dict[str, Any]:
-    """Every figure for one model argument (run it in its own process for a clean peak memory)."""
+def benchmark_one(model: str | Path, settings: InferenceSettings, placement: Placement | None = None) -> dict[str, Any]:
+    """Every figure for one model argument, placed by the device policy: on a GPU in the
+    checkpoint's own dtype, as it would be served (run it in its own process for a clean peak)."""
     import torch
 
     path = resolve_model(model)
-    loaded, _ = load_model(path, device="cuda" if torch.cuda.is_available() else "cpu")
+    plan = plan_placement(placement, path)
+    loaded, _ = load_model(path, plan)
     figures = measure(loaded, settings)
+    on_gpu = plan.device.startswith("cuda")
     return {
         "model": str(model),
         "path": str(path),
         "parameters": loaded.num_parameters(),
         "num_layers": loaded.config.get_text_config().num_hidden_layers,
         "disk_bytes": _folder_bytes(path),
-        "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _peak_rss_mb()),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else _peak_rss_mb(),
+        **plan.record(),
         **figures,
     }
 
 
-def benchmark(models: Sequence[str | Path], settings: InferenceSettings | None = None) -> list[dict[str, Any]]:
+def benchmark(
+    models: Sequence[str | Path], settings: InferenceSettings | None = None, placement: Placement | None = None
+) -> list[dict[str, Any]]:
     """Benchmark several models side by side, each in a fresh subprocess so peak memory is its own."""
 
     settings = settings or InferenceSettings()
+    placement = placement or Placement()
     for model in models:
         resolve_model(model)  # refuse a missing model before spending time on the others
     results = []
     for model in models:
         code = (
-            "import json, sys; from layerprune.deployment import InferenceSettings, benchmark_one; "
-            f"print(json.dumps(benchmark_one({str(model)!r}, InferenceSettings(**{asdict(settings)!r}))))"
+            "import json; from layerprune.deployment import InferenceSettings, Placement, benchmark_one; "
+            f"settings, placement = InferenceSettings(**{asdict(settings)!r}), Placement(**{asdict(placement)!r}); "
+            f"print(json.dumps(benchmark_one({str(model)!r}, settings, placement)))"
         )
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
         if done.returncode:
@@ -146,23 +154,22 @@ def write_benchmark(results: list[dict[str, Any]], settings: InferenceSettings, 
 
 
 def export_quantized(model: str | Path, out: str | Path, scheme: str, overwrite: bool = False) -> Written:
-    """Write `model` quantized with bitsandbytes (`nf4` or `int8`) as a checkpoint transformers loads directly."""
-    import torch
+    """Write `model` quantized with bitsandbytes (`nf4` or `int8`) as a checkpoint transformers loads
+    directly; quantized on the GPUs (spread over all of them) where there are any."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_quantization(scheme)
     out = Path(out)
     inputs = model_inputs(model)
     src = resolve_model(model)
-    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    plan = quantized_plan()
     with staged_output(out, overwrite=overwrite, inputs=[*inputs, src]) as tmp:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            str(src), quantization_config=quantization_config(scheme, compute), device_map=device_map
-        )
+        device_map: Any = plan.device_map or {"": plan.device}
+        quantization = quantization_config(scheme, plan.torch_dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(str(src), quantization_config=quantization, device_map=device_map)
         loaded.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(src)).save_pretrained(tmp)
-        quantization = {"scheme": scheme, "backend": "bitsandbytes", "source": str(src)}
-        record = extend_record(src, "quantization", quantization, str(model))
+        done = {"scheme": scheme, "backend": "bitsandbytes", "source": str(src), **plan.record()}
+        record = extend_record(src, "quantization", done, str(model))
         write_record(tmp, record)
     return Written(out, record)

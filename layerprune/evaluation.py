@@ -27,6 +27,7 @@ from typing import Any
 from .checkpoint import check_overlap, read_record
 from .config import build
 from .data import load_documents, token_batches
+from .devices import Placement, plan_of
 from .errors import LayerpruneError
 from .models import load_model, model_inputs, resolve_model
 from .packages import package_dir
@@ -50,19 +51,33 @@ class EvalConfig:
     )
     limit: int | None = field(default=None, metadata={"help": "First N documents of each task."})
     num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples (default: 5 for mmlu, else 0)."})
-    batch_size: int = field(default=8, metadata={"help": "Documents per forward pass."})
+    batch_size: int | str = field(
+        default=8, metadata={"help": "Documents per forward pass, or auto (lm-eval's search for the largest)."}
+    )
     loss_data: str = field(default=DEFAULT_LOSS_DATA, metadata={"help": "Held-out text for `loss`."})
     loss_samples: int = field(default=200, metadata={"help": "Held-out documents for `loss` (at most)."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per held-out document (truncated)."})
+    placement: Placement = field(default_factory=Placement)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", _task_list(self.tasks))
+        if isinstance(self.batch_size, str) and self.batch_size.isdigit():
+            object.__setattr__(self, "batch_size", int(self.batch_size))
         if not self.tasks or not all(self.tasks):
             raise LayerpruneError(f"no tasks given; available: {', '.join(available_tasks())}")
         if self.limit is not None and self.limit < 1:
             raise LayerpruneError(f"--limit must be at least 1, got {self.limit}")
-        if min(self.batch_size, self.loss_samples, self.seq_len) < 1:
-            raise LayerpruneError("batch-size, loss-samples and seq-len must each be at least 1")
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise LayerpruneError(
+                f"--batch-size must be a whole number of at least 1, or auto; got {self.batch_size!r}"
+            )
+        if min(self.loss_samples, self.seq_len) < 1:
+            raise LayerpruneError("loss-samples and seq-len must each be at least 1")
+
+    @property
+    def loss_batch_size(self) -> int:
+        """Held-out documents per forward pass (lm-eval's `auto` search does not apply to them)."""
+        return self.batch_size if isinstance(self.batch_size, int) else 8
 
 
 @cache
@@ -179,7 +194,7 @@ def check_tasks(tasks: list[str]) -> None:
 
 
 def qa_accuracy(
-    model: Any, tokenizer: Any, tasks: list[str], limit: int | None, num_fewshot: int | None, batch_size: int
+    model: Any, tokenizer: Any, tasks: list[str], limit: int | None, num_fewshot: int | None, batch_size: int | str
 ) -> dict[str, dict[str, Any]]:
     """Run lm-eval's simple_evaluate on an in-memory model; one summary per task."""
     from lm_eval import simple_evaluate
@@ -278,12 +293,13 @@ def evaluate(
         history = read_record(path)
         if history is not None:
             record["layers_removed"] = history.get("removed_layers")
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_model(path, config.placement)
     elif tokenizer is None:
         raise LayerpruneError("evaluate() of a loaded model needs its tokenizer")
     else:
         record = {"model": getattr(model, "name_or_path", type(model).__name__)}
     record["num_layers"] = model.config.get_text_config().num_hidden_layers
+    record["placement"] = plan_of(model).record()
     start = time.perf_counter()
     qa_tasks = [t for t in config.tasks if t != LOSS_TASK]
     results = (
@@ -292,7 +308,7 @@ def evaluate(
     if LOSS_TASK in config.tasks:
         samples = min(config.loss_samples, config.limit) if config.limit else config.loss_samples
         results[LOSS_TASK] = heldout_loss(
-            model, tokenizer, config.loss_data, samples, config.seq_len, config.batch_size
+            model, tokenizer, config.loss_data, samples, config.seq_len, config.loss_batch_size
         )
     record.update(
         tasks=results,

@@ -29,6 +29,7 @@ from ._version import __version__
 from .architectures import find_architecture
 from .checkpoint import Written, check_destination, extend_record, staged_output, write_record
 from .data import DEFAULT_CALIBRATION, load_documents
+from .devices import training_plan
 from .errors import LayerpruneError
 from .models import check_quantization, load_tokenizer, model_inputs, quantization_config, resolve_model
 from .plots import loss_curves
@@ -132,26 +133,15 @@ def _target_modules(model: Any, config: HealConfig) -> list[str] | str:
     return names
 
 
-def _device_setup() -> tuple[Any, Any]:
-    """(device_map, compute dtype): each process's own GPU in bf16, else the CPU in fp32 (fast there)."""
-    import torch
-
-    if torch.cuda.is_available():
-        from accelerate import PartialState
-
-        return {"": PartialState().local_process_index}, torch.bfloat16
-    return {"": "cpu"}, torch.float32
-
-
 def load_for_training(path: Path, config: HealConfig) -> Any:
     """The base model, 4-bit NF4 with double quantization unless `quant` is off, with LoRA attached."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    device_map, dtype = _device_setup()
-    quantization = quantization_config("nf4", dtype) if config.quant else None
+    plan = training_plan()
+    quantization = quantization_config("nf4", plan.torch_dtype) if config.quant else None
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, quantization_config=quantization, device_map=device_map
+        str(path), dtype=plan.torch_dtype, quantization_config=quantization, device_map={"": plan.device}
     )
     if config.quant:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -201,11 +191,10 @@ def _trainer(
     base: Path, tokenizer: Any, train: list, validation: list, config: HealConfig, work: Path, progress: Any
 ) -> Any:
     """The Hugging Face Trainer over the (Q)LoRA model: cosine schedule, checkpoints in `work`."""
-    import datasets
-    import torch
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    plan = training_plan()
     set_seed(config.seed)  # LoRA initialization
     args = TrainingArguments(
         output_dir=str(work / "checkpoints"),
@@ -225,8 +214,8 @@ def _trainer(
         seed=config.seed,
         data_seed=config.seed,
         report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available(),
+        use_cpu=plan.device == "cpu",
+        bf16=plan.dtype == "bfloat16",
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
@@ -234,8 +223,8 @@ def _trainer(
     trainer = Trainer(
         model=load_for_training(base, config),
         args=args,
-        train_dataset=datasets.Dataset.from_dict({"input_ids": train}),
-        eval_dataset=datasets.Dataset.from_dict({"input_ids": validation}),
+        train_dataset=[{"input_ids": block} for block in train],  # a list is a Dataset to the Trainer
+        eval_dataset=[{"input_ids": block} for block in validation],
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         callbacks=[progress],
     )

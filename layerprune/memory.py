@@ -1,19 +1,15 @@
-"""How much memory there is, and whether a model fits in it.
+"""How much host memory there is, and whether something of a given size fits in it.
 
 Memory available is the kernel's MemAvailable, or the limit of this process's cgroup (a
-container, a batch job, `systemd-run -p MemoryMax=`) where that is smaller. A model's size is
-read from its safetensors headers, so nothing is loaded to decide whether it can be.
+container, a batch job, `systemd-run -p MemoryMax=`) where that is smaller.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import math
 import os
 from pathlib import Path
-
-from .checkpoint import tensor_entries
 
 FIT_SHARE = 0.7  # a model "fits" when its weights take at most this share of the memory available
 
@@ -50,14 +46,9 @@ def memory_available() -> int:
     return min([available, *cgroup_limits()])
 
 
-def fp32_bytes(path: Path) -> int:
-    """The checkpoint's weights in fp32, from the safetensors headers (nothing is loaded)."""
-    return sum(math.prod(e.shape) * 4 for e in tensor_entries(path).values())
-
-
-def fits_in_memory(path: Path) -> bool:
-    """False when the model's fp32 weights would take more than FIT_SHARE of the memory available now."""
-    return fp32_bytes(path) <= FIT_SHARE * memory_available()
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether `nbytes` take at most FIT_SHARE of the host memory available now."""
+    return nbytes <= FIT_SHARE * memory_available()
 
 
 def return_freed_memory() -> None:

@@ -7,16 +7,19 @@ or a hub id for users with a network.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CONFIG_NAME, staged_output, validate_checkpoint
+from .checkpoint import CONFIG_NAME, reclaim_stale, scratch_folder, staged_output, validate_checkpoint
+from .devices import Placement, Plan, plan_placement
 from .errors import LayerpruneError
 from .packages import package_dir
 
@@ -189,15 +192,31 @@ def load_weights(path: Path, **options: Any) -> Any:
     return model
 
 
-def load_model(spec: ModelSpec, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
-    """Load (model, tokenizer) for any model argument, in eval mode. fp32 by default (fast on CPU)."""
-    import torch
-
+def load_model(spec: ModelSpec, placement: Placement | Plan | None = None) -> tuple[Any, Any]:
+    """Load (model, tokenizer) for any model argument, in eval mode, placed by the device policy
+    (`devices.plan_placement`; by default the GPU in the checkpoint's dtype, else the CPU in fp32).
+    The plan is kept on the model as `layerprune_plan`, for the records."""
     path = resolve_model(spec)
+    plan = placement if isinstance(placement, Plan) else plan_placement(placement, path)
     tokenizer = load_tokenizer(path)
-    model = load_weights(path, dtype=dtype or torch.float32)
-    model.to(device).eval()
+    options: dict[str, Any] = {"dtype": plan.torch_dtype}
+    if plan.device_map is not None:
+        options.update(device_map=plan.device_map, max_memory=plan.max_memory, offload_folder=str(_offload_folder()))
+    model = load_weights(path, **options)
+    if plan.device_map is None:
+        model.to(plan.device)
+    model.eval()
+    model.layerprune_plan = plan
     return model, tokenizer
+
+
+def _offload_folder() -> Path:
+    """Where accelerate may put weights that fit neither GPU nor host memory: a folder that records
+    its writer (reclaimed by a later run if this one is killed) and is removed at exit."""
+    reclaim_stale(Path(tempfile.gettempdir()), "layerprune-offload-*")
+    folder = scratch_folder(Path(tempfile.gettempdir()), "layerprune-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 QUANTIZATION_SCHEMES = ("nf4", "int8")

@@ -23,9 +23,10 @@ from .checkpoint import Written, check_destination, read_config, read_record, wr
 from .config import build
 from .data import Calibration
 from .deployment import export_quantized
+from .devices import Placement, fits_on_device, model_bytes, plan_of, plan_placement
 from .errors import LayerpruneError
 from .healing import HealConfig, HealResult, heal, heal_work_dir
-from .memory import fits_in_memory, fp32_bytes, memory_available
+from .memory import memory_available
 from .models import ModelSpec, check_quantization, load_model, model_inputs, resolve_model
 from .scoring import calibration_batches
 from .strategies import ANALYSIS, MODEL, STRATEGIES, Request, get_strategy, layer_count
@@ -51,6 +52,7 @@ class PruneConfig:
     seed: int = field(default=0, metadata={"help": "Seed of strategies that draw at random."})
     allow_final: bool = field(default=False, metadata={"help": "Allow removing the final layer."})
     calibration: Calibration = field(default_factory=Calibration)
+    placement: Placement = field(default_factory=Placement)
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, (list, tuple)):  # the API also takes a list of layer indices
@@ -83,23 +85,26 @@ def choose_layers(
     count = layer_count(num_layers, config.n, config.fraction)  # refuse a bad n before any long work
     strategy = get_strategy(config.strategy)
     if ANALYSIS in strategy.needs and analysis is None:
-        analysis = analyze(src, config.calibration, progress=progress)
+        analysis = analyze(src, config.calibration, placement=config.placement, progress=progress)
     model = batches = None
     if MODEL in strategy.needs:
-        if not fits_in_memory(src):
+        plan = plan_placement(config.placement, src)
+        if plan.device == "cpu" and not fits_on_device(plan, src):
             raise LayerpruneError(
-                f"strategy {strategy.name} scores blocks with the whole model in memory, and its fp32 weights "
-                f"({fp32_bytes(src) / 2**30:.1f} GiB) would not fit in the {memory_available() / 2**30:.1f} GiB "
-                "available; use angular or bi (their analysis runs one layer at a time) or deepest"
+                f"strategy {strategy.name} scores blocks with the whole model in memory, and its weights "
+                f"({model_bytes(src, plan.dtype) / 2**30:.1f} GiB in {plan.dtype}) would not fit in the "
+                f"{memory_available() / 2**30:.1f} GiB available; use angular or bi (their analysis runs one "
+                "layer at a time) or deepest"
             )
         documents = config.calibration.documents()
-        model, tokenizer = load_model(src)
+        model, tokenizer = load_model(src, plan)
         batches = calibration_batches(config.calibration, tokenizer, documents)
     request = Request(num_layers, count, config.allow_final, analysis, model, batches, config.candidates, config.seed)
     choice = strategy.choose(request)
     selection = dict(choice.provenance)
     if MODEL in strategy.needs:
         selection["calibration"] = asdict(config.calibration)
+        selection["placement"] = plan_of(model).record()
     if analysis is not None:
         selection.update(
             angular_distances_for_n=analysis.angular.get(count),

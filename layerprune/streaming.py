@@ -21,13 +21,15 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from .architectures import Architecture, find_architecture
 from .checkpoint import TensorEntry, check_layers, reclaim_stale, scratch_folder, tensor_entries
+from .devices import DTYPE_BYTES, Plan
 from .errors import LayerpruneError
-from .memory import return_freed_memory
+from .memory import FIT_SHARE, memory_available, return_freed_memory
 from .residual import AngularSums, final_rows, last_token_index, run_layers
 
 SPILL_PREFIX = "layerprune-spill-"
@@ -40,12 +42,14 @@ def remove_stale_spills() -> list[Path]:
 
 
 class _States:
-    """The residual state of every batch, in memory up to a budget and on disk past it."""
+    """The residual state of every batch: on the compute device up to its budget, then in host
+    memory (pinned, for a GPU) up to its budget, then in files on disk."""
 
-    def __init__(self, budget_bytes: float) -> None:
-        self.budget = budget_bytes
-        self.memory: dict[int, Any] = {}
-        self.used = 0
+    def __init__(self, device: Any, device_budget: float, host_budget: float) -> None:
+        tiers = [(device, device_budget)] + ([("cpu", host_budget)] if device.type != "cpu" else [])
+        self.tiers = [[where, budget, 0] for where, budget in tiers]  # device, budget, bytes used
+        self.device = device
+        self.memory: dict[int, tuple[int, Any]] = {}  # batch -> (tier, state)
         self.folder: Path | None = None
         remove_stale_spills()
 
@@ -54,23 +58,27 @@ class _States:
 
         size = state.numel() * state.element_size()
         if index in self.memory:
-            self.used -= self.memory[index].numel() * self.memory[index].element_size()
-            del self.memory[index]
-        if self.used + size <= self.budget:
-            self.memory[index] = state
-            self.used += size
-            return
+            tier, old = self.memory.pop(index)
+            self.tiers[tier][2] -= old.numel() * old.element_size()
+        for tier, (where, budget, used) in enumerate(self.tiers):
+            if used + size <= budget:
+                moved = state.to(where)
+                if where == "cpu" and self.device.type == "cuda":
+                    moved = moved.pin_memory()  # so the copy back to the GPU is asynchronous
+                self.memory[index] = (tier, moved)
+                self.tiers[tier][2] += size
+                return
         if self.folder is None:
             self.folder = scratch_folder(Path(tempfile.gettempdir()), SPILL_PREFIX)
-        torch.save(state, self.folder / f"{index}.pt")
+        torch.save(state.cpu(), self.folder / f"{index}.pt")
 
     def get(self, index: int) -> Any:
         import torch
 
         if index in self.memory:
-            return self.memory[index]
+            return self.memory[index][1].to(self.device, non_blocking=True)
         assert self.folder is not None
-        return torch.load(self.folder / f"{index}.pt")
+        return torch.load(self.folder / f"{index}.pt").to(self.device)
 
     def close(self) -> None:
         if self.folder is not None:
@@ -93,7 +101,7 @@ def _read_rows(entry: TensorEntry, rows: Any) -> Any:
     return torch.from_numpy(picked).view(dtype).to(torch.float32)
 
 
-def _used_embeddings(model: Any, entries: dict, batches: list[dict]) -> tuple[list[dict], list[str]]:
+def _used_embeddings(model: Any, entries: dict, batches: list[dict], dtype: Any = None) -> tuple[list[dict], list[str]]:
     """Give the model only the embedding rows that `batches` use, and the batches renumbered to
     them; returns the batches and the checkpoint keys now loaded (none if the table is not found
     or not a plain float matrix)."""
@@ -104,25 +112,36 @@ def _used_embeddings(model: Any, entries: dict, batches: list[dict]) -> tuple[li
     if key not in entries or entries[key].dtype not in _TORCH_DTYPES or len(entries[key].shape) != 2:
         return batches, []  # loaded whole, as any other tensor
     ids = torch.unique(torch.cat([b["input_ids"].flatten() for b in batches]))
-    embedding.weight = torch.nn.Parameter(_read_rows(entries[key], ids), requires_grad=False)
+    rows = _read_rows(entries[key], ids)
+    embedding.weight = torch.nn.Parameter(rows.to(dtype) if dtype is not None else rows, requires_grad=False)
     embedding.padding_idx = None  # an index into the full table; it only matters for training
     return [{**b, "input_ids": torch.searchsorted(ids, b["input_ids"])} for b in batches], [key]
 
 
-def _layer_bytes(entries: dict[str, TensorEntry], arch: Architecture, index: int) -> int:
-    """fp32 bytes of one layer's tensors, from the safetensors headers."""
+def _layer_bytes(entries: dict[str, TensorEntry], arch: Architecture, index: int, dtype: str) -> int:
+    """Bytes of one layer's tensors in `dtype`, from the safetensors headers."""
     total = 0
     for key, entry in entries.items():
         split = arch.split_layer_key(key)
         if split and split[1] == index:
-            total += math.prod(entry.shape) * 4
+            total += math.prod(entry.shape) * DTYPE_BYTES[dtype]
     return total
 
 
 def measure_streaming(
-    path: Path, batches: list[dict], memory_budget: float | None = None, progress: bool = True
+    path: Path,
+    batches: list[dict],
+    memory_budget: float | None = None,
+    plan: Plan | None = None,
+    progress: bool = True,
 ) -> tuple[dict[int, list[float]], list[float]]:
-    """The angular table and Block Influence of the checkpoint at `path`, one layer in memory at a time."""
+    """The angular table and Block Influence of the checkpoint at `path`, one layer at a time on
+    the plan's device and in its dtype (the CPU in fp32 by default).
+
+    `memory_budget` (bytes) bounds the weights and states kept on that device: by default, for a
+    GPU, its free memory, and for the CPU, no bound. When the budget holds two layers, the next
+    layer is read from disk on a second thread while the current one computes.
+    """
     import torch
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -130,6 +149,8 @@ def measure_streaming(
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    plan = plan or Plan("cpu", "float32")
+    device, dtype = torch.device(plan.device), plan.torch_dtype
     config = AutoConfig.from_pretrained(str(path))
     arch = find_architecture(config)
     num_layers = arch.num_layers(config)
@@ -137,43 +158,62 @@ def measure_streaming(
     if not entries:
         raise LayerpruneError(f"{path} has no safetensors weights to stream")
     check_layers(path, arch, num_layers, entries)
-    largest_layer = max(_layer_bytes(entries, arch, i) for i in range(num_layers))
+    largest_layer = max(_layer_bytes(entries, arch, i, plan.dtype) for i in range(num_layers))
+    if memory_budget is None and device.type == "cuda":
+        memory_budget = FIT_SHARE * torch.cuda.mem_get_info(device)[0]
     if memory_budget is not None and memory_budget < largest_layer:
         raise LayerpruneError(
             f"memory budget {memory_budget / 2**20:.1f} MiB is smaller than one layer: at least "
             f"{largest_layer / 2**20:.1f} MiB is needed"
         )
+    prefetch = memory_budget is None or memory_budget >= 2 * largest_layer
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     names = set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
 
-    def load(keys: list[str]) -> None:
+    def read(keys: list[str]) -> dict[str, Any]:
+        """The tensors of `keys`, by module name, read in the plan's dtype (pinned for a GPU)."""
+        tensors = {}
         for key in keys:
-            entry = entries[key]
             split = arch.split_layer_key(key)
             name = f"{arch.layer_key(split[1])}{split[2]}" if split else key
-            if name not in names:
-                continue
-            with safe_open(entry.file, framework="pt") as handle:
-                tensor = handle.get_tensor(key).to(torch.float32)
-            set_module_tensor_to_device(model, name, "cpu", value=tensor)
+            if name in names:
+                with safe_open(entries[key].file, framework="pt") as handle:
+                    tensor = handle.get_tensor(key).to(dtype)
+                tensors[name] = tensor.pin_memory() if device.type == "cuda" else tensor
+        return tensors
 
-    batches, loaded = _used_embeddings(model, entries, batches)
-    load([k for k in entries if arch.split_layer_key(k) is None and not k.startswith("lm_head.") and k not in loaded])
-    budget = (memory_budget - largest_layer) if memory_budget is not None else float("inf")
-    states = _States(budget)
+    def place(tensors: dict[str, Any]) -> None:
+        for name, tensor in tensors.items():
+            set_module_tensor_to_device(model, name, device, value=tensor)
+
+    def layer_keys(layer: int) -> list[str]:
+        return [k for k in entries if (s := arch.split_layer_key(k)) and s[1] == layer]
+
+    batches, loaded = _used_embeddings(model, entries, batches, dtype)
+    outside = [k for k in entries if arch.split_layer_key(k) is None and not k.startswith("lm_head.")]
+    place(read([k for k in outside if k not in loaded]))
+    model.get_input_embeddings().to(device)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    weights = (2 if prefetch else 1) * largest_layer
+    host = FIT_SHARE * memory_available()
+    states = _States(device, (memory_budget - weights) if memory_budget is not None else float("inf"), host)
     sums = AngularSums(num_layers)
     last_rows: list[list[Any]] = [[] for _ in batches]
     masks = [b["attention_mask"].bool() for b in batches]
     last_index = [last_token_index(m) for m in masks]
+    reader = ThreadPoolExecutor(max_workers=1) if prefetch else None
     try:
         for b, batch in enumerate(batches):
             resid = run_layers(model, arch, batch, None, [])  # the embeddings, resid[0]
             last_rows[b].append(final_rows(resid, last_index[b]))
             states.put(b, resid)
+        upcoming = reader.submit(read, layer_keys(0)) if reader else None
         for layer in tqdm(range(num_layers), desc="analyze (offload)", unit="layer", disable=not progress):
-            load([k for k in entries if (s := arch.split_layer_key(k)) and s[1] == layer])
+            place(upcoming.result() if upcoming else read(layer_keys(layer)))
+            if reader and layer + 1 < num_layers:
+                upcoming = reader.submit(read, layer_keys(layer + 1))  # read while this layer computes
             for b, batch in enumerate(batches):
                 previous = states.get(b)
                 resid = run_layers(model, arch, batch, previous, [layer])
@@ -183,6 +223,8 @@ def measure_streaming(
             arch.layer_list(model)[layer].to("meta")  # free this layer's weights
             return_freed_memory()
     finally:
+        if reader:
+            reader.shutdown(cancel_futures=True)
         states.close()
     for rows, mask in zip(last_rows, masks, strict=True):
         sums.add_samples(rows, int(mask.sum()))

@@ -15,7 +15,8 @@ import re
 import shutil
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,25 @@ def prune_model(model: Any, layers: list[int]) -> Any:
                 module.layer_idx = new_index  # type: ignore[assignment]
     slice_config(model.config, keep, arch)
     return model
+
+
+@contextmanager
+def pruned_in_place(model: Any, layers: list[int]) -> Iterator[Any]:
+    """The model with `layers` removed for the duration of the block (`prune_model`), then exactly
+    as it was: no copy of the weights is made, so a sweep needs memory for one model only."""
+    arch = find_architecture(model.config)
+    layer_list = arch.layer_list(model)
+    config = {k: v for k, v in vars(model.config).items() if isinstance(v, list) or k == arch.num_layers_key}
+    indices = [(m, m.layer_idx) for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    prune_model(model, layers)
+    try:
+        yield model
+    finally:
+        arch.set_layer_list(model, layer_list)
+        for key, value in config.items():
+            setattr(model.config, key, value)
+        for module, index in indices:
+            module.layer_idx = index
 
 
 def _rename_map(arch: Architecture, keys: list[str], removed: set[int]) -> dict[str, str | None]:

@@ -9,18 +9,19 @@ is missing. The settings that make numbers comparable (tasks, limit, data, heali
 in `DIR/sweep.json`; a rerun with other settings is refused rather than mixed in.
 
 Cost: one analysis pass; per point one evaluation, plus for healed points one on-disk prune
-(streamed), one QLoRA run and a merge. Memory: the full model in memory plus one pruned copy.
+(streamed), one QLoRA run and a merge. Memory: the base model once (unhealed points prune it in
+place and restore it; healed points load their own checkpoint).
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import errno
 import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,10 @@ from ._version import __version__
 from .analysis import AnalysisResult, analyze
 from .architectures import find_architecture
 from .checkpoint import check_destination
-from .config import flatten
+from .config import build, flatten
 from .data import Calibration
 from .deployment import InferenceSettings, measure
+from .devices import Placement
 from .errors import LayerpruneError
 from .evaluation import DEFAULT_TASKS, check_tasks, evaluate
 from .healing import HealConfig, heal
@@ -40,7 +42,7 @@ from .pipeline import prune
 from .report import write_report
 from .scoring import calibration_batches
 from .strategies import MODEL, STRATEGIES, Request, get_strategy
-from .surgery import prune_model
+from .surgery import pruned_in_place
 
 LOSS_COLUMNS = ("loss", "loss_stderr", "loss_normalized", "perplexity")
 RESULT_FIELDS = (
@@ -83,6 +85,7 @@ class SweepConfig:
     tasks: tuple[str, ...] = field(default=DEFAULT_TASKS, metadata={"help": "Tasks, as in `evaluate`."})
     limit: int | None = field(default=100, metadata={"help": "Documents per task (None: all)."})
     calibration: Calibration = field(default_factory=Calibration)
+    placement: Placement = field(default_factory=Placement)
 
     def __post_init__(self) -> None:
         if bool(self.ns) == bool(self.fractions):
@@ -114,7 +117,7 @@ class SweepConfig:
         """The settings that must match for results to be comparable (the points may grow)."""
         raw = {k: v for k, v in flatten(self).items() if not k.startswith("heal_")}
         raw["heal_config"] = asdict(self.heal_config)
-        for key in ("ns", "fractions", "strategies"):
+        for key in ("ns", "fractions", "strategies", "device"):  # the device changes no number beyond rounding
             raw.pop(key)
         raw["tasks"] = sorted(raw["tasks"])
         return raw
@@ -162,6 +165,8 @@ def _open_sweep(out: Path, model: str, config: SweepConfig) -> None:
     settings: dict[str, Any] = {"model": model, "settings": config.comparable()}
     if record.is_file():
         stored = json.loads(record.read_text())
+        defaults = build(SweepConfig, {"ns": (0,)}).comparable()  # settings added since it was stored
+        stored["settings"] = {**defaults, **stored["settings"]}
         if {"model": stored["model"], "settings": stored["settings"]} != settings:
             changed = sorted(k for k in settings["settings"] if stored["settings"].get(k) != settings["settings"][k])
             if stored["model"] != model:
@@ -215,19 +220,24 @@ def _twin(out: Path, point: Point, removed: list[int]) -> dict[str, Any] | None:
 
 
 def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config: SweepConfig, work: Path) -> dict:
+    """One point: the base pruned in place (restored after) and evaluated, or pruned on disk,
+    healed, loaded and evaluated."""
     model, tokenizer = base
     num_layers = find_architecture(model.config).num_layers(model.config)
     started = time.perf_counter()
     if not point.healed:
-        candidate = prune_model(copy.deepcopy(model), removed) if removed else model
-        evaluated = _evaluate_point(candidate, tokenizer, config)
-    else:
-        pruned = prune(src, work / "pruned", layers=removed, overwrite=True)
-        healed = heal(pruned.path, work / "healed", config.heal_config)  # resumes if a killed run left checkpoints
-        candidate, tokenizer = load_model(healed.path)
-        evaluated = _evaluate_point(candidate, tokenizer, config)
-        evaluated["healing"] = {k: v for k, v in healed.healing.items() if k != "curve"}
-    speed = measure(candidate, SPEED_SETTINGS)["decode_tokens_per_s"]["median"]
+        with pruned_in_place(model, removed) if removed else nullcontext(model) as candidate:
+            return _row(point, removed, num_layers, candidate, _evaluate_point(candidate, tokenizer, config), started)
+    pruned = prune(src, work / "pruned", layers=removed, overwrite=True)
+    healed = heal(pruned.path, work / "healed", config.heal_config)  # resumes if a killed run left checkpoints
+    candidate, tokenizer = load_model(healed.path, config.placement)
+    evaluated = _evaluate_point(candidate, tokenizer, config)
+    evaluated["healing"] = {k: v for k, v in healed.healing.items() if k != "curve"}
+    return _row(point, removed, num_layers, candidate, evaluated, started)
+
+
+def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluated: dict, started: float) -> dict:
+    """A point's stored result: what was removed, the model's size and decode speed, its evaluation."""
     return {
         "strategy": point.strategy,
         "n": point.n,
@@ -235,9 +245,9 @@ def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config:
         "healed": point.healed,
         "layers_removed": removed,
         "num_layers": num_layers - len(removed),
-        "parameters": candidate.num_parameters(),
-        "size_mb": sum(p.numel() * p.element_size() for p in candidate.parameters()) / 2**20,
-        "decode_tokens_per_s": speed,
+        "parameters": model.num_parameters(),
+        "size_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+        "decode_tokens_per_s": measure(model, SPEED_SETTINGS)["decode_tokens_per_s"]["median"],
         "seconds": round(time.perf_counter() - started, 1),
         **evaluated,
     }
@@ -255,14 +265,14 @@ def run_sweep(model: str | Path, out: str | Path, config: SweepConfig, progress:
     check_tasks(list(config.tasks))
     out.mkdir(parents=True, exist_ok=True)
     _open_sweep(out, str(model), config)
-    base = load_model(src)
+    base = load_model(src, config.placement)
     num_layers = find_architecture(base[0].config).num_layers(base[0].config)
     points = plan(config, num_layers)
     distances = out / "analysis" / "distances.json"
     if distances.is_file():
         analysis = AnalysisResult.load(distances)
     else:
-        analysis = analyze(base[0], config.calibration, tokenizer=base[1], progress=progress)
+        analysis = analyze(base[0], config.calibration, tokenizer=base[1], progress=progress)  # on the base's device
         analysis.save(out / "analysis", overwrite=True)
     missing = [p for p in points if not (out / "points" / f"{p.key}.json").is_file()]
     bar = tqdm(total=len(points), initial=len(points) - len(missing), desc="sweep", unit="point", disable=not progress)

@@ -94,6 +94,44 @@ def test_offload_is_chosen_when_the_model_would_not_fit(tmp_path, monkeypatch, c
     data.write_text("\n\n".join(DOCS))
     monkeypatch.setattr(memory, "memory_available", lambda: 100_000)  # less than the tiny model's weights
     result = analyze(src, data=data, samples=4, seq_len=32, progress=False)
-    assert result.extra == {"offload": True} and "one layer at a time (--offload)" in capsys.readouterr().out
+    assert result.extra["offload"] is True and "one layer at a time (--offload)" in capsys.readouterr().out
     monkeypatch.setattr(memory, "memory_available", lambda: 2**40)
-    assert analyze(src, data=data, samples=4, seq_len=32, progress=False).extra == {"offload": False}
+    assert analyze(src, data=data, samples=4, seq_len=32, progress=False).extra["offload"] is False
+
+
+ANGULAR_TOLERANCE, BI_TOLERANCE = 0.01, 0.005  # bf16 against fp32; measured: at most 0.003 and 0.001
+
+
+def test_bf16_on_the_cpu_gives_the_fp32_choices_within_a_stated_tolerance(family):
+    import copy
+
+    model = tiny_model(family)
+    batches = token_batches(tiny_tokenizer(), DOCS * 2, 10, 40, 4)
+    angular, block_influence = measure(model, batches, progress=False)
+    angular16, block_influence16 = measure(copy.deepcopy(model).to(torch.bfloat16), batches, progress=False)
+    for n, row in angular.items():
+        assert angular16[n] == pytest.approx(row, abs=ANGULAR_TOLERANCE)
+        best, best16 = min(range(len(row)), key=row.__getitem__), min(range(len(row)), key=angular16[n].__getitem__)
+        assert best16 == best or row[best16] - row[best] <= 2 * ANGULAR_TOLERANCE, "the same block, or a near-tie"
+    assert block_influence16 == pytest.approx(block_influence, abs=BI_TOLERANCE)
+
+
+def test_a_model_dispatched_over_cpu_and_disk_gives_the_same_table(tmp_path):
+    """accelerate's big-model dispatch moves each layer's inputs to its device; the hooks see the
+    states wherever they are."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    src = save_tiny(model, tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map |= {f"model.layers.{i}": "cpu" if i < 3 else "disk" for i in range(6)}
+    dispatched = AutoModelForCausalLM.from_pretrained(
+        src, dtype=torch.float32, device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert {getattr(layer, "_hf_hook", None) is not None for layer in dispatched.model.layers} == {True}
+    batches = token_batches(tiny_tokenizer(), DOCS, 5, 40, 3)
+    expected_angular, expected_bi = measure(model, batches, progress=False)
+    angular, block_influence = measure(dispatched, batches, progress=False)
+    for n, row in expected_angular.items():
+        assert angular[n] == pytest.approx(row, abs=1e-6)
+    assert block_influence == pytest.approx(expected_bi, abs=1e-6)

@@ -8,7 +8,10 @@ from typer.testing import CliRunner
 from layerprune.cli import app
 from layerprune.config import build, flat_fields, flatten
 from layerprune.data import Calibration
+from layerprune.deployment import InferenceSettings
+from layerprune.devices import Placement
 from layerprune.errors import LayerpruneError
+from layerprune.evaluation import EvalConfig
 from layerprune.healing import HealConfig
 from layerprune.pipeline import PruneConfig
 from layerprune.sweep import SweepConfig
@@ -30,9 +33,18 @@ def test_an_unknown_setting_names_the_closest_one():
 
 @pytest.mark.parametrize(
     ("command", "config", "prefix"),
-    [("analyze", Calibration, ""), ("prune", PruneConfig, ""), ("prune", HealConfig, "heal-"), ("heal", HealConfig, ""),
-     ("sweep", SweepConfig, "")],
-)  # fmt: skip
+    [
+        ("analyze", Calibration, ""),
+        ("analyze", Placement, ""),
+        ("prune", PruneConfig, ""),
+        ("prune", HealConfig, "heal-"),
+        ("heal", HealConfig, ""),
+        ("evaluate", EvalConfig, ""),
+        ("sweep", SweepConfig, ""),
+        ("bench", InferenceSettings, ""),
+        ("bench", Placement, ""),
+    ],
+)
 def test_every_setting_is_an_option_with_its_help(command, config, prefix):
     """A new setting is one dataclass field: it appears in every command that takes its config."""
     import re
@@ -45,12 +57,10 @@ def test_every_setting_is_an_option_with_its_help(command, config, prefix):
 
 def test_a_calibration_field_reaches_the_analysis_from_the_cli(tmp_path, monkeypatch):
     """The option --samples is built into the Calibration that analyze receives, untouched on the way."""
-    import layerprune.analysis
+    import layerprune.cli
 
     seen = []
-    monkeypatch.setattr(
-        layerprune.analysis, "analyze", lambda model, calibration, **kw: seen.append(calibration) or 1 / 0
-    )
+    monkeypatch.setattr(layerprune.cli, "run_analysis", lambda model, calibration, **kw: seen.append(calibration))
     CliRunner().invoke(app, ["analyze", "m", "--out", str(tmp_path / "a"), "--samples", "5", "--seq-len", "9"])
     assert seen == [Calibration(samples=5, seq_len=9)]
     assert [f.name for f in dataclasses.fields(Calibration)] == ["data", "samples", "seq_len", "batch_size"]

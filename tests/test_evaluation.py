@@ -145,3 +145,15 @@ def test_a_results_file_inside_the_model_is_refused(tmp_path, tiny):
     with pytest.raises(LayerpruneError, match="must not be inside the input model"):
         evaluate(folder, ["loss"], limit=2, out=folder / "results.json")
     assert folder_digest(folder) == before
+
+
+def test_batch_size_is_a_number_or_auto(tmp_path):
+    from typer.testing import CliRunner
+
+    from layerprune.cli import app
+    from layerprune.evaluation import EvalConfig
+
+    assert EvalConfig(batch_size="auto").loss_batch_size == 8 and EvalConfig(batch_size="16").batch_size == 16
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "m"), "--batch-size", "eight"])
+    assert result.exit_code == 1
+    assert result.stderr == "error: --batch-size must be a whole number of at least 1, or auto; got 'eight'\n"

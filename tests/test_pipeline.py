@@ -106,7 +106,8 @@ def test_prune_with_quantize_writes_the_pruned_model_quantized(tmp_path):
     assert loaded.config.num_hidden_layers == 3 and loaded.config.quantization_config.load_in_8bit
     record = json.loads((tmp_path / "q" / "layerprune.json").read_text())
     assert record["removed_layers"] == [1, 2, 3]
-    assert record["quantization"] == {"scheme": "int8", "backend": "bitsandbytes"}
+    assert record["quantization"] == {"scheme": "int8", "backend": "bitsandbytes", "device": "cpu", "dtype": "float32",
+                                      "device_map": None}  # fmt: skip
     assert folder_digest(full) == before and sorted(p.name for p in tmp_path.iterdir()) == ["full", "q"]
     umask = os.umask(0)
     os.umask(umask)

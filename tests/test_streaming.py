@@ -59,7 +59,8 @@ def test_analyze_with_offload_records_it(tmp_path):
     data.write_text("\n\n".join(DOCS))
     offloaded = analyze(src, data=data, samples=4, seq_len=32, offload=True, progress=False)
     in_memory = analyze(src, data=data, samples=4, seq_len=32, offload=False, progress=False)
-    assert offloaded.extra == {"offload": True} and in_memory.extra == {"offload": False}
+    assert offloaded.extra["offload"] is True and in_memory.extra["offload"] is False
+    assert offloaded.extra["device"] == in_memory.extra["device"] == "cpu"
     assert offloaded.best == in_memory.best
 
 
@@ -132,3 +133,26 @@ def test_only_the_embedding_rows_the_data_uses_are_read(tmp_path):
         for before, after in zip(batches, renumbered, strict=True):
             expected = model.get_input_embeddings()(before["input_ids"])
             torch.testing.assert_close(empty.get_input_embeddings()(after["input_ids"]), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("budget_layers", [None, 1.1])  # the next layer read ahead, or (budget of one layer) not
+def test_offload_in_bf16_equals_in_memory_bf16(tmp_path, budget_layers):
+    import torch
+
+    from layerprune.architectures import find_architecture
+    from layerprune.checkpoint import tensor_entries
+    from layerprune.devices import Plan
+    from layerprune.streaming import _layer_bytes
+
+    model = tiny_model("qwen3").to(torch.bfloat16)
+    src = save_tiny(model, tmp_path / "model")
+    batches = token_batches(tiny_tokenizer(), DOCS, 4, 40, 2)
+    expected_angular, expected_bi = measure(model, batches, progress=False)
+    budget = None
+    if budget_layers:
+        layer = _layer_bytes(tensor_entries(src), find_architecture(model.config), 0, "bfloat16")
+        budget = budget_layers * layer + 2**20  # room for one layer and the states, not for two layers
+    angular, block_influence = measure_streaming(src, batches, budget, Plan("cpu", "bfloat16"), progress=False)
+    for n, row in expected_angular.items():
+        assert angular[n] == pytest.approx(row, abs=2e-3)
+    assert block_influence == pytest.approx(expected_bi, abs=2e-3)

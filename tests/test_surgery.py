@@ -209,3 +209,24 @@ def test_layer_lists_are_checked_before_they_are_expanded(spec, fragment):
 def test_a_layer_named_twice_is_removed_once_with_a_warning():
     with pytest.warns(LayerpruneWarning, match="name some layer twice"):
         assert parse_layers("1-3,2", 6) == [1, 2, 3]
+
+
+def test_pruning_in_place_for_a_while_leaves_the_model_exactly_as_it_was(family):
+    from layerprune.surgery import pruned_in_place
+
+    model = tiny_model(family)
+    before = logits(model)
+    config_before = model.config.to_dict()
+    expected = logits(prune_model(copy.deepcopy(model), [1, 3]))
+    with pruned_in_place(model, [1, 3]) as pruned:
+        assert pruned is model
+        torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
+        prompt = IDS[:, :12]
+        with torch.no_grad():
+            cached = model.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        assert torch.equal(cached, greedy(model, prompt, 6))
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+    assert model.config.to_dict() == config_before
+    with torch.no_grad():
+        cached = model.generate(IDS[:, :12], max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert torch.equal(cached, greedy(model, IDS[:, :12], 6)), "layer_idx restored for the KV cache"

@@ -1,0 +1,155 @@
+"""The one place that decides where a model runs and in which dtype.
+
+`Placement` is what the user asks (`--device auto|cpu|cuda|cuda:N`, `--dtype auto|float32|
+bfloat16|float16`); `plan_placement` turns it into a `Plan` for one checkpoint:
+
+- `auto` with a GPU: the GPU, in the checkpoint's own dtype (bf16 for today's models); a model
+  larger than one GPU is spread over every visible GPU, then host memory, by accelerate's
+  big-model dispatch (`device_map="auto"` with `max_memory`);
+- `auto` without one: the CPU in fp32 (on CPUs without bf16 units it is several times faster).
+
+The plan is printed and recorded in every output (`Plan.record`). Nothing here imports torch
+at module level; the GPU probe is one function, so tests can fake any machine.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import tensor_entries
+from .errors import LayerpruneError
+from .memory import FIT_SHARE, fits_in_memory, memory_available
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_HEADER_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where to run the model and in which dtype (`auto`: the GPU in the checkpoint's dtype, else the CPU in fp32)."""
+
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N."})
+    dtype: str = field(default="auto", metadata={"help": "Compute dtype.", "choices": DTYPES})
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise LayerpruneError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise LayerpruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A placement decided for one model: the device inputs go to, the dtype, and (for a model
+    larger than one device) accelerate's device map and memory limits."""
+
+    device: str  # "cpu" or "cuda:N": where the embeddings, and so the inputs, are
+    dtype: str  # "float32", "bfloat16" or "float16"
+    device_map: str | None = None  # "auto" when spread over several devices by accelerate
+    max_memory: dict[Any, int] | None = None
+    reason: str = ""
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def record(self) -> dict[str, Any]:
+        """What every output records about where it was computed."""
+        return {"device": self.device, "dtype": self.dtype, "device_map": self.device_map}
+
+    def describe(self) -> str:
+        spread = ", spread by accelerate" if self.device_map else ""
+        return f"{self.device}, {self.dtype}{spread}" + (f" ({self.reason})" if self.reason else "")
+
+
+def visible_gpus() -> list[tuple[int, int]]:
+    """(free, total) bytes of every visible CUDA GPU; [] on a machine without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())]
+
+
+def checkpoint_dtype(path: Path) -> str:
+    """The dtype most of a checkpoint's floating-point bytes are stored in (fp32 if unknown)."""
+    weights: dict[str, int] = {}
+    for entry in tensor_entries(path).values():
+        if entry.dtype in _HEADER_DTYPES:
+            name = _HEADER_DTYPES[entry.dtype]
+            weights[name] = weights.get(name, 0) + entry.length
+    return max(weights, key=weights.__getitem__) if weights else "float32"
+
+
+def model_bytes(path: Path, dtype: str) -> int:
+    """The checkpoint's weights in `dtype`, from the safetensors headers (nothing is loaded)."""
+    return sum(math.prod(e.shape) * DTYPE_BYTES[dtype] for e in tensor_entries(path).values())
+
+
+def plan_placement(
+    placement: Placement | None, path: Path | None = None, gpus: list[tuple[int, int]] | None = None
+) -> Plan:
+    """Decide device, dtype and dispatch for the checkpoint at `path` (or an already loaded model
+    when `path` is None), on this machine or on the GPUs `gpus` describes."""
+    placement = placement or Placement()
+    gpus = visible_gpus() if gpus is None and placement.device != "cpu" else (gpus or [])
+    if placement.device == "cpu" or (placement.device == "auto" and not gpus):
+        why = "asked" if placement.device == "cpu" else "no GPU is visible"
+        return Plan("cpu", "float32" if placement.dtype == "auto" else placement.dtype, reason=why)
+    index = int(placement.device.partition(":")[2] or 0) if placement.device != "auto" else 0
+    if not gpus:
+        raise LayerpruneError(f"--device {placement.device}: no CUDA GPU is visible on this machine")
+    if index >= len(gpus):
+        names = ", ".join(f"cuda:{i}" for i in range(len(gpus)))
+        raise LayerpruneError(f"--device {placement.device}: this machine has {len(gpus)} GPU(s) ({names})")
+    dtype = placement.dtype if placement.dtype != "auto" else (checkpoint_dtype(path) if path else "bfloat16")
+    device = f"cuda:{index}"
+    if path is None or model_bytes(path, dtype) <= FIT_SHARE * gpus[index][0]:
+        return Plan(device, dtype, reason="fits on one GPU")
+    # larger than one GPU: every visible GPU from the chosen one, then host memory
+    order = [index, *[i for i in range(len(gpus)) if i != index]] if placement.device == "auto" else [index]
+    max_memory: dict[Any, int] = {i: int(FIT_SHARE * gpus[i][0]) for i in order}
+    max_memory["cpu"] = int(FIT_SHARE * memory_available())
+    return Plan(device, dtype, "auto", max_memory, reason="larger than one GPU: spread over GPUs, then host memory")
+
+
+def fits_on_device(plan: Plan, path: Path) -> bool:
+    """Whether the checkpoint fits, whole and in the plan's dtype, in the memory of the device that
+    would run it (host memory for the CPU; one GPU's free memory for a GPU)."""
+    if plan.device == "cpu":
+        return fits_in_memory(model_bytes(path, plan.dtype))
+    return plan.device_map is None
+
+
+def plan_of(model: Any) -> Plan:
+    """The plan a loaded model was placed by (`models.load_model` keeps it), or one read off it."""
+    plan = getattr(model, "layerprune_plan", None)
+    if isinstance(plan, Plan):
+        return plan
+    weight = model.get_input_embeddings().weight
+    return Plan(str(weight.device), str(weight.dtype).removeprefix("torch."), reason="as loaded by the caller")
+
+
+def training_plan() -> Plan:
+    """Where a (Q)LoRA heal trains: each process on its own GPU (its local rank) in bf16, else the
+    CPU in fp32."""
+    if visible_gpus():
+        from accelerate import PartialState
+
+        return Plan(f"cuda:{PartialState().local_process_index}", "bfloat16", reason="this process's GPU")
+    return Plan("cpu", "float32", reason="no GPU is visible")
+
+
+def quantized_plan() -> Plan:
+    """Where a model is quantized (bitsandbytes) for export: spread over every visible GPU with bf16
+    compute, else the CPU with fp32 compute."""
+    if visible_gpus():
+        return Plan("cuda:0", "bfloat16", "auto", reason="spread over every visible GPU")
+    return Plan("cpu", "float32", reason="no GPU is visible")
