@@ -189,11 +189,58 @@ def agreement(root: Path, data: Path, device: str) -> dict[str, Any]:
     return figures
 
 
+FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_processes: 1
+num_machines: 1
+machine_rank: 0
+mixed_precision: bf16
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_cpu_ram_efficient_loading: true
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_reshard_after_forward: true
+"""
+FSDP_HEAL = """\
+import sys
+import layerprune.healing as healing
+healing.loss_curves = lambda *a, **k: None  # matplotlib is not on the GPU machine
+real = healing._trainer
+def trainer(*args, **kwargs):
+    made = real(*args, **kwargs)
+    print("FSDP enabled:", made.is_fsdp_enabled, flush=True)
+    return made
+healing._trainer = trainer
+from layerprune.cli import main
+sys.argv = ["layerprune", *sys.argv[1:]]
+main()
+"""
+
+
+def fsdp_heal(root: Path, data: Path) -> dict[str, Any]:
+    """Two heal steps of the pruned model under FSDP: no device map, the weights placed by FSDP."""
+    import subprocess
+
+    (root / "fsdp.yaml").write_text(FSDP_CONFIG)
+    (root / "fsdp_heal.py").write_text(FSDP_HEAL)
+    command = ["accelerate", "launch", "--config_file", str(root / "fsdp.yaml"), str(root / "fsdp_heal.py"), "heal",
+               str(root / "pruned"), "--out", str(root / "fsdp-healed"), "--no-quant", "--steps", "2", "--batch-size",
+               "4", "--grad-accum", "1", "--seq-len", "256", "--data", str(data), "--save-every", "1000"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-1500:])
+    return {"fsdp_enabled": "FSDP enabled: True" in done.stdout, "wrote": (root / "fsdp-healed").is_dir()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", choices=sorted(SHAPES), default="8b")
-    parser.add_argument("--skip", default="", help="steps to skip, comma-separated: agreement, stream, heal, bench")
+    parser.add_argument(
+        "--skip", default="", help="steps to skip, comma-separated: agreement, stream, heal, bench, fsdp"
+    )
     args = parser.parse_args()
     from layerprune import Calibration, HealConfig, heal, prune
     from layerprune.analysis import measure
@@ -304,6 +351,8 @@ def main() -> None:
         step("heal --no-quant, 2 steps of 4 x 256 tokens", healing, device)
     if "bench" not in skip and "error" not in pruned:
         step("bench full against pruned", bench, device)
+    if "fsdp" not in skip and "error" not in pruned and device.startswith("cuda"):
+        step("heal under FSDP (accelerate launch, 1 process)", lambda: fsdp_heal(root, data), device)
     if os.environ.get("OUT"):
         summary = {"device": device, "size": args.size, "results": RESULTS}
         Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(summary, indent=1))

@@ -9,7 +9,7 @@ as that config's fields by keyword):
     prune_model(model, layers)     -> model           the same surgery on a loaded model
     select_layers(num_layers, ...) -> list[int]       a strategy's choice, without a model
     evaluate(model, tasks, ...)    -> dict            lm-eval QA accuracy and held-out loss
-    run_sweep(model, out, config)  -> Path            the paper's experiment, with a report
+    run_sweep(model, out, config)  -> SweepResult     the paper's experiment, with a report
     resolve_model(spec)            -> Path            a local checkpoint folder for any model argument
 """
 

@@ -23,7 +23,7 @@ from .analysis import analyze as run_analysis
 from .config import build, flat_fields
 from .data import Calibration
 from .deployment import InferenceSettings, benchmark, export_quantized, write_benchmark
-from .devices import Placement
+from .devices import Placement, end_processes, is_main_process
 from .errors import LayerpruneError, LayerpruneWarning, describe
 from .evaluation import EvalConfig
 from .evaluation import evaluate as run_evaluation
@@ -34,7 +34,7 @@ from .pipeline import PruneConfig, prune_and_heal, then_quantize
 from .pipeline import prune as run_prune
 from .report import write_report
 from .strategies import STRATEGIES
-from .sweep import SweepConfig, collect, run_sweep
+from .sweep import Shard, SweepConfig, collect, run_sweep
 
 app = typer.Typer(
     help="Measure which transformer layers are redundant, remove them, heal and evaluate.",
@@ -115,11 +115,12 @@ def config_options(cls: type, prefix: str = "", name: str = "config") -> Callabl
         elif str in typing.get_args(annotation) and set(typing.get_args(annotation)) - {str, type(None)}:
             annotation, default = str, str(default)  # a number or a word (--batch-size 8 or auto)
         help_text = field.help + (f" One of: {', '.join(field.choices)}." if field.choices else "")
+        names = [flag, *(f"--{alias}" for alias in field.aliases)]
         return inspect.Parameter(
             field.name,
             inspect.Parameter.KEYWORD_ONLY,
             default=default,
-            annotation=Annotated[annotation, typer.Option(flag, help=help_text)],
+            annotation=Annotated[annotation, typer.Option(*names, help=help_text)],
         )
 
     def parse(field: Any, value: Any) -> Any:
@@ -145,8 +146,20 @@ def config_options(cls: type, prefix: str = "", name: str = "config") -> Callabl
     return decorate
 
 
-@app.command()
-@user_errors
+def command(**configs: type | tuple[type, str]) -> Callable[[Callable[..., Any]], Any]:
+    """Register a command: behind the error boundary, with one option group per config, each
+    given to the command under its keyword (a config with a prefix: `heal_config=(HealConfig, "heal_")`)."""
+
+    def register(function: Callable[..., Any]) -> Any:
+        for name, spec in reversed(configs.items()):
+            cls, prefix = spec if isinstance(spec, tuple) else (spec, "")
+            function = config_options(cls, prefix, name)(function)
+        return app.command()(user_errors(function))
+
+    return register
+
+
+@command()
 def models() -> None:
     """List the built-in models and where their converted checkpoints are cached."""
     for name, builtin in BUILTIN_MODELS.items():
@@ -155,8 +168,7 @@ def models() -> None:
         typer.echo(f"{name:14} {builtin.description}\n{'':14} package: {builtin.packages}\n{'':14} cache: {state}")
 
 
-@app.command()
-@user_errors
+@command()
 def strategies() -> None:
     """List the pruning strategies: what each removes, what it needs, and what it costs."""
     for name, strategy in STRATEGIES.items():
@@ -164,10 +176,7 @@ def strategies() -> None:
         typer.echo(f"{name:15} {strategy.help}\n{'':15} needs: {needs}; cost: {strategy.cost}")
 
 
-@app.command()
-@user_errors
-@config_options(Placement, name="placement")
-@config_options(Calibration, name="calibration")
+@command(placement=Placement, calibration=Calibration)
 def analyze(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="New folder for distances.json, distances.csv, heatmap.png.")],
@@ -202,10 +211,7 @@ def analyze(
     typer.echo(f"wrote {out}/distances.json, distances.csv, heatmap.png")
 
 
-@app.command()
-@user_errors
-@config_options(HealConfig, prefix="heal_", name="heal_config")
-@config_options(PruneConfig)
+@command(heal_config=(HealConfig, "heal_"), config=PruneConfig)
 def prune(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="New checkpoint folder (must not exist).")],
@@ -230,6 +236,8 @@ def prune(
     else:
         make = partial(run_prune, model, config=config)
     record = _maybe_quantized(out, quantize, overwrite, partial(make, analysis=analysis)).record
+    if not is_main_process():  # one process of a torchrun or accelerate launch reports
+        return
     removed = record["removed_layers"]
     typer.echo(
         f"removed {len(removed)} of {record['num_layers_before']} layers ({record['strategy']}): {removed}\n"
@@ -254,9 +262,7 @@ def _echo_healing(healing: dict[str, Any]) -> None:
     )
 
 
-@app.command()
-@user_errors
-@config_options(HealConfig)
+@command(config=HealConfig)
 def heal(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Healed checkpoint folder (must not exist).")],
@@ -273,13 +279,13 @@ def heal(
     """
     make = partial(run_heal, model, config=config, save_adapter=save_adapter)
     written = _maybe_quantized(out, quantize, overwrite, make)
+    if not is_main_process():  # one process of a torchrun or accelerate launch reports
+        return
     _echo_healing(written.record["healing"])
     typer.echo(f"wrote {written.path}" + (f" ({quantize})" if quantize else ""))
 
 
-@app.command()
-@user_errors
-@config_options(EvalConfig)
+@command(config=EvalConfig)
 def evaluate(
     model: ModelArg,
     out: Annotated[Path | None, typer.Option("--out", help="Write results.json here.")] = None,
@@ -287,6 +293,8 @@ def evaluate(
 ) -> None:
     """QA accuracy through lm-eval-harness (offline data) and held-out next-token loss."""
     record = run_evaluation(model, config=config, out=out)
+    if not is_main_process():  # lm-eval gathers the results on the main process, which reports
+        return
     typer.echo(f"{'task':14} {'n':>6} {'acc':>14} {'acc_norm':>14} {'chance':>7}")
     for name, metrics in record["tasks"].items():
         if name == "loss":
@@ -306,22 +314,28 @@ def evaluate(
     typer.echo(f"{record['seconds']:.0f} s" + (f"; wrote {out}" if out else ""))
 
 
-@app.command()
-@user_errors
-@config_options(SweepConfig)
+@command(config=SweepConfig)
 def sweep(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Sweep folder (resumed if it exists).")],
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard", help="i/k: compute only every k-th point from the i-th (default under torchrun: rank)."
+        ),
+    ] = None,
     config: SweepConfig | None = None,
 ) -> None:
     """The paper's experiment: prune by each strategy at each fraction, heal, evaluate, report."""
     assert config is not None
-    folder = run_sweep(model, out, config)
-    typer.echo(f"wrote {folder}/results.csv, results.json and {folder / 'report.html'}")
+    done = run_sweep(model, out, config, shard=Shard.parse(shard) if shard else None)
+    if done.complete:
+        typer.echo(f"wrote {out}/results.csv, results.json and {out / 'report.html'}")
+    else:
+        typer.echo(f"wrote this shard's points to {out}/points; the last shard to finish writes the report")
 
 
-@app.command()
-@user_errors
+@command()
 def report(
     folder: Annotated[Path, typer.Argument(help="A sweep folder.")],
     tolerance: Annotated[float, typer.Option("--tolerance", help="Relative accuracy loss accepted.")] = 0.05,
@@ -331,10 +345,7 @@ def report(
     typer.echo(f"wrote {write_report(folder, tolerance)}")
 
 
-@app.command()
-@user_errors
-@config_options(Placement, name="placement")
-@config_options(InferenceSettings, name="settings")
+@command(placement=Placement, settings=InferenceSettings)
 def bench(
     models: Annotated[list[str], typer.Argument(help="Models to compare (folders, .gguf, built-in names).")],
     out: Annotated[Path | None, typer.Option("--out", help="Folder for bench.json and bench.png.")] = None,
@@ -364,8 +375,7 @@ def bench(
         typer.echo(f"wrote {out}/bench.json and bench.png")
 
 
-@app.command()
-@user_errors
+@command()
 def export(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Quantized checkpoint folder (must not exist).")],
@@ -385,7 +395,10 @@ def main() -> None:
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _terminate)
-    app(prog_name="layerprune")
+    try:
+        app(prog_name="layerprune")
+    finally:
+        end_processes()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Each settings class (`Calibration`, `PruneConfig`, `HealConfig`, `EvalConfig`, `SweepConfig`,
 ...) declares its fields once, with their help in the field's metadata. A nested config field
 adds its fields under an optional prefix (`metadata={"prefix": "heal_"}`); a field may name its
-command-line flag (`metadata={"flag": "n"}`). The flat view gives
+command-line flag and other names for it (`metadata={"flag": "n", "aliases": ("counts",)}`). The
+flat view gives
 the CLI one option per field and the API one keyword per field, so a new setting is one field.
 """
 
@@ -32,6 +33,7 @@ class FlatField:
     choices: tuple[str, ...] = ()
     prefix: str = ""  # of the name, e.g. "heal_"
     flag: str = ""  # the option's name on the command line, e.g. "heal-steps"
+    aliases: tuple[str, ...] = ()  # other names for it on the command line
 
 
 @cache
@@ -64,6 +66,7 @@ def flat_fields(cls: Any, prefix: str = "", path: tuple[str, ...] = ()) -> Itera
             choices=tuple(choices() if callable(choices) else choices),
             prefix=prefix,
             flag=(prefix + field.metadata.get("flag", field.name)).replace("_", "-"),
+            aliases=tuple((prefix + alias).replace("_", "-") for alias in field.metadata.get("aliases", ())),
         )
 
 

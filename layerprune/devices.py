@@ -15,7 +15,10 @@ at module level; the GPU probe is one function, so tests can fake any machine.
 from __future__ import annotations
 
 import math
+import os
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,7 @@ class Plan:
     device_map: str | None = None  # "auto" when spread over several devices by accelerate
     max_memory: dict[Any, int] | None = None
     reason: str = ""
+    sharded_by: str | None = None  # "fsdp" or "deepspeed": the launcher places the weights, not a device map
 
     @property
     def torch_dtype(self) -> Any:
@@ -67,6 +71,11 @@ class Plan:
     def describe(self) -> str:
         spread = ", spread by accelerate" if self.device_map else ""
         return f"{self.device}, {self.dtype}{spread}" + (f" ({self.reason})" if self.reason else "")
+
+
+def _local_rank(gpus: int) -> int:
+    """The GPU of this process under torchrun or accelerate launch (its local rank); 0 alone."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(gpus, 1)
 
 
 def visible_gpus() -> list[tuple[int, int]]:
@@ -103,7 +112,7 @@ def plan_placement(
     if placement.device == "cpu" or (placement.device == "auto" and not gpus):
         why = "asked" if placement.device == "cpu" else "no GPU is visible"
         return Plan("cpu", "float32" if placement.dtype == "auto" else placement.dtype, reason=why)
-    index = int(placement.device.partition(":")[2] or 0) if placement.device != "auto" else 0
+    index = int(placement.device.partition(":")[2] or 0) if placement.device != "auto" else _local_rank(len(gpus))
     if not gpus:
         raise LayerpruneError(f"--device {placement.device}: no CUDA GPU is visible on this machine")
     if index >= len(gpus):
@@ -139,12 +148,18 @@ def plan_of(model: Any) -> Plan:
 
 def training_plan() -> Plan:
     """Where a (Q)LoRA heal trains: each process on its own GPU (its local rank) in bf16, else the
-    CPU in fp32."""
+    CPU in fp32. Under FSDP or DeepSpeed (from an accelerate config), the launcher shards and
+    places the weights: no device map (ZeRO-3 refuses one), and nothing loaded whole on every GPU."""
+    sharded = next((name for name in ("fsdp", "deepspeed") if _launched_with(name)), None)
     if visible_gpus():
-        from accelerate import PartialState
+        index = process_state().local_process_index
+        return Plan(f"cuda:{index}", "bfloat16", reason="this process's GPU", sharded_by=sharded)
+    return Plan("cpu", "float32", reason="no GPU is visible", sharded_by=sharded)
 
-        return Plan(f"cuda:{PartialState().local_process_index}", "bfloat16", reason="this process's GPU")
-    return Plan("cpu", "float32", reason="no GPU is visible")
+
+def _launched_with(name: str) -> bool:
+    """Whether `accelerate launch` was given an FSDP or DeepSpeed config (it says so in the environment)."""
+    return os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() in ("1", "true")
 
 
 def quantized_plan() -> Plan:
@@ -153,3 +168,81 @@ def quantized_plan() -> Plan:
     if visible_gpus():
         return Plan("cuda:0", "bfloat16", "auto", reason="spread over every visible GPU")
     return Plan("cpu", "float32", reason="no GPU is visible")
+
+
+def on_main_process(work: Callable[[], Any]) -> None:
+    """Run `work` on the main process only (rank 0 of a torchrun or accelerate launch); the other
+    processes wait until it is done, and raise its error too if it failed. A lone process just
+    runs it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        work()
+        return
+    from accelerate.utils import broadcast_object_list
+
+    state = process_state()
+    failure: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            work()
+        except Exception as err:  # sent to every process: none may go on alone
+            failure[0] = err
+    broadcast_object_list(failure, from_process=0)
+    if failure[0] is not None:
+        raise failure[0] if state.is_main_process else LayerpruneError(f"the main process failed: {failure[0]}")
+
+
+def process_state() -> Any:
+    """accelerate's state of this process, joined to the others of a torchrun or accelerate launch:
+    over NCCL with GPUs, over gloo without (accelerate stays single-process on the CPU unless told)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not visible_gpus())
+
+
+def process_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of a torchrun or accelerate launch; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gather_objects(items: dict[Any, Any]) -> dict[Any, Any]:
+    """Every process's `items`, merged (each process holding its own keys); alone, `items` itself."""
+    if process_rank()[1] <= 1:
+        return items
+    import torch.distributed as dist
+
+    process_state()  # joins the process group if lm-eval or the Trainer has not yet
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, items)
+    return {key: value for share in shares for key, value in share.items()}
+
+
+_LAUNCHER_VARIABLES = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+)  # fmt: skip
+
+
+def work_alone() -> None:
+    """Make this process of a torchrun launch a lone process on its own GPU: for work split by
+    shards (each process its own points) rather than one job shared by DDP. Call it before
+    anything asks for the GPUs."""
+    local = os.environ.get("LOCAL_RANK")
+    for name in _LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if local is not None:
+        devices = visible.split(",") if visible else [str(i) for i in range(int(local) + 1)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[int(local) % len(devices)]
+
+
+def end_processes() -> None:
+    """Leave the process group of a torchrun or accelerate launch, if this process joined one: left
+    to interpreter shutdown, gloo's threads can abort the process after its work is done."""
+    distributed = sys.modules.get("torch.distributed")  # never imports torch for a command that did not
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Whether this is rank 0 of a torchrun or accelerate launch (or a lone process): what prints."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -9,6 +9,7 @@ normalized by ln(vocab size). A loaded model is evaluated in memory, with no sav
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -24,10 +25,19 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import check_overlap, read_record
+from .checkpoint import check_overlap, read_record, validate_checkpoint
 from .config import build
 from .data import load_documents, token_batches
-from .devices import Placement, plan_of
+from .devices import (
+    Placement,
+    gather_objects,
+    on_main_process,
+    plan_of,
+    plan_placement,
+    process_rank,
+    process_state,
+    visible_gpus,
+)
 from .errors import LayerpruneError
 from .models import load_model, model_inputs, resolve_model
 from .packages import package_dir
@@ -36,6 +46,7 @@ from .residual import next_token_losses
 LOSS_TASK = "loss"
 DEFAULT_LOSS_DATA = "lambada"
 DEFAULT_TASKS = ("sciq", "piqa", "arc_easy", LOSS_TASK)
+BACKENDS = ("hf", "vllm")
 
 
 def _task_list(tasks: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -57,10 +68,18 @@ class EvalConfig:
     loss_data: str = field(default=DEFAULT_LOSS_DATA, metadata={"help": "Held-out text for `loss`."})
     loss_samples: int = field(default=200, metadata={"help": "Held-out documents for `loss` (at most)."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per held-out document (truncated)."})
+    backend: str = field(
+        default="hf",
+        metadata={"help": "hf (transformers), or vllm (pip install 'layerprune[vllm]'; GPUs).", "choices": BACKENDS},
+    )
     placement: Placement = field(default_factory=Placement)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", _task_list(self.tasks))
+        if self.backend not in BACKENDS:
+            raise LayerpruneError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise LayerpruneError("--backend vllm needs vLLM, which is not installed: pip install 'layerprune[vllm]'")
         if isinstance(self.batch_size, str) and self.batch_size.isdigit():
             object.__setattr__(self, "batch_size", int(self.batch_size))
         if not self.tasks or not all(self.tasks):
@@ -193,16 +212,48 @@ def check_tasks(tasks: list[str]) -> None:
         )
 
 
-def qa_accuracy(
-    model: Any, tokenizer: Any, tasks: list[str], limit: int | None, num_fewshot: int | None, batch_size: int | str
-) -> dict[str, dict[str, Any]]:
-    """Run lm-eval's simple_evaluate on an in-memory model; one summary per task."""
-    from lm_eval import simple_evaluate
+def language_model(model: Any, tokenizer: Any, batch_size: int | str) -> Any:
+    """lm-eval's model around a loaded model (one process)."""
     from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+
+
+def parallel_language_model(path: Path, placement: Placement, batch_size: int | str) -> Any:
+    """lm-eval's model loaded from a checkpoint by every process of a torchrun or accelerate launch:
+    lm-eval then splits the documents between them (its data-parallel path) and gathers the results."""
+    from accelerate import Accelerator
+    from lm_eval.models.huggingface import HFLM
+
+    plan = plan_placement(placement, path)  # each process holds the whole model: data parallel
+    if plan.device != "cpu":
+        return HFLM(pretrained=str(path), dtype=plan.dtype, batch_size=batch_size, parallelize=False)
+    # On the CPU lm-eval stays single-process (it splits only when it counts GPUs); give it what its
+    # GPU branch sets: the process group (gloo), this process's rank and the process count. Name the
+    # device too: lm-eval's defaults to "cuda", and transformers takes "cpu:0" for an accelerator.
+    state = process_state()
+    lm = HFLM(pretrained=str(path), dtype=plan.dtype, batch_size=batch_size, parallelize=False, device="cpu",
+              device_map={"": "cpu"})  # fmt: skip
+    lm.accelerator, lm._rank, lm._world_size = Accelerator(cpu=True), state.process_index, state.num_processes
+    return lm
+
+
+def vllm_language_model(path: Path, placement: Placement, batch_size: int | str) -> Any:
+    """lm-eval's vLLM model on a checkpoint, with tensor parallelism over every visible GPU."""
+    from lm_eval.models.vllm_causallms import VLLM
+
+    plan = plan_placement(placement, path)
+    gpus = max(1, len(visible_gpus()))
+    return VLLM(pretrained=str(path), dtype=plan.dtype, tensor_parallel_size=gpus, batch_size=batch_size)
+
+
+def qa_accuracy(lm: Any, tasks: list[str], limit: int | None, num_fewshot: int | None) -> dict[str, dict[str, Any]]:
+    """Run lm-eval's simple_evaluate on `lm`; one summary per task (on the main process only,
+    where lm-eval gathers them)."""
+    from lm_eval import simple_evaluate
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the progress bars
     manager = task_manager()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     results = {}
     for task in tasks:
         specs, names = _lm_eval_specs(task, manager.task_index)
@@ -211,7 +262,8 @@ def qa_accuracy(
         raw = simple_evaluate(
             model=lm, tasks=specs, num_fewshot=shots, limit=limit, task_manager=manager, log_samples=False
         )
-        results[task] = _summarize(task, names, raw)
+        if raw is not None:  # None on the other processes of a launch
+            results[task] = _summarize(task, names, raw)
     return results
 
 
@@ -225,14 +277,16 @@ def document_losses(
 
     batches = token_batches(tokenizer, load_documents(data), samples, seq_len, batch_size)
     device = model.get_input_embeddings().weight.device
-    per_document: list[tuple[float, int]] = []
+    rank, processes = process_rank()  # several processes: each its share of the batches, the same batches
+    per_batch: dict[int, list[tuple[float, int]]] = {}
     with torch.inference_mode():
-        for batch in tqdm(batches, desc="loss", unit="batch"):
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for index in tqdm(range(rank, len(batches), processes), desc="loss", unit="batch"):
+            batch = {k: v.to(device) for k, v in batches[index].items()}
             losses, mask = next_token_losses(model(**batch, use_cache=False).logits, batch)
             sums = losses.masked_fill(~mask, 0.0).sum(dim=1)
-            per_document += zip(sums.tolist(), mask.sum(dim=1).tolist(), strict=True)
-    return per_document
+            per_batch[index] = list(zip(sums.tolist(), mask.sum(dim=1).tolist(), strict=True))
+    gathered = gather_objects(per_batch)
+    return [document for index in sorted(gathered) for document in gathered[index]]
 
 
 def heldout_loss(model: Any, tokenizer: Any, data: str | Path, samples: int, seq_len: int, batch_size: int) -> dict:
@@ -293,18 +347,30 @@ def evaluate(
         history = read_record(path)
         if history is not None:
             record["layers_removed"] = history.get("removed_layers")
-        model, tokenizer = load_model(path, config.placement)
+        if config.backend == "vllm":  # vLLM runs the QA tasks; the held-out loss needs the model's logits
+            lm = vllm_language_model(path, config.placement, config.batch_size)
+            model, tokenizer = load_model(path, config.placement) if LOSS_TASK in config.tasks else (None, None)
+        elif process_rank()[1] > 1:  # under a launcher: lm-eval loads it on every process and splits the work
+            validate_checkpoint(path)
+            lm = parallel_language_model(path, config.placement, config.batch_size)
+            model, tokenizer = lm.model.eval(), lm.tokenizer
+        else:
+            model, tokenizer = load_model(path, config.placement)
+            lm = None
     elif tokenizer is None:
         raise LayerpruneError("evaluate() of a loaded model needs its tokenizer")
     else:
         record = {"model": getattr(model, "name_or_path", type(model).__name__)}
-    record["num_layers"] = model.config.get_text_config().num_hidden_layers
-    record["placement"] = plan_of(model).record()
+        lm = None
+    if model is not None:
+        record["num_layers"] = model.config.get_text_config().num_hidden_layers
+        record["placement"] = plan_of(model).record() | {"processes": process_rank()[1]}
+    record["backend"] = config.backend
     start = time.perf_counter()
     qa_tasks = [t for t in config.tasks if t != LOSS_TASK]
-    results = (
-        qa_accuracy(model, tokenizer, qa_tasks, config.limit, config.num_fewshot, config.batch_size) if qa_tasks else {}
-    )
+    if qa_tasks and lm is None:
+        lm = language_model(model, tokenizer, config.batch_size)
+    results = qa_accuracy(lm, qa_tasks, config.limit, config.num_fewshot) if qa_tasks else {}
     if LOSS_TASK in config.tasks:
         samples = min(config.loss_samples, config.limit) if config.limit else config.loss_samples
         results[LOSS_TASK] = heldout_loss(
@@ -322,7 +388,7 @@ def evaluate(
         seconds=round(time.perf_counter() - start, 2),
     )
     if out is not None:
-        _write_results(Path(out), record)
+        on_main_process(lambda: _write_results(Path(out), record))
     return record
 
 

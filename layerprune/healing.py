@@ -27,12 +27,22 @@ from typing import Any
 
 from ._version import __version__
 from .architectures import find_architecture
-from .checkpoint import Written, check_destination, extend_record, staged_output, write_record
+from .checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    Written,
+    check_destination,
+    extend_record,
+    shard_files,
+    staged_output,
+    write_record,
+)
 from .data import DEFAULT_CALIBRATION, load_documents
-from .devices import training_plan
+from .devices import on_main_process, training_plan
 from .errors import LayerpruneError
 from .models import check_quantization, load_tokenizer, model_inputs, quantization_config, resolve_model
 from .plots import loss_curves
+from .residual import next_token_losses
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,9 @@ class HealConfig:
         default=16, metadata={"help": "Held-out sequences scored at each validation (at most)."}
     )
     eval_every: int | None = field(default=None, metadata={"help": "Validation every N steps (default steps/5)."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, about 30% slower."}
+    )
     save_every: int = field(default=50, metadata={"help": "Checkpoint every N steps, for resuming."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, dropout and LoRA init."})
 
@@ -139,12 +152,16 @@ def load_for_training(path: Path, config: HealConfig) -> Any:
     from transformers import AutoModelForCausalLM
 
     plan = training_plan()
-    quantization = quantization_config("nf4", plan.torch_dtype) if config.quant else None
+    storage = plan.torch_dtype if plan.sharded_by == "fsdp" else None
+    quantization = quantization_config("nf4", plan.torch_dtype, storage) if config.quant else None
+    placement = {} if plan.sharded_by else {"device_map": {"": plan.device}}
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=plan.torch_dtype, quantization_config=quantization, device_map={"": plan.device}
+        str(path), dtype=plan.torch_dtype, quantization_config=quantization, **placement
     )
-    if config.quant:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.quant and not plan.sharded_by:  # its fp32 upcast of the other weights would defeat FSDP's sharding
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    elif config.gradient_checkpointing:
+        model.enable_input_require_grads()  # what prepare_model_for_kbit_training does for checkpointing
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.lora_alpha,
@@ -200,7 +217,7 @@ def _trainer(
         output_dir=str(work / "checkpoints"),
         max_steps=config.steps,
         per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
+        per_device_eval_batch_size=1,  # one sequence a batch: exact means whatever the process count
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.lr,
         lr_scheduler_type="cosine",
@@ -219,6 +236,8 @@ def _trainer(
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     trainer = Trainer(
         model=load_for_training(base, config),
@@ -238,28 +257,98 @@ def heal_work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.heal-work"
 
 
-def _start_or_resume(work: Path, settings: dict[str, Any]) -> str | None:
-    """The checkpoint to resume from, if an interrupted run with the same settings left one."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+def _start_or_resume(work: Path, settings: dict[str, Any], restart: bool) -> None:
+    """Keep an interrupted run's work folder to resume from (if its settings are the same), or
+    start a new one (`restart` discards an old one)."""
     record = work / "settings.json"
+    if restart and work.exists():
+        shutil.rmtree(work)
     if record.is_file():
         if json.loads(record.read_text()) != settings:
             raise LayerpruneError(
                 f"an interrupted heal with other settings is in {work}; rerun it with the same settings, "
                 "or pass --overwrite to start again"
             )
-        return get_last_checkpoint(str(work / "checkpoints")) if (work / "checkpoints").is_dir() else None
+        return
     work.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(settings, indent=1))
-    return None
+
+
+def _last_checkpoint(work: Path) -> str | None:
+    """The checkpoint an interrupted run left in `work`, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(work / "checkpoints")) if (work / "checkpoints").is_dir() else None
+
+
+def validation_loss(model: Any, blocks: list[list[int]]) -> float:
+    """Mean next-token loss over every predicted token of the validation blocks (no gradients)."""
+    import torch
+
+    training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = model.get_input_embeddings().weight.device
+    with torch.no_grad():
+        for block in blocks:
+            ids = torch.tensor([block], device=device)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            losses, mask = next_token_losses(model(**batch).logits, batch)
+            total, count = total + float(losses[mask].sum()), count + int(mask.sum())
+    model.train(training)
+    return total / count
 
 
 def merge_adapter(base: Path, adapter: Path, target: Path) -> None:
-    """Merge a LoRA adapter into the base's original unquantized weights (in their own dtype) and save.
+    """Merge a LoRA adapter into the base's original unquantized weights, in their own dtype.
 
-    Needs the base model in CPU memory once, at its stored precision.
+    Streamed: one safetensors shard of the base at a time, each target weight W becoming
+    W + (B @ A) * scaling as peft's own merge computes it, so host memory holds one shard plus the
+    adapter whatever the model's size. Adapters that use what this does not cover (DoRA, per-layer
+    ranks, extra trained modules) and `.bin` bases are merged by peft in memory instead.
     """
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    plain = not (config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"))
+    if not (plain and not config.get("modules_to_save") and shard_files(base)):
+        _merge_in_memory(base, adapter, target)
+        return
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+    lora = load_file(adapter / "adapter_model.safetensors")
+    pairs = {
+        key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight"): (
+            a,
+            lora[key.replace("lora_A", "lora_B")],
+        )
+        for key, a in lora.items()
+        if ".lora_A." in key
+    }
+    merged = set()
+    for shard in shard_files(base):
+        with safe_open(shard, framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            metadata = handle.metadata() or {"format": "pt"}
+        for key in set(tensors) & set(pairs):
+            lora_a, lora_b = pairs[key]
+            delta = (lora_b.float() @ lora_a.float()) * scaling
+            if config.get("fan_in_fan_out"):
+                delta = delta.T
+            tensors[key] = (tensors[key] + delta).to(tensors[key].dtype)
+            merged.add(key)
+        save_file(tensors, target / shard.name, metadata=metadata)
+        del tensors
+    missing = sorted(set(pairs) - merged)
+    if missing:
+        raise LayerpruneError(f"the adapter changes {missing[0]}, which the base in {base} does not have")
+    for name in (INDEX_NAME, CONFIG_NAME):
+        if (base / name).is_file():
+            shutil.copy2(base / name, target / name)
+
+
+def _merge_in_memory(base: Path, adapter: Path, target: Path) -> None:
+    """peft's merge, with the whole base model in host memory at its stored precision."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -297,20 +386,21 @@ def heal(
     check_destination(out, inputs, overwrite)
     base = resolve_model(model)
     work = heal_work_dir(out)
-    if (overwrite if restart is None else restart) and work.exists():
-        shutil.rmtree(work)
     tokenizer = load_tokenizer(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train, validation = training_blocks(tokenizer, config)
     settings = {"base": str(base.resolve()), "config": asdict(config), "layerprune_version": __version__}
-    resume = _start_or_resume(work, settings)
+    restart = overwrite if restart is None else restart
+    on_main_process(lambda: _start_or_resume(work, settings, restart))  # one process writes, the others wait
+    resume = _last_checkpoint(work)
     progress = _progress_callback(config.batch_size * config.grad_accum * config.seq_len)
     trainer = _trainer(base, tokenizer, train, validation, config, work, progress)
     started = time.perf_counter()
     before = work / "validation_loss_before.json"
     if resume is None:  # the pruned model's own validation loss, kept across a resume
-        before.write_text(json.dumps(trainer.evaluate()["eval_loss"]))
+        loss = validation_loss(trainer.model, validation)  # not Trainer.evaluate: under DDP it shifts the data order
+        on_main_process(lambda: before.write_text(json.dumps(loss)))
     runtime = trainer.train(resume_from_checkpoint=resume).metrics["train_runtime"]
     trained_steps = config.steps - progress.first_step  # the steps this run did, after any resume
     evaluations = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] > progress.first_step]
@@ -333,21 +423,26 @@ def heal(
         "adapter_saved": save_adapter,
     }
     record = extend_record(base, "healing", healing, str(model))
-    if not trainer.is_world_process_zero():
-        return HealResult(out, record)
+
     adapter = work / "adapter"
-    trainer.model.save_pretrained(adapter)
-    with staged_output(out, overwrite=overwrite, inputs=[*inputs, base]) as tmp:
-        merge_adapter(base, adapter, tmp)
-        tokenizer.save_pretrained(tmp)
-        if (base / "generation_config.json").is_file():
-            shutil.copy2(base / "generation_config.json", tmp / "generation_config.json")
-        if save_adapter:
-            shutil.copytree(adapter, tmp / "adapter")
-        write_record(tmp, record)
-        (tmp / "heal_curve.json").write_text(json.dumps(history, indent=1) + "\n")
-        loss_curves(history, tmp / "heal_curve.png")
-    shutil.rmtree(work, ignore_errors=True)
+    trainer.save_model(str(adapter))  # every process takes part (FSDP and DeepSpeed gather the shards); one writes
+
+    def write() -> None:
+        """The adapter merged into the base's unquantized weights, with the tokenizer, the record
+        and the curve; then the work folder is removed."""
+        with staged_output(out, overwrite=overwrite, inputs=[*inputs, base]) as tmp:
+            merge_adapter(base, adapter, tmp)
+            tokenizer.save_pretrained(tmp)
+            if (base / "generation_config.json").is_file():
+                shutil.copy2(base / "generation_config.json", tmp / "generation_config.json")
+            if save_adapter:
+                shutil.copytree(adapter, tmp / "adapter")
+            write_record(tmp, record)
+            (tmp / "heal_curve.json").write_text(json.dumps(history, indent=1) + "\n")
+            loss_curves(history, tmp / "heal_curve.png")
+        shutil.rmtree(work, ignore_errors=True)
+
+    on_main_process(write)
     return HealResult(out, record)
 
 

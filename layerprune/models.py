@@ -235,15 +235,18 @@ def check_quantization(scheme: str, purpose: str = "quantized export", hint: str
         )
 
 
-def quantization_config(scheme: str, compute_dtype: Any) -> Any:
-    """bitsandbytes settings: NF4 with double quantization (QLoRA's), or int8."""
+def quantization_config(scheme: str, compute_dtype: Any, storage_dtype: Any = None) -> Any:
+    """bitsandbytes settings: NF4 with double quantization (QLoRA's), or int8. FSDP needs the
+    4-bit weights stored in the compute dtype (`storage_dtype`) to shard them with the rest."""
     from transformers import BitsAndBytesConfig
 
     if scheme == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
+    storage = {"bnb_4bit_quant_storage": storage_dtype} if storage_dtype is not None else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        **storage,
     )

@@ -23,7 +23,7 @@ from .checkpoint import Written, check_destination, read_config, read_record, wr
 from .config import build
 from .data import Calibration
 from .deployment import export_quantized
-from .devices import Placement, fits_on_device, model_bytes, plan_of, plan_placement
+from .devices import Placement, fits_on_device, model_bytes, on_main_process, plan_of, plan_placement
 from .errors import LayerpruneError
 from .healing import HealConfig, HealResult, heal, heal_work_dir
 from .memory import memory_available
@@ -42,7 +42,11 @@ class PruneConfig:
     """Which layers to remove: given explicitly, or how many and by which strategy."""
 
     layers: str | None = field(default=None, metadata={"help": "Layers to remove: 20-27 or 3,5,7-9."})
-    n: int | None = field(default=None, metadata={"help": "Number of layers to remove."})
+    n: int | None = field(
+        default=None,
+        metadata={"help": "Number of layers to remove (--count under torchrun, whose parser takes --n).",
+                  "aliases": ("count",)},
+    )  # fmt: skip
     fraction: float | None = field(default=None, metadata={"help": "Fraction of layers to remove."})
     strategy: str = field(
         default="angular",
@@ -172,10 +176,15 @@ def prune_and_heal(
     out = Path(out)
     check_destination(out, model_inputs(model), overwrite)
     work = heal_work_dir(out)
-    if overwrite:
-        shutil.rmtree(work, ignore_errors=True)
-    base = prune(model, work / "base", config, analysis=analysis, overwrite=True, progress=progress)
-    return heal(base.path, out, heal_config, save_adapter=save_adapter, overwrite=overwrite, restart=False)
+    base = work / "base"
+
+    def prune_base() -> None:  # one process prunes; under torchrun or accelerate the others wait for it
+        if overwrite:
+            shutil.rmtree(work, ignore_errors=True)
+        prune(model, base, config, analysis=analysis, overwrite=True, progress=progress)
+
+    on_main_process(prune_base)
+    return heal(base, out, heal_config, save_adapter=save_adapter, overwrite=overwrite, restart=False)
 
 
 def then_quantize(
@@ -188,13 +197,17 @@ def then_quantize(
     out = Path(out)
     check_destination(out, [], overwrite)
     staging = out.parent / f".{out.name}.unquantized"
-    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier run; a heal's resumable work is kept apart
-    try:
-        made = make(staging)
-        export_quantized(made.path, out, scheme, overwrite=overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    record = read_record(out) or {}
-    del record["quantization"]["source"]  # the staging folder, now gone: the record's history says the rest
-    write_record(out, record)
-    return Written(out, record)
+    on_main_process(lambda: shutil.rmtree(staging, ignore_errors=True))  # left by an earlier run
+    made = make(staging)  # every process, for a heal under torchrun or accelerate
+
+    def export() -> None:
+        try:
+            export_quantized(made.path, out, scheme, overwrite=overwrite)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        record = read_record(out) or {}
+        del record["quantization"]["source"]  # the staging folder, now gone: the record's history says the rest
+        write_record(out, record)
+
+    on_main_process(export)
+    return Written(out, read_record(out) or {})

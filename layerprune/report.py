@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from pathlib import Path
 
 from .checkpoint import read_json
@@ -164,5 +165,7 @@ the full model's (and every smaller fraction within it too):</p>
 <pre>{html.escape(settings)}</pre>
 </body></html>"""
     path = out / "report.html"
-    path.write_text(body, encoding="utf-8")
+    tmp = path.with_name(f".report.html.{os.getpid()}.tmp")  # shards that finish together each write whole
+    tmp.write_text(body, encoding="utf-8")
+    os.replace(tmp, path)
     return path

@@ -33,7 +33,7 @@ from .checkpoint import check_destination
 from .config import build, flatten
 from .data import Calibration
 from .deployment import InferenceSettings, measure
-from .devices import Placement
+from .devices import Placement, process_rank, work_alone
 from .errors import LayerpruneError
 from .evaluation import DEFAULT_TASKS, check_tasks, evaluate
 from .healing import HealConfig, heal
@@ -70,8 +70,10 @@ class SweepConfig:
     """What to sweep and how to measure it."""
 
     ns: tuple[int, ...] = field(
-        default=(), metadata={"help": "Numbers of layers removed: 0,2,4,... (0: the full model).", "flag": "n"}
-    )
+        default=(),
+        metadata={"help": "Numbers of layers removed: 0,2,4,... (0: the full model; --counts under torchrun).",
+                  "flag": "n", "aliases": ("counts",)},
+    )  # fmt: skip
     fractions: tuple[float, ...] = field(default=(), metadata={"help": "Or fractions of layers removed: 0,0.1,0.2,..."})
     strategies: tuple[str, ...] = field(
         default=("angular", "deepest"),
@@ -146,8 +148,9 @@ def plan(config: SweepConfig, num_layers: int) -> list[Point]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    """Write atomically: a killed run or a full disk leaves the old file or none, never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write atomically: a killed run or a full disk leaves the old file or none, never half a file
+    (and shards writing the same file at once each write their own temporary one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(value, indent=1) + "\n")
         os.replace(tmp, path)
@@ -253,10 +256,56 @@ def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluate
     }
 
 
-def run_sweep(model: str | Path, out: str | Path, config: SweepConfig, progress: bool = True) -> Path:
-    """Run (or resume) a sweep into `out`; writes results.json, results.csv and report.html."""
+@dataclass(frozen=True)
+class Shard:
+    """This run's share of a sweep's points: every `count`-th point from `index` (0-based)."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise LayerpruneError(f"shard {self.index + 1}/{self.count} does not exist: use 1/k to k/k")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """'2/4' -> the second of four shards."""
+        number, _, count = text.partition("/")
+        if not (number.isdigit() and count.isdigit()):
+            raise LayerpruneError(f"--shard takes i/k, such as 2/4, got {text!r}")
+        return cls(int(number) - 1, int(count))
+
+    @classmethod
+    def of_launcher(cls) -> Shard | None:
+        """Under torchrun or accelerate launch: one shard per process, by its rank; each process
+        then works alone on its own GPU (its heals are its own, not shared by DDP)."""
+        rank, count = process_rank()
+        if count <= 1:
+            return None
+        work_alone()
+        return cls(rank, count)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """A sweep folder, and whether every point is in it (and so results and report are written)."""
+
+    path: Path
+    complete: bool
+
+
+def run_sweep(
+    model: str | Path, out: str | Path, config: SweepConfig, progress: bool = True, shard: Shard | None = None
+) -> SweepResult:
+    """Run (or resume) a sweep into `out`; writes results.json, results.csv and report.html.
+
+    With `shard` (or, by default, under torchrun: one per process), only this shard's points are
+    computed; shards may run at once into one `out` on a shared file system, and whichever
+    finishes with every point stored writes the results and the report.
+    """
     from tqdm.auto import tqdm
 
+    shard = shard or Shard.of_launcher()  # first: a launched process works alone from here on
     out = Path(out)
     inputs = model_inputs(model)
     check_destination(out, inputs, overwrite=False, resume="sweep.json")
@@ -268,14 +317,10 @@ def run_sweep(model: str | Path, out: str | Path, config: SweepConfig, progress:
     base = load_model(src, config.placement)
     num_layers = find_architecture(base[0].config).num_layers(base[0].config)
     points = plan(config, num_layers)
-    distances = out / "analysis" / "distances.json"
-    if distances.is_file():
-        analysis = AnalysisResult.load(distances)
-    else:
-        analysis = analyze(base[0], config.calibration, tokenizer=base[1], progress=progress)  # on the base's device
-        analysis.save(out / "analysis", overwrite=True)
-    missing = [p for p in points if not (out / "points" / f"{p.key}.json").is_file()]
-    bar = tqdm(total=len(points), initial=len(points) - len(missing), desc="sweep", unit="point", disable=not progress)
+    analysis = _shared_analysis(out, base, config, progress)
+    mine = points[shard.index :: shard.count] if shard else points
+    missing = [p for p in mine if not (out / "points" / f"{p.key}.json").is_file()]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(missing), desc="sweep", unit="point", disable=not progress)
     for point in missing:
         bar.set_postfix_str(point.key)
         work = out / "work" / point.key
@@ -285,10 +330,30 @@ def run_sweep(model: str | Path, out: str | Path, config: SweepConfig, progress:
         shutil.rmtree(work, ignore_errors=True)
         bar.update()
     bar.close()
-    shutil.rmtree(out / "work", ignore_errors=True)
-    collect(out)
-    write_report(out)
-    return out
+    complete = all((out / "points" / f"{p.key}.json").is_file() for p in points)
+    if complete:  # the last shard to finish reports
+        shutil.rmtree(out / "work", ignore_errors=True)
+        collect(out)
+        write_report(out)
+    return SweepResult(out, complete)
+
+
+def _shared_analysis(out: Path, base: tuple[Any, Any], config: SweepConfig, progress: bool) -> AnalysisResult:
+    """The sweep's analysis, computed once and stored; a shard that finds another writing it waits
+    for it, and every shard reads the stored one, so all of them choose alike."""
+    distances = out / "analysis" / "distances.json"
+    if not distances.is_file():
+        analysis = analyze(base[0], config.calibration, tokenizer=base[1], progress=progress)  # on the base's device
+        try:
+            analysis.save(out / "analysis")
+        except LayerpruneError:
+            for _ in range(600):  # another shard is writing it: up to ten minutes
+                if distances.is_file():
+                    break
+                time.sleep(1)
+            else:
+                raise
+    return AnalysisResult.load(distances)
 
 
 def collect(out: Path) -> list[dict[str, Any]]:

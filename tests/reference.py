@@ -66,3 +66,14 @@ def greedy(model, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
             logits = model(input_ids=ids, use_cache=False).logits
             ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
     return ids
+
+
+def assert_same_tables(actual, expected, tolerance: float) -> None:
+    """Two (angular table, Block Influence) pairs agree to `tolerance`, row by row."""
+    import pytest
+
+    (angular, block_influence), (expected_angular, expected_bi) = actual, expected
+    assert sorted(angular) == sorted(expected_angular)
+    for n, row in expected_angular.items():
+        assert angular[n] == pytest.approx(row, abs=tolerance), n
+    assert block_influence == pytest.approx(expected_bi, abs=tolerance)

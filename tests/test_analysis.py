@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 from conftest import save_tiny, tiny_model, tiny_tokenizer
-from reference import direct_tables
+from reference import assert_same_tables, direct_tables
 
 from layerprune.analysis import AnalysisResult, analyze, measure
 from layerprune.data import token_batches
@@ -132,6 +132,4 @@ def test_a_model_dispatched_over_cpu_and_disk_gives_the_same_table(tmp_path):
     batches = token_batches(tiny_tokenizer(), DOCS, 5, 40, 3)
     expected_angular, expected_bi = measure(model, batches, progress=False)
     angular, block_influence = measure(dispatched, batches, progress=False)
-    for n, row in expected_angular.items():
-        assert angular[n] == pytest.approx(row, abs=1e-6)
-    assert block_influence == pytest.approx(expected_bi, abs=1e-6)
+    assert_same_tables((angular, block_influence), (expected_angular, expected_bi), 1e-6)

@@ -91,3 +91,17 @@ def test_training_and_quantized_export_take_their_device_from_the_same_place(mon
     monkeypatch.setattr(devices, "visible_gpus", lambda: [(80 * GiB, 80 * GiB)] * 2)
     assert (training_plan().device, training_plan().dtype) == ("cuda:0", "bfloat16")  # this process's local rank
     assert (quantized_plan().device_map, quantized_plan().dtype) == ("auto", "bfloat16")
+
+
+def test_under_fsdp_or_deepspeed_the_launcher_places_the_weights(monkeypatch):
+    from layerprune.devices import training_plan
+    from layerprune.models import quantization_config
+
+    assert training_plan().sharded_by is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert training_plan().sharded_by == "fsdp"
+    nf4 = quantization_config("nf4", torch.bfloat16, torch.bfloat16)
+    assert nf4.bnb_4bit_quant_storage == torch.bfloat16, "FSDP shards 4-bit weights stored in the compute dtype"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert training_plan().sharded_by == "deepspeed"

@@ -157,3 +157,16 @@ def test_batch_size_is_a_number_or_auto(tmp_path):
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "m"), "--batch-size", "eight"])
     assert result.exit_code == 1
     assert result.stderr == "error: --batch-size must be a whole number of at least 1, or auto; got 'eight'\n"
+
+
+def test_the_vllm_backend_where_vllm_is_missing_is_one_line(tmp_path):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from layerprune.cli import app
+
+    assert importlib.util.find_spec("vllm") is None, "this test is for a machine without vLLM"
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "m"), "--backend", "vllm"])
+    assert result.exit_code == 1
+    assert result.stderr == "error: --backend vllm needs vLLM, which is not installed: pip install 'layerprune[vllm]'\n"

@@ -5,10 +5,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import folder_digest
+from conftest import folder_digest, save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
 from layerprune.errors import LayerpruneError
@@ -54,7 +55,9 @@ def test_healing_lowers_validation_loss_and_writes_a_plain_checkpoint(base, text
 
 
 def test_validation_runs_once_before_and_once_after_the_last_step(base, text, tmp_path, monkeypatch):
-    """transformers 5 evaluates at the end of a run itself: that result is used, not computed twice."""
+    """Before training, one plain pass (the Trainer's own evaluation there would shift the data
+    order under DDP); after, transformers 5 evaluates at the end of a run itself: that result is
+    used, not computed twice."""
     from transformers import Trainer
 
     calls = []
@@ -68,8 +71,14 @@ def test_validation_runs_once_before_and_once_after_the_last_step(base, text, tm
     monkeypatch.setattr(Trainer, "evaluate", counted)
     out = heal(base, tmp_path / "healed", config(text, steps=5, eval_every=2)).path
     record = json.loads((out / "layerprune.json").read_text())["healing"]
-    assert [step for step, _ in calls] == [0, 2, 4, 5]
-    assert record["validation_loss_before"] == calls[0][1] and record["validation_loss_after"] == calls[-1][1]
+    assert [step for step, _ in calls] == [2, 4, 5]
+    assert record["validation_loss_after"] == calls[-1][1]
+    from layerprune.healing import training_blocks, validation_loss
+    from layerprune.models import load_tokenizer
+
+    _, validation = training_blocks(load_tokenizer(base), config(text, steps=5, eval_every=2))
+    plain = validation_loss(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), validation)
+    assert record["validation_loss_before"] == pytest.approx(plain, rel=1e-6)
 
 
 def test_merged_checkpoint_equals_adapter_on_its_base(base, text, tmp_path):
@@ -165,3 +174,90 @@ def test_four_bit_where_bitsandbytes_cannot_run_is_refused(base, text, tmp_path,
     with pytest.raises(LayerpruneError, match="bitsandbytes.*--no-quant"):
         heal(base, tmp_path / "healed", config(text, quant=True))
     assert not (tmp_path / "healed").exists()
+
+
+def lora_adapter(model, folder, targets):
+    """A LoRA adapter on `model` with random A and B (a trained one is not zero), saved to `folder`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0, 0.1)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("family", "dtype", "targets"),
+    [
+        ("llama", torch.float32, ["gate_proj", "up_proj", "down_proj"]),
+        ("llama", torch.bfloat16, ["q_proj", "down_proj"]),
+        ("gpt2", torch.float32, ["c_fc", "c_proj"]),  # Conv1D: peft transposes (fan_in_fan_out)
+        ("qwen3", torch.bfloat16, ["up_proj"]),
+    ],
+)
+def test_the_streamed_merge_equals_peft_merging_in_memory_to_the_bit(tmp_path, family, dtype, targets):
+    from layerprune.healing import _merge_in_memory, merge_adapter
+
+    base = save_tiny(tiny_model(family).to(dtype), tmp_path / "base", shard_size="60KB")
+    adapter = lora_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), tmp_path / "adapter", targets)
+    (tmp_path / "streamed").mkdir()
+    (tmp_path / "in-memory").mkdir()
+    merge_adapter(base, adapter, tmp_path / "streamed")
+    _merge_in_memory(base, adapter, tmp_path / "in-memory")
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype="auto").state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory", dtype="auto").state_dict()
+    original = AutoModelForCausalLM.from_pretrained(base, dtype="auto").state_dict()
+    assert streamed.keys() == reference.keys()
+    assert all(streamed[k].dtype == dtype and torch.equal(streamed[k], reference[k]) for k in streamed)
+    changed = [k for k in streamed if not torch.equal(streamed[k], original[k])]
+    assert changed and all(any(t in k for t in targets) for k in changed)
+
+
+def peak_growth(function: str, *args: Path) -> int:
+    """Bytes by which a call of `layerprune.healing.<function>` raises the resident peak of a fresh
+    process above what it holds before the call (the kernel's high-water mark, reset first)."""
+    probe = (
+        "import re, sys, pathlib, torch, safetensors.torch, peft, transformers, layerprune.healing as h\n"
+        "status = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # resets VmHWM\n"
+        "before = status('VmRSS')\n"
+        f"h.{function}(*map(pathlib.Path, sys.argv[1:]))\n"
+        "print(status('VmHWM') - before)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_the_streamed_merge_holds_about_one_shard_at_a_time(tmp_path):
+    """Peak memory grows with the largest shard, not with the model (measured: 41 MB against
+    133 MB for peft's in-memory merge, on 100 MB in shards of 11 MB)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                                  num_attention_heads=8, num_key_value_heads=4, vocab_size=1024)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    base = save_tiny(model, tmp_path / "base", shard_size="12MB")
+    adapter = lora_adapter(model, tmp_path / "adapter", ["up_proj", "down_proj"])
+    shards = [p.stat().st_size for p in base.glob("*.safetensors")]
+    assert sum(shards) > 8 * max(shards), "a model of many shards"
+    for name in ("streamed", "in-memory"):
+        (tmp_path / name).mkdir()
+    streamed = peak_growth("merge_adapter", base, adapter, tmp_path / "streamed")
+    in_memory = peak_growth("_merge_in_memory", base, adapter, tmp_path / "in-memory")
+    adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
+    assert streamed < 5 * max(shards) + adapter_bytes < 0.6 * sum(shards) < in_memory, (streamed, in_memory, shards)
+
+
+def test_gradient_checkpointing_trades_time_for_memory_not_results(base, text, tmp_path):
+    from safetensors.torch import load_file
+
+    plain = heal(base, tmp_path / "plain", config(text, steps=3, dropout=0.0)).path
+    recomputed = heal(base, tmp_path / "checkpointed", config(text, steps=3, dropout=0.0, gradient_checkpointing=True))
+    assert recomputed.healing["config"]["gradient_checkpointing"] is True
+    a, b = load_file(plain / "model.safetensors"), load_file(recomputed.path / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6

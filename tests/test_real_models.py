@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import folder_digest
-from reference import direct_tables, greedy
+from reference import assert_same_tables, direct_tables, greedy
 from transformers import AutoModelForCausalLM
 
 from layerprune import analyze, load_model, prune, prune_model
@@ -38,9 +38,7 @@ def test_real_table_matches_a_direct_computation(real):
     result = analyze(model, tokenizer=tokenizer, data="coqa", samples=6, seq_len=48, batch_size=3, progress=False)
     expected_angular, expected_bi = direct_tables(model, token_batches(tokenizer, docs, 6, 48, 3))
     assert result.num_layers == model.config.num_hidden_layers
-    for n, row in expected_angular.items():
-        assert result.angular[n] == pytest.approx(row, abs=1e-5)
-    assert result.block_influence == pytest.approx(expected_bi, abs=1e-5)
+    assert_same_tables((result.angular, result.block_influence), (expected_angular, expected_bi), 1e-5)
     # the paper's finding on every model it studied: deep blocks are the most similar
     start = result.best[result.num_layers // 4]
     assert start > 0, "the embeddings block should never be the most redundant"
@@ -84,9 +82,7 @@ def test_real_offload_analysis_equals_in_memory(real):
     batches = token_batches(tokenizer, load_documents("coqa"), 4, 48, 2)
     expected_angular, expected_bi = measure(model, batches, progress=False)
     angular, block_influence = measure_streaming(path, batches, progress=False)
-    for n, row in expected_angular.items():
-        assert angular[n] == pytest.approx(row, abs=1e-5)
-    assert block_influence == pytest.approx(expected_bi, abs=1e-5)
+    assert_same_tables((angular, block_influence), (expected_angular, expected_bi), 1e-5)
 
 
 def test_a_local_gguf_file_is_converted_once_to_a_cached_checkpoint(tmp_path, monkeypatch):
@@ -101,3 +97,21 @@ def test_a_local_gguf_file_is_converted_once_to_a_cached_checkpoint(tmp_path, mo
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert resolve_model(str(gguf)) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
     assert (gguf.stat().st_mtime_ns, gguf.stat().st_size) == before
+
+
+def test_smollm2_evaluated_by_two_processes_gives_the_single_process_results(smollm2, tmp_path):
+    """lm-eval's data-parallel path (two processes over gloo) and the split held-out loss."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["-m", "layerprune", "evaluate", str(smollm2), "--tasks", "sciq,loss", "--limit", "20"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for name, command in (("two", torchrun), ("one", [sys.executable])):
+        done = subprocess.run([*command, *args, "--out", str(tmp_path / f"{name}.json")], env=env, capture_output=True,
+                              text=True, timeout=900)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+    two, one = (json.loads((tmp_path / f"{name}.json").read_text())["tasks"] for name in ("two", "one"))
+    assert two["sciq"]["acc"] == one["sciq"]["acc"] and two["sciq"]["n"] == one["sciq"]["n"] == 20
+    assert two["loss"] == one["loss"]

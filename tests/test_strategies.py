@@ -126,7 +126,7 @@ def test_random_is_a_seeded_baseline_that_every_consumer_sees(tmp_path):
     text.write_text("\n\n".join(DOCS * 4))
     config = build(SweepConfig, {"ns": (0, 2), "strategies": ("random",), "heal": False, "tasks": ("loss",),
                                  "limit": 2, "data": str(text), "samples": 4, "seq_len": 32})  # fmt: skip
-    sweep = run_sweep(src, tmp_path / "sweep", config, progress=False)
+    sweep = run_sweep(src, tmp_path / "sweep", config, progress=False).path
     rows = json.loads((sweep / "results.json").read_text())
     assert [r["strategy"] for r in rows] == ["full", "random"] and rows[1]["layers_removed"] == draws_for_6(0)
     assert STRATEGIES["random"].help in (sweep / "report.html").read_text()

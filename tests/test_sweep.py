@@ -60,7 +60,7 @@ def test_points_that_remove_the_same_layers_are_computed_once(setup, tmp_path, m
     monkeypatch.setattr(sweep_module, "_run_point", lambda point, *a: calls.append(point.key) or real(point, *a))
     for name in ("deepest", "bi"):  # both strategies agree
         monkeypatch.setitem(STRATEGIES, name, replace(STRATEGIES[name], choose=lambda request: Choice([4])))
-    out = run_sweep(base, tmp_path / "sweep", config(text, ns=(1,), strategies=("deepest", "bi")), progress=False)
+    out = run_sweep(base, tmp_path / "sweep", config(text, ns=(1,), strategies=("deepest", "bi")), progress=False).path
     rows = {(r["strategy"], r["healed"]): r for r in json.loads((out / "results.json").read_text())}
     assert rows["deepest", False]["layers_removed"] == rows["bi", False]["layers_removed"] == [4]
     assert calls == ["full-n0", "deepest-n1", "deepest-n1-healed"]
@@ -134,3 +134,60 @@ def test_a_sweep_folder_inside_the_model_or_of_other_files_is_refused(setup, tmp
     with pytest.raises(LayerpruneError, match="holds files that are not layerprune's"):
         run_sweep(base, tmp_path / "mine", config(text), progress=False)
     assert folder_digest(base) == before and [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_two_shards_at_once_into_one_folder_give_the_single_run_results(setup, finished, tmp_path):
+    """As two Slurm array tasks would: at the same moment, into one folder; then `layerprune report`."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    base, text = setup
+    settings = config(text)
+    flags = ["--n", "0,1,2", "--strategies", "angular,deepest", "--tasks", "arc_easy,loss", "--limit", "6",
+             "--data", str(text), "--samples", "8", "--seq-len", "32", "--heal-steps", "2", "--heal-batch-size", "2",
+             "--heal-grad-accum", "1", "--heal-seq-len", "32", "--heal-data", str(text), "--heal-no-quant"]  # fmt: skip
+    assert settings.limit == 6 and settings.calibration.samples == 8  # the flags say what `finished` used
+    command = [sys.executable, "-m", "layerprune", "sweep", str(base), "--out", str(tmp_path / "sharded"), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    shards = [subprocess.Popen([*command, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for i in (1, 2)]  # fmt: skip
+    outputs = [shard.communicate(timeout=900) for shard in shards]
+    assert [shard.returncode for shard in shards] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum("the last shard to finish writes the report" in out for out, _ in outputs) == 1
+    report = subprocess.run([sys.executable, "-m", "layerprune", "report", str(tmp_path / "sharded")], env=env)
+    assert report.returncode == 0
+    timing = {"seconds", "decode_tokens_per_s"}  # wall-clock figures differ from run to run by nature
+
+    def table(folder):
+        rows = list(csv.DictReader((folder / "results.csv").read_text().splitlines()))
+        return [{k: v for k, v in row.items() if k not in timing and not k.startswith("healing")} for row in rows]
+
+    assert table(tmp_path / "sharded") == table(finished)
+    assert len(list((tmp_path / "sharded" / "points").glob("*.json"))) == 9
+
+
+def test_under_torchrun_each_process_takes_its_own_shard_alone(setup, finished, tmp_path):
+    """One point per process, healing included (no DDP between them), and the same results."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    base, text = setup
+    flags = ["--counts", "0,1,2", "--strategies", "angular,deepest", "--tasks", "arc_easy,loss", "--limit", "6",
+             "--data", str(text), "--samples", "8", "--seq-len", "32", "--heal-steps", "2", "--heal-batch-size", "2",
+             "--heal-grad-accum", "1", "--heal-seq-len", "32", "--heal-data", str(text), "--heal-no-quant"]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*torchrun, "-m", "layerprune", "sweep", str(base), "--out", str(tmp_path / "s"), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    timing = {"seconds", "decode_tokens_per_s"}
+
+    def table(folder):
+        rows = list(csv.DictReader((folder / "results.csv").read_text().splitlines()))
+        return [{k: v for k, v in row.items() if k not in timing} for row in rows]
+
+    assert table(tmp_path / "s") == table(finished)
