@@ -267,8 +267,19 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     return read_json(path, RECORD_NAME) if path.is_file() else None
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write a file so that a killed run or a full disk leaves the old file or none, never half of
+    one; processes writing the same file at once each write their own temporary file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_record(folder: Path, record: dict[str, Any]) -> None:
-    (folder / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
+    write_atomically(folder / RECORD_NAME, json.dumps(record, indent=1) + "\n")
 
 
 def extend_record(source: Path, section: str, value: dict[str, Any], source_name: str) -> dict[str, Any]:

@@ -55,7 +55,6 @@ class Plan:
     dtype: str  # "float32", "bfloat16" or "float16"
     device_map: str | None = None  # "auto" when spread over several devices by accelerate
     max_memory: dict[Any, int] | None = None
-    reason: str = ""
     sharded_by: str | None = None  # "fsdp" or "deepspeed": the launcher places the weights, not a device map
 
     @property
@@ -67,10 +66,6 @@ class Plan:
     def record(self) -> dict[str, Any]:
         """What every output records about where it was computed."""
         return {"device": self.device, "dtype": self.dtype, "device_map": self.device_map}
-
-    def describe(self) -> str:
-        spread = ", spread by accelerate" if self.device_map else ""
-        return f"{self.device}, {self.dtype}{spread}" + (f" ({self.reason})" if self.reason else "")
 
 
 def _local_rank(gpus: int) -> int:
@@ -110,8 +105,7 @@ def plan_placement(
     placement = placement or Placement()
     gpus = visible_gpus() if gpus is None and placement.device != "cpu" else (gpus or [])
     if placement.device == "cpu" or (placement.device == "auto" and not gpus):
-        why = "asked" if placement.device == "cpu" else "no GPU is visible"
-        return Plan("cpu", "float32" if placement.dtype == "auto" else placement.dtype, reason=why)
+        return Plan("cpu", "float32" if placement.dtype == "auto" else placement.dtype)
     index = int(placement.device.partition(":")[2] or 0) if placement.device != "auto" else _local_rank(len(gpus))
     if not gpus:
         raise LayerpruneError(f"--device {placement.device}: no CUDA GPU is visible on this machine")
@@ -121,12 +115,12 @@ def plan_placement(
     dtype = placement.dtype if placement.dtype != "auto" else (checkpoint_dtype(path) if path else "bfloat16")
     device = f"cuda:{index}"
     if path is None or model_bytes(path, dtype) <= FIT_SHARE * gpus[index][0]:
-        return Plan(device, dtype, reason="fits on one GPU")
+        return Plan(device, dtype)
     # larger than one GPU: every visible GPU from the chosen one, then host memory
     order = [index, *[i for i in range(len(gpus)) if i != index]] if placement.device == "auto" else [index]
     max_memory: dict[Any, int] = {i: int(FIT_SHARE * gpus[i][0]) for i in order}
     max_memory["cpu"] = int(FIT_SHARE * memory_available())
-    return Plan(device, dtype, "auto", max_memory, reason="larger than one GPU: spread over GPUs, then host memory")
+    return Plan(device, dtype, "auto", max_memory)
 
 
 def fits_on_device(plan: Plan, path: Path) -> bool:
@@ -143,7 +137,7 @@ def plan_of(model: Any) -> Plan:
     if isinstance(plan, Plan):
         return plan
     weight = model.get_input_embeddings().weight
-    return Plan(str(weight.device), str(weight.dtype).removeprefix("torch."), reason="as loaded by the caller")
+    return Plan(str(weight.device), str(weight.dtype).removeprefix("torch."))
 
 
 def training_plan() -> Plan:
@@ -151,10 +145,10 @@ def training_plan() -> Plan:
     CPU in fp32. Under FSDP or DeepSpeed (from an accelerate config), the launcher shards and
     places the weights: no device map (ZeRO-3 refuses one), and nothing loaded whole on every GPU."""
     sharded = next((name for name in ("fsdp", "deepspeed") if _launched_with(name)), None)
-    if visible_gpus():
-        index = process_state().local_process_index
-        return Plan(f"cuda:{index}", "bfloat16", reason="this process's GPU", sharded_by=sharded)
-    return Plan("cpu", "float32", reason="no GPU is visible", sharded_by=sharded)
+    gpus = visible_gpus()
+    if gpus:
+        return Plan(f"cuda:{_local_rank(len(gpus))}", "bfloat16", sharded_by=sharded)
+    return Plan("cpu", "float32", sharded_by=sharded)
 
 
 def _launched_with(name: str) -> bool:
@@ -166,15 +160,15 @@ def quantized_plan() -> Plan:
     """Where a model is quantized (bitsandbytes) for export: spread over every visible GPU with bf16
     compute, else the CPU with fp32 compute."""
     if visible_gpus():
-        return Plan("cuda:0", "bfloat16", "auto", reason="spread over every visible GPU")
-    return Plan("cpu", "float32", reason="no GPU is visible")
+        return Plan("cuda:0", "bfloat16", "auto")
+    return Plan("cpu", "float32")
 
 
 def on_main_process(work: Callable[[], Any]) -> None:
     """Run `work` on the main process only (rank 0 of a torchrun or accelerate launch); the other
     processes wait until it is done, and raise its error too if it failed. A lone process just
     runs it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if process_rank()[1] <= 1:
         work()
         return
     from accelerate.utils import broadcast_object_list
@@ -245,4 +239,4 @@ def end_processes() -> None:
 
 def is_main_process() -> bool:
     """Whether this is rank 0 of a torchrun or accelerate launch (or a lone process): what prints."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return process_rank()[0] == 0

@@ -25,7 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import check_overlap, read_record, validate_checkpoint
+from .checkpoint import check_overlap, read_record, validate_checkpoint, write_atomically
 from .config import build
 from .data import load_documents, token_batches
 from .devices import (
@@ -402,12 +402,7 @@ def _check_results_file(out: Path, inputs: list[Path]) -> None:
 def _write_results(out: Path, record: dict[str, Any]) -> None:
     """Write the results file atomically: a failure leaves the old file or none, never half a file."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(out, json.dumps(record, indent=1) + "\n")
 
 
 def export_task_yaml(task: str, folder: str | Path) -> Path:

@@ -29,12 +29,8 @@ from .healing import HealConfig, HealResult, heal, heal_work_dir
 from .memory import memory_available
 from .models import ModelSpec, check_quantization, load_model, model_inputs, resolve_model
 from .scoring import calibration_batches
-from .strategies import ANALYSIS, MODEL, STRATEGIES, Request, get_strategy, layer_count
+from .strategies import ANALYSIS, MODEL, Request, get_strategy, layer_count, strategy_names
 from .surgery import check_removal, parse_layers, prune_checkpoint
-
-
-def _strategy_names() -> tuple[str, ...]:
-    return tuple(STRATEGIES)
 
 
 @dataclass(frozen=True)
@@ -50,7 +46,7 @@ class PruneConfig:
     fraction: float | None = field(default=None, metadata={"help": "Fraction of layers to remove."})
     strategy: str = field(
         default="angular",
-        metadata={"help": "How to choose them (see `layerprune strategies`).", "choices": _strategy_names},
+        metadata={"help": "How to choose them (see `layerprune strategies`).", "choices": strategy_names},
     )
     candidates: int = field(default=5, metadata={"help": "angular-rerank: blocks re-scored by loss."})
     seed: int = field(default=0, metadata={"help": "Seed of strategies that draw at random."})

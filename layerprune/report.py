@@ -9,10 +9,9 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from pathlib import Path
 
-from .checkpoint import read_json
+from .checkpoint import read_json, write_atomically
 from .errors import LayerpruneError
 from .plots import metric_by_fraction
 from .strategies import STRATEGIES
@@ -165,7 +164,5 @@ the full model's (and every smaller fraction within it too):</p>
 <pre>{html.escape(settings)}</pre>
 </body></html>"""
     path = out / "report.html"
-    tmp = path.with_name(f".report.html.{os.getpid()}.tmp")  # shards that finish together each write whole
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, body)  # shards that finish together each write it whole
     return path

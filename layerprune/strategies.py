@@ -85,6 +85,11 @@ def strategy(
     return register
 
 
+def strategy_names() -> tuple[str, ...]:
+    """The registered strategies' names (a config field's choices, read when asked)."""
+    return tuple(STRATEGIES)
+
+
 def get_strategy(name: str) -> Strategy:
     """The registered strategy of that name, or an error listing them with the closest match."""
     if name in STRATEGIES:

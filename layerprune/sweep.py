@@ -29,7 +29,7 @@ from typing import Any
 from ._version import __version__
 from .analysis import AnalysisResult, analyze
 from .architectures import find_architecture
-from .checkpoint import check_destination
+from .checkpoint import check_destination, write_atomically
 from .config import build, flatten
 from .data import Calibration
 from .deployment import InferenceSettings, measure
@@ -41,7 +41,7 @@ from .models import load_model, model_inputs, resolve_model
 from .pipeline import prune
 from .report import write_report
 from .scoring import calibration_batches
-from .strategies import MODEL, STRATEGIES, Request, get_strategy
+from .strategies import MODEL, STRATEGIES, Request, get_strategy, strategy_names
 from .surgery import pruned_in_place
 
 LOSS_COLUMNS = ("loss", "loss_stderr", "loss_normalized", "perplexity")
@@ -61,10 +61,6 @@ RESULT_FIELDS = (
 SPEED_SETTINGS = InferenceSettings(prompt_tokens=64, new_tokens=16, batch_size=1, repeats=3, warmup=1)
 
 
-def _strategy_names() -> tuple[str, ...]:
-    return tuple(STRATEGIES)
-
-
 @dataclass(frozen=True)
 class SweepConfig:
     """What to sweep and how to measure it."""
@@ -79,7 +75,7 @@ class SweepConfig:
         default=("angular", "deepest"),
         metadata={
             "help": "Pruning strategies, comma-separated (see `layerprune strategies`).",
-            "choices": _strategy_names,
+            "choices": strategy_names,
         },
     )
     heal: bool = field(default=True, metadata={"help": "Also heal every pruned point."})
@@ -148,14 +144,10 @@ def plan(config: SweepConfig, num_layers: int) -> list[Point]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    """Write atomically: a killed run or a full disk leaves the old file or none, never half a file
-    (and shards writing the same file at once each write their own temporary one)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write a stored result atomically (`write_atomically`); a full disk says what is kept."""
     try:
-        tmp.write_text(json.dumps(value, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(value, indent=1) + "\n")
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         if err.errno != errno.ENOSPC:
             raise
         raise LayerpruneError(
