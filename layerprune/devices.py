@@ -229,12 +229,17 @@ def work_alone() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[int(local) % len(devices)]
 
 
-def end_processes() -> None:
-    """Leave the process group of a torchrun or accelerate launch, if this process joined one: left
-    to interpreter shutdown, gloo's threads can abort the process after its work is done."""
+def end_processes(succeeded: bool) -> bool:
+    """Leave the process group of a torchrun or accelerate launch, if this process joined one (and
+    say whether it had). After success every process first waits for the others, so none leaves
+    while another still uses the group; after a failure there is no waiting: the others may never come."""
     distributed = sys.modules.get("torch.distributed")  # never imports torch for a command that did not
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        distributed.destroy_process_group()
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return False
+    if succeeded:
+        distributed.barrier()
+    distributed.destroy_process_group()
+    return True
 
 
 def is_main_process() -> bool:
