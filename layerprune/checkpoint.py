@@ -47,7 +47,7 @@ DTYPE_SIZES = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }  # fmt: skip
 # a folder holding one of these was written by layerprune, so --overwrite may replace it
-OUTPUT_MARKERS = (RECORD_NAME, "distances.json", "sweep.json")
+OUTPUT_MARKERS = (RECORD_NAME, "distances.json", "sweep.json", "sensitivity.json")
 WRITER_NAME = ".layerprune-writer"
 
 

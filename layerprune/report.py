@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import base64
 import html
-import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .checkpoint import read_json, write_atomically
 from .errors import LayerpruneError
+from .evaluation import KLD_TASK, LOSS_TASK, TEXT_TASKS, Judgement, Tolerance, judge
 from .plots import metric_by_fraction
 from .strategies import STRATEGIES
+from .uncertainty import METHOD, break_point
 
-TOLERANCE = 0.05  # "within 5% of the full model's accuracy"
+SERIES_ORDER = (False, True)  # unhealed, then healed
 
 
 def _image(path: Path) -> str:
@@ -28,35 +31,95 @@ def _qa_tasks(rows: list[dict]) -> list[str]:
     return sorted({t for r in rows for t, m in r["tasks"].items() if "acc" in m})
 
 
-def how_far(rows: list[dict], task: str, tolerance: float = TOLERANCE) -> dict[str, float]:
-    """Per strategy (and healed state): the largest fraction removed whose accuracy stays within
-    `tolerance` (relative) of the full model's, with every smaller fraction also within it."""
-    full = next(r for r in rows if r["n"] == 0)["tasks"][task]["acc"]
-    floor = full * (1 - tolerance)
-    answer: dict[str, float] = {}
+def _measured(rows: list[dict]) -> list[str]:
+    """Every task the sweep measured: QA tasks, then loss and kld."""
+    return _qa_tasks(rows) + [t for t in TEXT_TASKS if any(t in r["tasks"] for r in rows)]
+
+
+def _series(rows: list[dict]) -> dict[str, list[dict]]:
+    """The pruned points of each strategy and healed state, in order of n."""
+    lines = {}
     for strategy in sorted({r["strategy"] for r in rows if r["n"]}):
-        for healed in (False, True):
-            points = sorted(
-                (r for r in rows if r["n"] and r["strategy"] == strategy and r["healed"] == healed),
-                key=lambda r: r["n"],
-            )
-            if not points:
+        for healed in SERIES_ORDER:
+            points = sorted((r for r in rows if r["n"] and r["strategy"] == strategy and r["healed"] == healed),
+                            key=lambda r: r["n"])  # fmt: skip
+            if points:
+                lines[f"{strategy}{' + healing' if healed else ''}"] = points
+    return lines
+
+
+def _full(rows: list[dict]) -> dict:
+    return next(r for r in rows if r["n"] == 0)
+
+
+def judgements(rows: list[dict], task: str, limits: Tolerance) -> dict[str, list[Judgement]]:
+    """Per series, each point's judgement on `task` (see `evaluation.judge`)."""
+    full = _full(rows)["tasks"].get(task)
+    return {
+        label: [judge(task, full, r["tasks"][task], limits) for r in points] for label, points in _series(rows).items()
+    }
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How far one series can be pruned on one task: `fraction` is decided, or the data cannot
+    tell beyond it (`undecided_at`, and the documents that would likely decide)."""
+
+    fraction: float
+    undecided_at: float | None = None
+    documents_to_decide: int | None = None
+    every_point_within: bool = False
+
+    def text(self) -> str:
+        if self.undecided_at is None:
+            return f"{self.fraction:.2f}" + (" (every fraction tried)" if self.every_point_within else "")
+        need = f"about {self.documents_to_decide} documents" if self.documents_to_decide else "far more documents"
+        return (f"at least {self.fraction:.2f}; undecided at {self.undecided_at:.2f} "
+                f"({need} would likely decide)")  # fmt: skip
+
+
+def how_far(rows: list[dict], task: str, limits: Tolerance) -> dict[str, Answer]:
+    """Per series: the largest fraction removed whose one-sided 95% upper bound of the harm is
+    within the tolerance (kld: of the KL divergence, within the threshold), with every smaller
+    fraction within it too. An undecided point stops the walk, and the answer says so."""
+    answers = {}
+    for (label, points), found in zip(_series(rows).items(), judgements(rows, task, limits).values(),
+                                      strict=True):  # fmt: skip
+        best = 0.0
+        answer = None
+        for row, judgement in zip(points, found, strict=True):
+            if judgement.verdict.state == "within":
+                best = row["fraction"]
                 continue
-            best = 0.0
-            for r in points:
-                if r["tasks"][task]["acc"] < floor:
-                    break
-                best = r["fraction"]
-            answer[f"{strategy}{' + healing' if healed else ''}"] = best
-    return answer
+            if judgement.verdict.state == "undecided":
+                answer = Answer(best, row["fraction"], judgement.verdict.documents_to_decide)
+            break
+        answers[label] = answer or Answer(best, every_point_within=best == points[-1]["fraction"])
+    return answers
+
+
+def _value(task: str, result: dict) -> float:
+    return result["acc"] if "acc" in result else result[task]
+
+
+def break_points(rows: list[dict], task: str) -> dict[str, float | None]:
+    """Per series: where the curve of `task` against the fraction removed breaks (the knot of a
+    two-piece linear fit through the full model and every point; see `uncertainty.break_point`)."""
+    full = _full(rows)["tasks"].get(task)
+    found = {}
+    for label, points in _series(rows).items():
+        pairs = ([(0.0, _value(task, full))] if full else []) + [(r["fraction"], _value(task, r["tasks"][task]))
+                                                                 for r in points]  # fmt: skip
+        found[label] = break_point([x for x, _ in pairs], [y for _, y in pairs])
+    return found
 
 
 def _table(rows: list[dict], tasks: list[str]) -> str:
     head = ["strategy", "n", "fraction", "healed", "layers removed", "params (M)", "size (MB)", "decode tok/s"]
-    head += [f"{t} acc" for t in tasks] + ["loss", "loss / ln V", "seconds"]
-    lines = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    head += [f"{t} acc" for t in tasks] + ["loss", "loss / ln V", "kld", "top-1 agree", "seconds"]
+    lines = ["<table id=numbers><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
-        loss = r["tasks"].get("loss", {})
+        loss, kld = r["tasks"].get(LOSS_TASK), r["tasks"].get(KLD_TASK)
         cells = [
             r["strategy"],
             r["n"],
@@ -71,12 +134,45 @@ def _table(rows: list[dict], tasks: list[str]) -> str:
             m = r["tasks"].get(t, {})
             cells.append(f"{m['acc']:.3f} ± {m.get('acc_stderr') or 0:.3f}" if "acc" in m else "–")
         cells += [
-            f"{loss['loss']:.3f}" if loss else "–",
+            f"{loss['loss']:.3f} ± {loss.get('loss_stderr') or 0:.3f}" if loss else "–",
             f"{loss['loss_normalized']:.3f}" if loss else "–",
+            f"{kld['kld']:.4f} ± {kld.get('kld_stderr') or 0:.4f}" if kld else "–",
+            f"{kld['top1_agreement']:.3f}" if kld else "–",
             r["seconds"],
         ]
         lines.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return "\n".join(lines + ["</table>"])
+
+
+def _comparisons(rows: list[dict], tasks: list[str], limits: Tolerance) -> str:
+    """One row per pruned point and task: the paired change from the full model with its interval,
+    the unpaired interval beside it, the harm's one-sided bounds and the verdict."""
+    head = ["series", "n", "fraction", "task", "documents", "full", "pruned", "change", "paired 95% CI",
+            "unpaired 95% CI", "harm bounds (95%, one-sided)", "verdict"]  # fmt: skip
+    lines = ["<table id=comparisons><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    series = _series(rows)
+    for task in tasks:
+        for label, found in judgements(rows, task, limits).items():
+            for row, judgement in zip(series[label], found, strict=True):
+                c = judgement.comparison
+                result = row["tasks"][task]
+                cells = [label, row["n"], f"{row['fraction']:.2f}", task, result["n"]]
+                if c is not None:
+                    cells += [f"{c.reference:.4f}", f"{c.candidate:.4f}", f"{c.change:+.4f}",
+                              "[{:+.4f}, {:+.4f}]".format(*c.change_interval),
+                              "[{:+.4f}, {:+.4f}]".format(*c.unpaired_interval)]  # fmt: skip
+                else:
+                    cells += ["0", f"{judgement.harm:.4f}", f"{judgement.harm:+.4f}", "–", "–"]
+                cells += ["[{:.3f}, {:.3f}]".format(*judgement.bounds), _verdict_text(judgement)]
+                lines.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
+    return "\n".join(lines + ["</table>"])
+
+
+def _verdict_text(judgement: Judgement) -> str:
+    state = judgement.verdict
+    if state.state != "undecided":
+        return state.state
+    return f"undecided (~{state.documents_to_decide} docs)" if state.documents_to_decide else "undecided"
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -99,8 +195,120 @@ def _healing_method(sweep: dict) -> str:
     return "QLoRA: LoRA on the 4-bit NF4 model" if heal.get("quant", True) else "LoRA on the unquantized model"
 
 
-def write_report(out: str | Path, tolerance: float = TOLERANCE) -> Path:
+def _plots(rows: list[dict], tasks: list[str], figures: Path, limits: Tolerance) -> list[Path]:
+    """Per task: the metric with its 95% interval, and its paired change from the full model."""
+    tolerance, kl_threshold = limits.tolerance, limits.kl_threshold
+    full = _full(rows)["tasks"]
+    plots = []
+    for task in tasks:
+        breaks = {k: v for k, v in break_points(rows, task).items() if v is not None}
+        if task == KLD_TASK:
+            bounds = {id(r): judge(task, None, r["tasks"][task], limits).bounds
+                      for r in rows if r["n"]}  # fmt: skip
+            value = lambda r, b=bounds: (r["tasks"][KLD_TASK]["kld"], *b[id(r)]) if r["n"] else 0.0  # noqa: E731
+            plots.append(metric_by_fraction(rows, value, "mean KL divergence (nats/token)",
+                         "KL divergence from the full model (95% bootstrap bounds)", figures / "kld.png",
+                         (kl_threshold, f"threshold ({kl_threshold:g})"), breaks))  # fmt: skip
+            continue
+        metric = "acc" if task != LOSS_TASK else "loss"
+
+        def spread(r: dict, t: str = task, m: str = metric) -> tuple[float, float, float]:
+            result = r["tasks"][t]
+            half = 1.96 * (result.get(f"{m}_stderr") or 0.0)
+            return result[m], result[m] - half, result[m] + half
+
+        chance = full.get(task, {}).get("chance")
+        plots.append(metric_by_fraction(rows, spread, "accuracy" if metric == "acc" else "next-token loss",
+                     f"{task}: {'accuracy' if metric == 'acc' else 'held-out loss'} (± 1.96 s.e.)",
+                     figures / f"{metric}-{task}.png", (chance, f"chance ({chance:.2f})") if chance else None,
+                     breaks))  # fmt: skip
+        changes = {id(r): j.comparison for label, found in judgements(rows, task, limits).items()
+                   for r, j in zip(_series(rows)[label], found, strict=True)}  # fmt: skip
+
+        def change(r: dict, c: dict = changes) -> Any:
+            found = c.get(id(r))
+            return (found.change, *found.change_interval) if found else 0.0
+
+        limit = -tolerance * full[task][metric] if metric == "acc" else tolerance * full[task][metric]
+        plots.append(metric_by_fraction(rows, change, f"change in {metric} from the full model",
+                     f"{task}: paired change, 95% CI", figures / f"change-{task}.png",
+                     (limit, f"tolerance ({tolerance:.0%})")))  # fmt: skip
+    return plots
+
+
+def _how_far_section(rows: list[dict], tasks: list[str], limits: Tolerance) -> str:
+    lines = []
+    for task in tasks:
+        cells = "".join(f"<td>{html.escape(k)}: {html.escape(a.text())}</td>"
+                        for k, a in how_far(rows, task, limits).items())  # fmt: skip
+        lines.append(f"<tr><th>{html.escape(task)}</th>{cells}</tr>")
+    return "<table id=how-far>" + "".join(lines) + "</table>"
+
+
+def _breaks_section(rows: list[dict], tasks: list[str]) -> str:
+    found = {task: break_points(rows, task) for task in tasks}
+    series = list(_series(rows))
+    head = "<tr><th>series</th>" + "".join(f"<th>{html.escape(t)}</th>" for t in tasks) + "</tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(label)}</td>"
+        + "".join(f"<td>{'–' if found[t][label] is None else f'{found[t][label]:.2f}'}</td>" for t in tasks)
+        + "</tr>"
+        for label in series
+    )
+    sentences = []
+    qa = [t for t in tasks if t not in TEXT_TASKS]
+    for label in series:
+        loss_break = found.get(LOSS_TASK, {}).get(label)
+        qa_breaks = [found[t][label] for t in qa if found[t][label] is not None]
+        if loss_break is not None and qa_breaks:
+            sentences.append(f"{label}: the loss breaks at {loss_break:.2f}, the accuracies at "
+                             f"{', '.join(f'{b:.2f}' for b in qa_breaks)}.")  # fmt: skip
+    return f"<table id=breaks>{head}{body}</table>" + (
+        "<p>" + html.escape(" ".join(sentences)) + "</p>" if sentences else ""
+    )
+
+
+def _sensitivity_section(out: Path) -> str:
+    path = out / "sensitivity" / "sensitivity.json"
+    if not path.is_file():
+        return "<p>(no sensitivity map stored)</p>"
+    record = read_json(path, "sensitivity file")
+    items = []
+    for task, result in record["tasks"].items():
+        worst = sorted(result["layers"], key=lambda layer: -layer["harm"])[:3]
+        listed = ", ".join(
+            "layer {} ({:+.1%}, 95% CI {:+.1%} to {:+.1%})".format(w["layer"], w["harm"], *w["harm_interval"])
+            for w in worst
+        )
+        items.append(f"<li><b>{html.escape(task)}</b> ({result['documents']} documents): {html.escape(listed)}</li>")
+    image = out / "sensitivity" / "sensitivity.png"
+    return (f"<p>Each layer removed alone; the relative harm to each task (positive: worse), paired over the "
+            f"same documents. The layers that matter most:</p><ul>{''.join(items)}</ul>"
+            + (_image(image) if image.is_file() else ""))  # fmt: skip
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _settings_table(sweep: dict, versions: dict | None) -> str:
+    settings = {**sweep.get("config", sweep["settings"])}
+    settings.update({f"version of {k}": v for k, v in (versions or {}).items()})
+    return (
+        "<table id=settings>"
+        + "".join(
+            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_setting(v))}</td></tr>" for k, v in settings.items()
+        )
+        + "</table>"
+    )
+
+
+def write_report(out: str | Path, limits: Tolerance | None = None) -> Path:
     """Build DIR/report.html (and the figures under DIR/figures/) from the stored sweep results."""
+    limits = limits or Tolerance()
+    tolerance, kl_threshold = limits.tolerance, limits.kl_threshold
     out = Path(out)
     if not (out / "results.json").is_file() or not (out / "sweep.json").is_file():
         raise LayerpruneError(f"{out} holds no sweep results (results.json, sweep.json)")
@@ -108,41 +316,11 @@ def write_report(out: str | Path, tolerance: float = TOLERANCE) -> Path:
     sweep = read_json(out / "sweep.json", "sweep settings file")
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    tasks = _qa_tasks(rows)
-    plots = []
-    for task in tasks:
-        chance = next((r["tasks"][task].get("chance") for r in rows if task in r["tasks"]), None)
-        plots.append(
-            metric_by_fraction(
-                rows,
-                lambda r, t=task: r["tasks"].get(t, {}).get("acc"),
-                "accuracy",
-                f"{task}: accuracy",
-                figures / f"accuracy-{task}.png",
-                chance,
-            )
-        )
-    if any("loss" in r["tasks"] for r in rows):
-        plots.append(
-            metric_by_fraction(
-                rows,
-                lambda r: r["tasks"].get("loss", {}).get("loss_normalized"),
-                "next-token loss / ln(vocab)",
-                "held-out loss (normalized)",
-                figures / "loss.png",
-            )
-        )
+    tasks = _measured(rows)
+    plots = _plots(rows, tasks, figures, limits)
     heatmap = out / "analysis" / "heatmap.png"
-    answers = "".join(
-        f"<tr><td>{html.escape(t)}</td>"
-        + "".join(f"<td>{html.escape(k)}: {v:.2f}</td>" for k, v in how_far(rows, t, tolerance).items())
-        + "</tr>"
-        for t in tasks
-    )
-    settings = json.dumps(
-        {"settings": sweep.get("config", sweep["settings"]), "versions": rows[0].get("versions")}, indent=1
-    )
     name = html.escape(sweep["model"])
+    documents = sorted({r["tasks"][t]["n"] for r in rows for t in tasks if t in r["tasks"]})
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>layerprune sweep: {name}</title>
 <style>{STYLE}</style></head><body>
 <h1>Layer pruning sweep: {name}</h1>
@@ -151,17 +329,33 @@ def write_report(out: str | Path, tolerance: float = TOLERANCE) -> Path:
 healed loss should grow slowly. The strategies:</p>
 <ul>{_strategy_items(rows)}</ul>
 <h2>How far can I prune?</h2>
-<p>Largest fraction of layers removed that keeps each task's accuracy within {tolerance:.0%} of
-the full model's (and every smaller fraction within it too):</p>
-<table>{answers}</table>
-<h2>Accuracy and loss against the fraction removed</h2>
+<p>For each task, the largest fraction of layers removed at which the one-sided 95% upper bound of
+the harm is within {tolerance:.0%} of the full model (accuracy: relative drop; loss: relative rise;
+kld: mean KL divergence within {kl_threshold:g} nats per token), with every smaller fraction within
+it too. Each point is compared with the full model on the same documents, by a
+{html.escape(METHOD)}. Where the data cannot decide, the answer says so, with the documents that
+would likely decide (the bound narrows as 1/&radic;documents). Documents per task and point:
+{", ".join(map(str, documents))}.</p>
+{_how_far_section(rows, tasks, limits)}
+<h2>Accuracy, loss and closeness against the fraction removed</h2>
+<p>Error bars: 95% intervals. The "paired change" figures show each point's difference from the
+full model on the same documents; dotted vertical lines mark each curve's break point.</p>
 <div class="grid">{"".join(_image(p) for p in plots)}</div>
+<h2>Where do loss and accuracy break?</h2>
+<p>The fraction at which each curve breaks: the knot of the best continuous two-piece linear fit
+(least squares, the knot tried at each measured fraction). With few fractions, a break is located
+only to within their spacing; it describes the curve and is not a test.</p>
+{_breaks_section(rows, tasks)}
+<h2>Where does knowledge sit?</h2>
+{_sensitivity_section(out)}
 <h2>Angular distance between layers</h2>
 {_image(heatmap) if heatmap.is_file() else "<p>(no analysis stored)</p>"}
+<h2>Paired comparisons with the full model</h2>
+{_comparisons(rows, tasks, limits)}
 <h2>All numbers</h2>
-{_table(rows, tasks)}
+{_table(rows, _qa_tasks(rows))}
 <h2>Settings and versions</h2>
-<pre>{html.escape(settings)}</pre>
+{_settings_table(sweep, rows[0].get("versions"))}
 </body></html>"""
     path = out / "report.html"
     write_atomically(path, body)  # shards that finish together each write it whole

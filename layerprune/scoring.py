@@ -39,7 +39,7 @@ class Selection:
     seconds: float = 0.0
 
 
-class _Scorer:
+class Scorer:
     """Calibration loss of the model with some layers removed, reusing recorded residual states."""
 
     def __init__(self, model: Any, batches: list[dict]) -> None:
@@ -53,7 +53,7 @@ class _Scorer:
         self.head_cost = model.get_output_embeddings().weight.numel()
         self.work = 0
 
-    def _resid(self, batch: dict, keep: Sequence[int]) -> list[Any]:
+    def resid(self, batch: dict, keep: Sequence[int]) -> list[Any]:
         """resid entering each kept layer (and the final norm) of the model reduced to `keep`."""
         import torch
 
@@ -67,27 +67,36 @@ class _Scorer:
         self.work += sum(self.layer_cost[i] for i in keep)
         return states
 
-    def _suffix_loss(self, batch: dict, start_state: Any, suffix: Sequence[int]) -> tuple[float, int]:
-        """Summed next-token loss, running only `suffix` layers from a recorded state."""
+    def document_losses(self, batch: dict, start_state: Any, suffix: Sequence[int]) -> tuple[list[float], list[int]]:
+        """Each document's summed next-token loss and token count, running only `suffix` layers from a
+        recorded state (`start_state` None: every layer from the embeddings). Only the tokens a
+        batch's `target_mask` marks count, where it has one (an answer after its question)."""
         import torch
 
-        batch = self._on_device(batch)
+        inputs = self._on_device(batch)
         with torch.inference_mode(), running_from(self.model, self.arch, suffix, start_state):
-            losses, mask = next_token_losses(self.model(**batch, use_cache=False).logits, batch)
+            losses, mask = next_token_losses(self.model(**inputs, use_cache=False).logits, inputs)
+        if "target_mask" in batch:
+            mask = mask & batch["target_mask"][:, 1:].to(mask.device).bool()
         self.work += sum(self.layer_cost[i] for i in suffix) + self.head_cost
-        return float(losses[mask].sum()), int(mask.sum())
+        return losses.masked_fill(~mask, 0.0).sum(dim=1).tolist(), mask.sum(dim=1).tolist()
+
+    def _suffix_loss(self, batch: dict, start_state: Any, suffix: Sequence[int]) -> tuple[float, int]:
+        """Summed next-token loss and token count, running only `suffix` layers from a recorded state."""
+        sums, counts = self.document_losses(batch, start_state, suffix)
+        return sum(sums), sum(counts)
 
     def _on_device(self, batch: dict) -> dict:
-        """The batch where the model's embeddings are (a dispatched model moves it on from there)."""
+        """The model's inputs where its embeddings are (a dispatched model moves them on from there)."""
         device = self.model.get_input_embeddings().weight.device
-        return {k: v.to(device) for k, v in batch.items()}
+        return {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
 
     def score(self, kept: Sequence[int], candidates: list[list[int]]) -> list[float]:
         """Mean calibration loss of the model reduced to `kept`, minus each candidate set of layers."""
         totals = [0.0] * len(candidates)
         tokens = 0
         for batch in self.batches:
-            resid = self._resid(batch, kept)
+            resid = self.resid(batch, kept)
             for c, removed in enumerate(candidates):
                 position = min(kept.index(layer) for layer in removed)  # first kept layer cut
                 suffix = [layer for layer in kept[position:] if layer not in removed]
@@ -119,7 +128,7 @@ def select_by_loss(
     """Choose n layers by calibration loss with `strategy` (see the module docstring)."""
 
     started = time.perf_counter()
-    scorer = _Scorer(model, batches)
+    scorer = Scorer(model, batches)
     num_layers = scorer.num_layers
     if not 1 <= n < num_layers - (0 if allow_final else 1):
         raise LayerpruneError(f"n must be between 1 and {num_layers - 2} to keep the final layer, got {n}")
@@ -144,7 +153,7 @@ def select_by_loss(
     return Selection(best["layers"], scored, scorer.forward_passes, round(time.perf_counter() - started, 2))
 
 
-def _iterative(scorer: _Scorer, n: int, allow_final: bool, started: float) -> tuple[list[int], list[dict]]:
+def _iterative(scorer: Scorer, n: int, allow_final: bool, started: float) -> tuple[list[int], list[dict]]:
     """Greedy removal; round k records the k layers removed so far and its cumulative cost, so the
     first k rounds are the whole answer for n = k (the path is nested)."""
 

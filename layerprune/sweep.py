@@ -8,9 +8,16 @@ so the same command run again after an interruption, or with more points, comput
 is missing. The settings that make numbers comparable (tasks, limit, data, healing) are stored
 in `DIR/sweep.json`; a rerun with other settings is refused rather than mixed in.
 
-Cost: one analysis pass; per point one evaluation, plus for healed points one on-disk prune
-(streamed), one QLoRA run and a merge. Memory: the base model once (unhealed points prune it in
-place and restore it; healed points load their own checkpoint).
+Every task keeps its per-document results, and each point is compared with the full model on
+the same documents (`uncertainty`). With `--limit auto`, each point evaluates its documents in
+rounds (20, 40, 80, ... in a fixed seeded order) until every task's comparison decides the
+tolerance question or its documents run out; the full model is evaluated on whatever documents
+the points need. The `kld` task compares each point with the base model, side by side.
+
+Cost: one analysis pass, one sensitivity map (about L/2 passes per task); per point one
+evaluation, plus for healed points one on-disk prune (streamed), one QLoRA run and a merge.
+Memory: the base model once (unhealed points prune it in place and restore it; healed points
+load their own checkpoint beside it).
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ import csv
 import errno
 import json
 import os
+import random
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,20 +40,40 @@ from .analysis import AnalysisResult, analyze
 from .architectures import find_architecture
 from .checkpoint import check_destination, write_atomically
 from .config import build, flatten
-from .data import Calibration
+from .data import Calibration, load_documents
 from .deployment import InferenceSettings, measure
 from .devices import Placement, process_rank, work_alone
 from .errors import LayerpruneError
-from .evaluation import DEFAULT_TASKS, check_tasks, evaluate
+from .evaluation import (
+    DEFAULT_LOSS_DATA,
+    DEFAULT_TASKS,
+    KLD_TASK,
+    TEXT_TASKS,
+    EvalConfig,
+    Tolerance,
+    check_tasks,
+    closeness,
+    evaluate,
+    judge,
+    logits_of,
+    merged,
+    task_documents,
+)
 from .healing import HealConfig, heal
 from .models import load_model, model_inputs, resolve_model
 from .pipeline import prune
 from .report import write_report
 from .scoring import calibration_batches
+from .sensitivity import RESULT_FILE as SENSITIVITY_FILE
+from .sensitivity import sensitivity
 from .strategies import MODEL, STRATEGIES, Request, get_strategy, strategy_names
 from .surgery import pruned_in_place
 
 LOSS_COLUMNS = ("loss", "loss_stderr", "loss_normalized", "perplexity")
+KLD_COLUMNS = ("kld", "kld_stderr", "kld_p99", "top1_agreement")
+AUTO = "auto"
+FIRST_ROUND = 20  # documents per task in the first round of --limit auto; each round doubles them
+SENSITIVITY_DOCUMENTS = 100  # per task, at most, for the sensitivity map
 RESULT_FIELDS = (
     "strategy",
     "n",
@@ -81,7 +110,17 @@ class SweepConfig:
     heal: bool = field(default=True, metadata={"help": "Also heal every pruned point."})
     heal_config: HealConfig = field(default_factory=HealConfig, metadata={"prefix": "heal_"})
     tasks: tuple[str, ...] = field(default=DEFAULT_TASKS, metadata={"help": "Tasks, as in `evaluate`."})
-    limit: int | None = field(default=100, metadata={"help": "Documents per task (None: all)."})
+    loss_data: str = field(default=DEFAULT_LOSS_DATA, metadata={"help": "Held-out text for `loss` and `kld`."})
+    limit: int | str | None = field(
+        default=100,
+        metadata={"help": "Documents per task (None: all); or auto: in rounds (20, 40, 80, ...) until each "
+                          "point's paired comparison with the full model decides the tolerance question, or "
+                          "the task's documents (auto:N: its first N) run out."},
+    )  # fmt: skip
+    limits: Tolerance = field(default_factory=Tolerance)
+    sensitivity: bool = field(
+        default=True, metadata={"help": "Also map each single layer's effect on each task (about L/2 passes)."}
+    )
     calibration: Calibration = field(default_factory=Calibration)
     placement: Placement = field(default_factory=Placement)
 
@@ -97,8 +136,28 @@ class SweepConfig:
             raise LayerpruneError(f"no strategy given; choose from {', '.join(STRATEGIES)}")
         for strategy in self.strategies:
             get_strategy(strategy)
-        if self.limit is not None and self.limit < 1:
+        if isinstance(self.limit, str) and not self.adaptive:
+            if not self.limit.isdigit():
+                raise LayerpruneError(f"--limit must be a whole number, auto or auto:N, got {self.limit!r}")
+            object.__setattr__(self, "limit", int(self.limit))
+        if self.adaptive and self.limit != AUTO:
+            cap = str(self.limit).removeprefix(f"{AUTO}:")
+            if not cap.isdigit() or int(cap) < FIRST_ROUND:
+                raise LayerpruneError(
+                    f"--limit auto:N needs a whole number N of at least {FIRST_ROUND}, got {self.limit!r}"
+                )
+        if isinstance(self.limit, int) and self.limit < 1:
             raise LayerpruneError(f"--limit must be at least 1, got {self.limit}")
+
+    @property
+    def adaptive(self) -> bool:
+        """--limit auto (or auto:N): documents in rounds until each comparison decides."""
+        return isinstance(self.limit, str) and (self.limit == AUTO or self.limit.startswith(f"{AUTO}:"))
+
+    @property
+    def most_documents(self) -> int | None:
+        """The N of --limit auto:N: no task goes beyond its first N documents."""
+        return int(self.limit.partition(":")[2]) if isinstance(self.limit, str) and ":" in self.limit else None
 
     def counts(self, num_layers: int) -> list[int]:
         """The n of every point, from --n or --fractions, sorted, 0 included."""
@@ -180,10 +239,97 @@ def _points_settings(config: SweepConfig) -> dict[str, Any]:
     return {"ns": list(config.ns), "fractions": list(config.fractions), "strategies": list(config.strategies)}
 
 
-def _evaluate_point(model: Any, tokenizer: Any, config: SweepConfig) -> dict[str, Any]:
-    return evaluate(
-        model, config.tasks, limit=config.limit, batch_size=config.calibration.batch_size, tokenizer=tokenizer
-    )
+def _eval_config(config: SweepConfig) -> EvalConfig:
+    limit = None if config.adaptive else config.limit
+    settings = {"tasks": config.tasks, "limit": limit, "batch_size": config.calibration.batch_size}
+    return build(EvalConfig, settings | {"loss_data": config.loss_data})
+
+
+def _measure(
+    base: tuple[Any, Any],
+    removed: list[int],
+    healed: Any,
+    config: SweepConfig,
+    documents: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a point on the sweep's tasks (or on `documents`, per task): the `healed` model, or
+    when None the base model with `removed` cut in place; `kld` compares it with the base model."""
+    model, tokenizer = base
+    subject = model if healed is None else healed
+
+    def cut() -> AbstractContextManager[Any]:
+        return pruned_in_place(model, removed) if healed is None and removed else nullcontext()
+
+    eval_config = _eval_config(config)
+    tasks = [t for t in config.tasks if t != KLD_TASK and (documents is None or t in documents)]
+    evaluated: dict[str, Any] = {"tasks": {}}
+    if tasks:
+        with cut():
+            evaluated = evaluate(subject, config=build(EvalConfig, {**flatten(eval_config), "tasks": tasks}),
+                                 tokenizer=tokenizer, documents=documents)  # fmt: skip
+    if KLD_TASK in config.tasks and (documents is None or KLD_TASK in documents):
+        own, theirs = logits_of(subject), logits_of(model)
+
+        def candidate(batch: dict) -> Any:
+            with cut():
+                return own(batch)
+
+        vocab = model.config.get_text_config().vocab_size
+        chosen = (documents or {}).get(KLD_TASK)
+        evaluated["tasks"][KLD_TASK] = closeness(candidate, theirs, tokenizer, vocab, eval_config, chosen)
+    return evaluated
+
+
+def document_orders(config: SweepConfig) -> dict[str, list[str]]:
+    """Every task's document ids in a fixed seeded order: the order in which --limit auto takes them."""
+    orders = {}
+    for task in config.tasks:
+        if task in TEXT_TASKS:
+            ids = [str(i) for i in range(len(load_documents(config.loss_data)))]
+        else:
+            ids = task_documents(task)
+        random.Random(f"layerprune:{task}").shuffle(ids)
+        ids = ids[: config.most_documents]
+        if len(ids) < FIRST_ROUND:
+            raise LayerpruneError(
+                f"--limit auto needs at least {FIRST_ROUND} documents per task; {task} has {len(ids)}"
+            )
+        orders[task] = ids
+    return orders
+
+
+def _adaptive(
+    measure: Callable[[dict[str, list[str]]], dict[str, Any]],
+    full: Callable[[dict[str, list[str]]], dict[str, Any]] | None,
+    config: SweepConfig,
+    orders: dict[str, list[str]],
+) -> dict[str, Any]:
+    """Evaluate a point in rounds of doubling size until each task's comparison with the full model
+    (`full(documents)` returns the full point covering them) decides, or its documents run out.
+    `full` None: this is the full point, which takes one round (the points extend it as needed)."""
+    results: dict[str, dict[str, Any]] = {}
+    record: dict[str, Any] = {}
+    pending, size = list(config.tasks), FIRST_ROUND
+    while pending:
+        wanted = {task: orders[task][:size] for task in pending}
+        reference = full(wanted) if full else None
+        fresh = {}
+        for task, ids in wanted.items():
+            done = set(results[task]["documents"]["id"]) if task in results else set()
+            fresh[task] = [d for d in ids if d not in done]
+        record = measure({t: ids for t, ids in fresh.items() if ids})
+        for task, result in record["tasks"].items():
+            results[task] = merged(task, results[task], result) if task in results else result
+            results[task]["rounds"] = results[task].get("rounds", 0) + 1
+        pending = [
+            task
+            for task in pending
+            if reference is not None
+            and size < len(orders[task])
+            and judge(task, reference["tasks"][task], results[task], config.limits).verdict.state == "undecided"
+        ]
+        size *= 2
+    return record | {"tasks": results}
 
 
 def _removed_layers(point: Point, base: tuple[Any, Any], analysis: AnalysisResult, config: SweepConfig, out: Path):
@@ -214,21 +360,46 @@ def _twin(out: Path, point: Point, removed: list[int]) -> dict[str, Any] | None:
     return None
 
 
-def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config: SweepConfig, work: Path) -> dict:
+def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config: SweepConfig, work: Path,
+               orders: dict[str, list[str]] | None, full: Callable | None) -> dict:  # fmt: skip
     """One point: the base pruned in place (restored after) and evaluated, or pruned on disk,
-    healed, loaded and evaluated."""
+    healed, loaded and evaluated (beside the base, for kld). With `orders`, in rounds (`_adaptive`)."""
     model, tokenizer = base
     num_layers = find_architecture(model.config).num_layers(model.config)
     started = time.perf_counter()
-    if not point.healed:
-        with pruned_in_place(model, removed) if removed else nullcontext(model) as candidate:
-            return _row(point, removed, num_layers, candidate, _evaluate_point(candidate, tokenizer, config), started)
-    pruned = prune(src, work / "pruned", layers=removed, overwrite=True)
-    healed = heal(pruned.path, work / "healed", config.heal_config)  # resumes if a killed run left checkpoints
-    candidate, tokenizer = load_model(healed.path, config.placement)
-    evaluated = _evaluate_point(candidate, tokenizer, config)
-    evaluated["healing"] = {k: v for k, v in healed.healing.items() if k != "curve"}
-    return _row(point, removed, num_layers, candidate, evaluated, started)
+    healing = None
+    candidate = None
+    if point.healed:
+        pruned = prune(src, work / "pruned", layers=removed, overwrite=True)
+        healed = heal(pruned.path, work / "healed", config.heal_config)  # resumes if a killed run left checkpoints
+        candidate, _ = load_model(healed.path, config.placement)
+        healing = {k: v for k, v in healed.healing.items() if k != "curve"}
+    if orders is None:
+        evaluated = _measure(base, removed, candidate, config)
+    else:
+        evaluated = _adaptive(
+            lambda documents: _measure(base, removed, candidate, config, documents), full, config, orders
+        )
+    if healing:
+        evaluated["healing"] = healing
+    with pruned_in_place(model, removed) if candidate is None and removed else nullcontext():
+        return _row(point, removed, num_layers, candidate or model, evaluated, started)
+
+
+def _full_covering(out: Path, base: tuple[Any, Any], config: SweepConfig, documents: dict[str, list[str]]) -> dict:
+    """The full point, extended (and stored again) to cover `documents`: --limit auto's reference."""
+    path = out / "points" / f"{Point('full', 0, False).key}.json"
+    row = json.loads(path.read_text())
+    missing = {}
+    for task, ids in documents.items():
+        known = set(row["tasks"][task]["documents"]["id"])
+        missing[task] = [d for d in ids if d not in known]
+    missing = {t: ids for t, ids in missing.items() if ids}
+    if missing:
+        for task, result in _measure(base, [], None, config, missing)["tasks"].items():
+            row["tasks"][task] = merged(task, row["tasks"][task], result)
+        _write_json(path, row)
+    return row
 
 
 def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluated: dict, started: float) -> dict:
@@ -243,8 +414,8 @@ def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluate
         "parameters": model.num_parameters(),
         "size_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         "decode_tokens_per_s": measure(model, SPEED_SETTINGS)["decode_tokens_per_s"]["median"],
-        "seconds": round(time.perf_counter() - started, 1),
         **evaluated,
+        "seconds": round(time.perf_counter() - started, 1),  # the whole point's, healing included
     }
 
 
@@ -312,12 +483,22 @@ def run_sweep(
     analysis = _shared_analysis(out, base, config, progress)
     mine = points[shard.index :: shard.count] if shard else points
     missing = [p for p in mine if not (out / "points" / f"{p.key}.json").is_file()]
+    orders = document_orders(config) if config.adaptive else None
+    full = None
+    if orders is not None:
+        first = points[0]
+        if not (out / "points" / f"{first.key}.json").is_file():  # every point's reference: first, whatever the shard
+            _write_json(
+                out / "points" / f"{first.key}.json", _run_point(first, base, src, [], config, out, orders, None)
+            )
+            missing = [p for p in missing if p != first]
+        full = lambda documents: _full_covering(out, base, config, documents)  # noqa: E731
     bar = tqdm(total=len(mine), initial=len(mine) - len(missing), desc="sweep", unit="point", disable=not progress)
     for point in missing:
         bar.set_postfix_str(point.key)
         work = out / "work" / point.key
         removed = _removed_layers(point, base, analysis, config, out) if point.n else []
-        result = _twin(out, point, removed) or _run_point(point, base, src, removed, config, work)
+        result = _twin(out, point, removed) or _run_point(point, base, src, removed, config, work, orders, full)
         _write_json(out / "points" / f"{point.key}.json", result)
         shutil.rmtree(work, ignore_errors=True)
         bar.update()
@@ -325,8 +506,10 @@ def run_sweep(
     complete = all((out / "points" / f"{p.key}.json").is_file() for p in points)
     if complete:  # the last shard to finish reports
         shutil.rmtree(out / "work", ignore_errors=True)
+        if config.sensitivity and not (out / "sensitivity" / SENSITIVITY_FILE).is_file():
+            _sensitivity_map(out, base, config)
         collect(out)
-        write_report(out)
+        write_report(out, config.limits)
     return SweepResult(out, complete)
 
 
@@ -348,6 +531,18 @@ def _shared_analysis(out: Path, base: tuple[Any, Any], config: SweepConfig, prog
     return AnalysisResult.load(distances)
 
 
+def _sensitivity_map(out: Path, base: tuple[Any, Any], config: SweepConfig) -> None:
+    """The single-layer sensitivity of the base model on the sweep's tasks (kld aside), stored for the report."""
+    tasks = tuple(t for t in config.tasks if t != KLD_TASK)
+    if not tasks:
+        return
+    limit = (
+        SENSITIVITY_DOCUMENTS if config.adaptive or config.limit is None else min(config.limit, SENSITIVITY_DOCUMENTS)
+    )
+    settings = {"tasks": tasks, "limit": limit, "batch_size": config.calibration.batch_size}
+    sensitivity(*base, build(EvalConfig, settings | {"loss_data": config.loss_data})).save(out / "sensitivity")
+
+
 def collect(out: Path) -> list[dict[str, Any]]:
     """Gather every stored point into results.json and results.csv (one row per strategy, n, healed)."""
     rows = [json.loads(p.read_text()) for p in sorted((out / "points").glob("*.json"))]
@@ -358,8 +553,10 @@ def collect(out: Path) -> list[dict[str, Any]]:
     tasks = sorted({t for r in rows for t in r["tasks"]})
     columns = list(RESULT_FIELDS)
     for task in tasks:
-        metrics = LOSS_COLUMNS if task == "loss" else ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
-        columns += [f"{task}_{m}" if task != "loss" else m for m in metrics]
+        if task in TEXT_TASKS:
+            columns += list(LOSS_COLUMNS if task == "loss" else KLD_COLUMNS)
+        else:
+            columns += [f"{task}_{m}" for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")]
     tmp = out / ".results.csv.tmp"
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
@@ -368,10 +565,10 @@ def collect(out: Path) -> list[dict[str, Any]]:
             flat = {k: row.get(k) for k in RESULT_FIELDS}
             flat["layers_removed"] = " ".join(map(str, row["layers_removed"]))
             for task, metrics in row["tasks"].items():
-                if task == "loss":
-                    flat.update({m: metrics.get(m) for m in LOSS_COLUMNS})
+                if task in TEXT_TASKS:
+                    flat.update({m: metrics.get(m) for m in LOSS_COLUMNS + KLD_COLUMNS if m in metrics})
                 else:
-                    flat.update({f"{task}_{m}": value for m, value in metrics.items()})
+                    flat.update({f"{task}_{m}": value for m, value in metrics.items() if m != "documents"})
             writer.writerow(flat)
     os.replace(tmp, out / "results.csv")
     return rows

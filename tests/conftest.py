@@ -135,7 +135,7 @@ def sweep_config(text, **changes):
         strategies=("angular", "deepest"),
         heal=True,
         heal_config=heal,
-        tasks=("arc_easy", "loss"),
+        tasks=("arc_easy", "loss", "kld"),
         limit=6,
         data=str(text),
         samples=8,

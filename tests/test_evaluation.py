@@ -1,6 +1,7 @@
 """Evaluation: lm-eval's numbers on the shipped data, checked against independent computations."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -170,3 +171,99 @@ def test_the_vllm_backend_where_vllm_is_missing_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "m"), "--backend", "vllm"])
     assert result.exit_code == 1
     assert result.stderr == "error: --backend vllm needs vLLM, which is not installed: pip install 'layerprune[vllm]'\n"
+
+
+def heldout(tmp_path, count=12):
+    path = tmp_path / "heldout.txt"
+    path.write_text(
+        "\n\n".join(f"Held-out document {i}: the fox {'jumps ' * (i % 5 + 1)}over the dog." for i in range(count))
+    )
+    return path
+
+
+def test_kl_divergence_equals_torch_kl_div_computed_directly(tmp_path, tiny):
+    model, tokenizer = tiny
+    other = tiny_model("llama", seed=4)
+    text = heldout(tmp_path)
+    result = evaluate(model, ["kld"], loss_data=text, tokenizer=tokenizer, reference=other, batch_size=5)["tasks"][
+        "kld"
+    ]
+    per_token, agree = [], []
+    for doc in evaluation.load_documents(text):
+        ids = torch.tensor([tokenizer(doc, truncation=True, max_length=256)["input_ids"]])
+        with torch.no_grad():
+            ours, theirs = model(input_ids=ids).logits[0, :-1], other(input_ids=ids).logits[0, :-1]
+        kl = torch.nn.functional.kl_div(
+            torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1), log_target=True, reduction="none"
+        ).sum(-1)
+        per_token += kl.tolist()
+        agree += (ours.argmax(-1) == theirs.argmax(-1)).tolist()
+    assert result["tokens"] == len(per_token) and result["n"] == 12
+    assert result["kld"] == pytest.approx(sum(per_token) / len(per_token), rel=1e-5) and result["kld"] > 0
+    assert result["top1_agreement"] == pytest.approx(sum(agree) / len(agree))
+    exact = torch.quantile(torch.tensor(per_token, dtype=torch.float64), 0.99).item()
+    assert abs(math.log(result["kld_p99"] / exact)) <= math.log(10) / 20  # within one bin of the histogram
+    itself = evaluate(model, ["kld"], loss_data=text, tokenizer=tokenizer, reference=model)["tasks"]["kld"]
+    assert itself["kld"] == 0 and itself["top1_agreement"] == 1
+
+
+def test_divergences_taken_in_chunks_equal_those_taken_at_once():
+    torch.manual_seed(0)
+    ours, theirs = torch.randn(2, 9, 50), torch.randn(2, 9, 50)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 5:] = False
+    whole = evaluation.token_divergences(ours, theirs, mask, chunk=1024)
+    chunked = evaluation.token_divergences(ours, theirs, mask, chunk=3)
+    torch.testing.assert_close(whole[0], chunked[0], rtol=0, atol=1e-6)
+    assert torch.equal(whole[1], chunked[1]) and whole[0].numel() == 13
+
+
+def by_id(result):
+    """A result's per-document columns, by document id."""
+    columns = list(result["documents"].values())
+    return {doc: tuple(column[i] for column in columns[1:]) for i, doc in enumerate(columns[0])}
+
+
+def test_evaluations_of_two_document_sets_merge_into_the_evaluation_of_both(tmp_path, tiny):
+    model, tokenizer = tiny
+    other = tiny_model("llama", seed=4)
+    text = heldout(tmp_path)
+    settings = dict(loss_data=text, tokenizer=tokenizer, reference=other, batch_size=4)
+    tasks = ["arc_easy", "loss", "kld"]
+    first = {"arc_easy": ["arc_easy/3", "arc_easy/0"], "loss": ["0", "5"], "kld": ["2", "7", "1"]}
+    second = {"arc_easy": ["arc_easy/9", "arc_easy/4", "arc_easy/0"], "loss": ["3", "5"], "kld": ["4"]}
+    both = {task: list(dict.fromkeys(first[task] + second[task])) for task in tasks}
+    a = evaluate(model, tasks, documents=first, **settings)["tasks"]
+    b = evaluate(model, tasks, documents=second, **settings)["tasks"]
+    whole = evaluate(model, tasks, documents=both, **settings)["tasks"]
+    for task in tasks:
+        joined = evaluation.merged(task, a[task], b[task])
+        assert by_id(joined) == by_id(whole[task])
+        for key in ("acc", "acc_stderr", "loss", "loss_stderr", "kld", "kld_stderr", "top1_agreement", "n"):
+            if key in whole[task]:
+                assert joined[key] == pytest.approx(whole[task][key], rel=1e-6), (task, key)
+    assert sorted(whole["arc_easy"]["documents"]["id"]) == sorted(both["arc_easy"])
+    assert whole["arc_easy"]["documents"]["loglik"][0] < 0
+
+
+def test_a_reference_with_another_tokenizer_or_none_is_refused(tmp_path, tiny):
+    from typer.testing import CliRunner
+
+    from layerprune.cli import app
+
+    model, tokenizer = tiny
+    folder = save_tiny(model, tmp_path / "model")
+    other = tiny_model("llama", seed=4)
+    other.save_pretrained(tmp_path / "other")
+    changed = tiny_tokenizer()
+    changed.add_tokens(["<extra>"])
+    changed.save_pretrained(tmp_path / "other")
+    runner = CliRunner()
+    text = heldout(tmp_path)
+    for args, message in (
+        (["--reference", str(tmp_path / "other")], f"--reference {tmp_path / 'other'} has a different tokenizer"),
+        ([], "the kld task needs --reference MODEL"),
+        (["--reference", str(tmp_path / "nowhere")], "nowhere"),
+    ):
+        result = runner.invoke(app, ["evaluate", str(folder), "--tasks", "kld", "--loss-data", str(text), *args])
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr

@@ -1,9 +1,9 @@
 """The sweep report: rebuilt from stored results only, self-contained, and right cell by cell."""
 
+import html
 import json
 import shutil
 import subprocess
-from html.parser import HTMLParser
 
 import pytest
 
@@ -12,46 +12,86 @@ from layerprune.report import write_report
 from layerprune.strategies import STRATEGIES
 
 
-class Tables(HTMLParser):
-    """Every table of a page, as rows of cell texts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables: list[list[list[str]]] = []
-        self.cell: list[str] | None = None
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "table":
-            self.tables.append([])
-        elif tag == "tr":
-            self.tables[-1].append([])
-        elif tag in ("td", "th"):
-            self.cell = []
-
-    def handle_data(self, data):
-        if self.cell is not None:
-            self.cell.append(data)
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self.cell is not None:
-            self.tables[-1][-1].append("".join(self.cell))
-            self.cell = None
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "Debian's chromium is needed (make test installs it)"
+    return found
 
 
-def test_every_row_of_the_numbers_table_lines_up_with_its_header(finished):
-    parser = Tables()
-    parser.feed((finished / "report.html").read_text())
-    head, *rows = parser.tables[-1]
+def rendered(page: str, tmp_path, script: str) -> str:
+    """The page's DOM after headless Chromium ran it with `script` (which writes into #probe)."""
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        page.replace("</body>", f"<pre id=probe></pre><script>window.onload=()=>{{{script}}}</script></body>")
+    )
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom"]
+    dom = subprocess.run([chromium(), *flags, probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    return html.unescape(dom.split('<pre id="probe">')[1].split("</pre>")[0])
+
+
+def rendered_tables(page: str, tmp_path) -> dict[str, list[list[str]]]:
+    """Every table with an id, as Chromium lays it out: rows of the cells' rendered text."""
+    script = (
+        "const t={};for(const table of document.querySelectorAll('table[id]')){t[table.id]=[...table.rows]"
+        ".map(r=>[...r.cells].map(c=>c.innerText.trim()))};document.getElementById('probe').textContent=JSON.stringify(t)"
+    )
+    return json.loads(rendered(page, tmp_path, script))
+
+
+def test_the_rendered_numbers_table_matches_the_results_cell_by_cell(finished, tmp_path):
+    tables = rendered_tables((finished / "report.html").read_text(), tmp_path)
+    head, *rows = tables["numbers"]
     results = json.loads((finished / "results.json").read_text())
     assert len(rows) == len(results) and all(len(row) == len(head) for row in rows)
     for row, result in zip(rows, results, strict=True):
         cell = dict(zip(head, row, strict=True))
+        tasks = result["tasks"]
         assert cell["strategy"] == result["strategy"] and int(cell["n"]) == result["n"]
+        assert float(cell["fraction"]) == pytest.approx(result["fraction"], abs=0.005)
+        assert cell["healed"] == ("yes" if result["healed"] else "no")
+        assert cell["layers removed"] == (" ".join(map(str, result["layers_removed"])) or "–")
+        assert float(cell["params (M)"]) == pytest.approx(result["parameters"] / 1e6, abs=0.05)
         assert float(cell["size (MB)"]) == pytest.approx(result["size_mb"], abs=0.05)
         assert float(cell["decode tok/s"]) == pytest.approx(result["decode_tokens_per_s"], abs=0.05)
-        accuracy = float(cell["arc_easy acc"].split(" ± ")[0])
-        assert accuracy == pytest.approx(result["tasks"]["arc_easy"]["acc"], abs=5e-4)
-        assert float(cell["loss"]) == pytest.approx(result["tasks"]["loss"]["loss"], abs=5e-4)
+        accuracy, error = map(float, cell["arc_easy acc"].split(" ± "))
+        assert accuracy == pytest.approx(tasks["arc_easy"]["acc"], abs=5e-4)
+        assert error == pytest.approx(tasks["arc_easy"]["acc_stderr"], abs=5e-4)
+        loss, error = map(float, cell["loss"].split(" ± "))
+        assert loss == pytest.approx(tasks["loss"]["loss"], abs=5e-4)
+        assert error == pytest.approx(tasks["loss"]["loss_stderr"], abs=5e-4)
+        assert float(cell["loss / ln V"]) == pytest.approx(tasks["loss"]["loss_normalized"], abs=5e-4)
+        kld, error = map(float, cell["kld"].split(" ± "))
+        assert kld == pytest.approx(tasks["kld"]["kld"], abs=5e-5)
+        assert float(cell["top-1 agree"]) == pytest.approx(tasks["kld"]["top1_agreement"], abs=5e-4)
+        assert float(cell["seconds"]) == result["seconds"]
+
+
+def test_the_rendered_comparisons_are_the_paired_bootstrap_of_the_stored_documents(finished, tmp_path):
+    from layerprune.evaluation import documents_of
+    from layerprune.uncertainty import compare
+
+    tables = rendered_tables((finished / "report.html").read_text(), tmp_path)
+    head, *rows = tables["comparisons"]
+    results = json.loads((finished / "results.json").read_text())
+    full = next(r for r in results if r["n"] == 0)
+    checked = 0
+    for row in rows:
+        cell = dict(zip(head, row, strict=True))
+        if cell["task"] == "kld":
+            continue
+        strategy, healed = cell["series"].removesuffix(" + healing"), cell["series"].endswith("healing")
+        point = next(
+            r for r in results if r["strategy"] == strategy and r["n"] == int(cell["n"]) and r["healed"] == healed
+        )
+        task = cell["task"]
+        expected = compare(documents_of(task, full["tasks"][task]), documents_of(task, point["tasks"][task]),
+                           higher_is_better=task != "loss")  # fmt: skip
+        low, high = (float(x) for x in cell["paired 95% CI"].strip("[]").split(", "))
+        assert (low, high) == pytest.approx(expected.change_interval, abs=5e-5)
+        assert float(cell["change"]) == pytest.approx(expected.change, abs=5e-5)
+        assert cell["verdict"].split(" ")[0] in ("within", "beyond", "undecided")
+        checked += 1
+    assert checked == 2 * 8  # arc_easy and loss, at each of the 8 pruned points
 
 
 def test_the_report_explains_the_strategies_and_healing_it_used(finished):
@@ -71,31 +111,44 @@ def test_a_folder_without_results_is_refused(tmp_path):
 
 
 def test_report_opens_in_headless_chromium_with_every_image(finished, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium is needed (make test installs it)"
     page = (finished / "report.html").read_text()
-    assert "how far can i prune" in page.lower() and "<table>" in page and "http" not in page.split("<body>")[1]
-    probe = tmp_path / "probe.html"
+    assert "how far can i prune" in page.lower() and "http" not in page.split("<body>")[1]
     script = (
-        "<script>window.onload=()=>{document.title='IMAGES '+[...document.images]"
-        ".map(i=>i.complete&&i.naturalWidth>100&&i.naturalHeight>100?'ok':'broken').join(',')}</script>"
+        "document.getElementById('probe').textContent=[...document.images]"
+        ".map(i=>i.alt+':'+(i.complete&&i.naturalWidth>100&&i.naturalHeight>100?'ok':'broken')).join(',')"
     )
-    probe.write_text(page.replace("</body>", script + "</body>"))
-    dom = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            probe.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    title = dom.split("<title>")[1].split("</title>")[0]
-    assert title.startswith("IMAGES ")
-    states = title.removeprefix("IMAGES ").split(",")
-    assert len(states) == 3 and set(states) == {"ok"}, title  # arc_easy accuracy, loss, heatmap: each decoded
+    states = dict(item.split(":") for item in rendered(page, tmp_path, script).split(","))
+    expected = {"acc-arc_easy", "change-arc_easy", "loss-loss", "change-loss", "kld", "sensitivity", "heatmap"}
+    assert set(states) == expected and set(states.values()) == {"ok"}, states
+
+
+def synthetic_rows(drops, documents=400, seed=0):
+    """A full model right on 70% of documents, and one deepest-pruned point per drop, each losing
+    that share of the full model's right answers (paired: the same documents)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = [f"t/{i}" for i in range(documents)]
+    full = rng.random(documents) < 0.7
+
+    def row(n, correct):
+        values = [float(v) for v in correct]
+        return {"strategy": "deepest" if n else "full", "n": n, "fraction": n / 10, "healed": False,
+                "tasks": {"t": {"acc": sum(values) / documents, "n": documents,
+                                "documents": {"id": ids, "correct": values}}}}  # fmt: skip
+
+    return [row(0, full)] + [row(n + 1, full & (rng.random(documents) >= drop)) for n, drop in enumerate(drops)]
+
+
+def test_how_far_walks_up_until_a_point_is_beyond_or_undecided():
+    from layerprune.evaluation import Tolerance
+    from layerprune.report import how_far
+
+    limits = Tolerance(tolerance=0.05)
+    decided = how_far(synthetic_rows([0.0, 0.0, 0.5, 0.0]), "t", limits)["deepest"]
+    assert decided.fraction == 0.2 and decided.undecided_at is None  # 0.4 would pass, but 0.3 did not
+    everything = how_far(synthetic_rows([0.0, 0.0]), "t", limits)["deepest"]
+    assert everything.fraction == 0.2 and everything.every_point_within and "every fraction" in everything.text()
+    unsure = how_far(synthetic_rows([0.0, 0.06, 0.5]), "t", limits)["deepest"]
+    assert unsure.fraction == 0.1 and unsure.undecided_at == 0.2 and unsure.documents_to_decide > 400
+    assert unsure.text().startswith("at least 0.10; undecided at 0.20 (about ")

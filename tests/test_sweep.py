@@ -24,13 +24,17 @@ def test_sweep_writes_one_row_per_point_and_a_report(finished):
         assert r["parameters"] < full["parameters"] or r["n"] == 0
         assert r["size_mb"] < full["size_mb"] or r["n"] == 0
         assert r["decode_tokens_per_s"] > 0
-        assert set(r["tasks"]) == {"arc_easy", "loss"} and r["tasks"]["arc_easy"]["n"] == 6
+        assert set(r["tasks"]) == {"arc_easy", "loss", "kld"} and r["tasks"]["arc_easy"]["n"] == 6
         assert ("healing" in r) == r["healed"]
+        assert (r["tasks"]["kld"]["kld"] == 0) == (r["n"] == 0)  # the full model against itself, and no other
+        assert len(r["tasks"]["arc_easy"]["documents"]["correct"]) == 6 == len(r["tasks"]["loss"]["documents"]["loss"])
     deepest = next(r for r in rows if r["strategy"] == "deepest" and r["n"] == 2)
     assert deepest["layers_removed"] == [3, 4]
     header = (finished / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["strategy", "n", "fraction"] and "arc_easy_acc" in header and "loss_normalized" in header
-    assert "decode_tokens_per_s" in header and "size_mb" in header
+    assert "decode_tokens_per_s" in header and "size_mb" in header and "kld" in header and "top1_agreement" in header
+    sensitivity = json.loads((finished / "sensitivity" / "sensitivity.json").read_text())
+    assert set(sensitivity["tasks"]) == {"arc_easy", "loss"} and sensitivity["tasks"]["arc_easy"]["documents"] == 6
     assert len((finished / "results.csv").read_text().splitlines()) == 1 + len(rows)
     assert not (finished / "work").exists()
 
@@ -145,7 +149,7 @@ def test_two_shards_at_once_into_one_folder_give_the_single_run_results(setup, f
 
     base, text = setup
     settings = config(text)
-    flags = ["--n", "0,1,2", "--strategies", "angular,deepest", "--tasks", "arc_easy,loss", "--limit", "6",
+    flags = ["--n", "0,1,2", "--strategies", "angular,deepest", "--tasks", "arc_easy,loss,kld", "--limit", "6",
              "--data", str(text), "--samples", "8", "--seq-len", "32", "--heal-steps", "2", "--heal-batch-size", "2",
              "--heal-grad-accum", "1", "--heal-seq-len", "32", "--heal-data", str(text), "--heal-no-quant"]  # fmt: skip
     assert settings.limit == 6 and settings.calibration.samples == 8  # the flags say what `finished` used
@@ -176,7 +180,7 @@ def test_under_torchrun_each_process_takes_its_own_shard_alone(setup, finished, 
     import sys
 
     base, text = setup
-    flags = ["--counts", "0,1,2", "--strategies", "angular,deepest", "--tasks", "arc_easy,loss", "--limit", "6",
+    flags = ["--counts", "0,1,2", "--strategies", "angular,deepest", "--tasks", "arc_easy,loss,kld", "--limit", "6",
              "--data", str(text), "--samples", "8", "--seq-len", "32", "--heal-steps", "2", "--heal-batch-size", "2",
              "--heal-grad-accum", "1", "--heal-seq-len", "32", "--heal-data", str(text), "--heal-no-quant"]  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -191,3 +195,58 @@ def test_under_torchrun_each_process_takes_its_own_shard_alone(setup, finished, 
         return [{k: v for k, v in row.items() if k not in timing} for row in rows]
 
     assert table(tmp_path / "s") == table(finished)
+
+
+def test_limit_auto_evaluates_in_rounds_until_each_task_decides(setup, tmp_path):
+    from layerprune.evaluation import judge
+
+    base, text = setup
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("\n\n".join(f"Held-out note {i}: the {'big ' * (i % 6)}cat sat on the mat." for i in range(90)))
+    settings = config(text, ns=(0, 1, 3), strategies=("deepest",), heal=False, tasks=("arc_easy", "loss", "kld"),
+                      limit="auto:300", loss_data=str(heldout), sensitivity=False)  # fmt: skip
+    run_sweep(base, tmp_path / "auto", settings, progress=False)
+    rows = json.loads((tmp_path / "auto" / "results.json").read_text())
+    orders = sweep_module.document_orders(settings)
+    full = next(r for r in rows if r["n"] == 0)
+    for row in rows:
+        for task, result in row["tasks"].items():
+            ids = result["documents"]["id"]
+            rounds = result["rounds"]
+            assert len(ids) == min(20 * 2 ** (rounds - 1), len(orders[task]))  # 20, 40, 80, ... or all there are
+            assert set(ids) == set(orders[task][: len(ids)])  # the first of one fixed order
+            assert set(ids) <= set(full["tasks"][task]["documents"]["id"])  # the full model covers every point
+            if row["n"]:
+                decided = judge(task, full["tasks"][task], result, settings.limits).verdict.state != "undecided"
+                assert decided or len(ids) == len(orders[task]), (row["n"], task)
+    assert len(orders["loss"]) == 90 and len(orders["arc_easy"]) == 300  # all 90; the first 300 of 570
+
+
+def test_limit_auto_needs_twenty_documents_per_task(setup, tmp_path):
+    base, text = setup
+    few = tmp_path / "few.txt"
+    few.write_text("\n\n".join(f"Note {i}." for i in range(12)))
+    settings = config(text, heal=False, tasks=("loss",), limit="auto", loss_data=str(few))
+    with pytest.raises(LayerpruneError, match="--limit auto needs at least 20 documents per task; loss has 12"):
+        run_sweep(base, tmp_path / "auto", settings, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tolerance", "0"], "--tolerance must be between 0 and 1 (0.05 is 5%), got 0.0"),
+        (["--tolerance", "1"], "--tolerance must be between 0 and 1 (0.05 is 5%), got 1.0"),
+        (["--kl-threshold", "-1"], "--kl-threshold must be above 0, got -1.0"),
+        (["--limit", "most"], "--limit must be a whole number, auto or auto:N, got 'most'"),
+        (["--limit", "auto:10"], "--limit auto:N needs a whole number N of at least 20, got 'auto:10'"),
+    ],
+)
+def test_bad_tolerances_and_limits_are_one_line(setup, tmp_path, flags, message):
+    from typer.testing import CliRunner
+
+    from layerprune.cli import app
+
+    base, _ = setup
+    result = CliRunner().invoke(app, ["sweep", str(base), "--out", str(tmp_path / "s"), "--n", "0,1", *flags])
+    assert result.exit_code == 1 and result.stderr == f"error: {message}\n"
+    assert not (tmp_path / "s").exists()
