@@ -342,8 +342,32 @@ def main() -> None:
             "models": [{k: r[k] for k in keep} | {"decode_tok_s": r["decode_tokens_per_s"]["median"]} for r in rows]
         }
 
+    def closeness_and_sensitivity() -> dict[str, Any]:
+        from layerprune.evaluation import EvalConfig, closeness, logits_of
+        from layerprune.sensitivity import sensitivity
+        from layerprune.surgery import pruned_in_place
+
+        model, tokenizer_ = load_model(big, Placement(device, dtype))
+        last = model.config.num_hidden_layers - 1
+        full = logits_of(model)
+
+        def pruned(batch: dict) -> Any:
+            with pruned_in_place(model, list(range(last - 4, last))):
+                return full(batch)
+
+        config = EvalConfig(tasks=("kld",), loss_data=str(data), loss_samples=32, seq_len=256, batch_size=8)
+        started = time.perf_counter()
+        kld = closeness(pruned, full, tokenizer_, model.config.vocab_size, config)
+        kld_seconds = time.perf_counter() - started
+        mapped = sensitivity(model, tokenizer_, EvalConfig(tasks=("loss",), loss_data=str(data), limit=16, seq_len=128,
+                                                           batch_size=8))  # fmt: skip
+        return {"kld_deepest_4": round(kld["kld"], 4), "top1_agreement": round(kld["top1_agreement"], 4),
+                "kld_seconds": round(kld_seconds, 2), "sensitivity_forward_passes": round(mapped.forward_passes, 2),
+                "sensitivity_seconds": mapped.seconds}  # fmt: skip
+
     step("prune --strategy loss --n 4 (8 x 128 tokens)", loss_search, device)
     step("held-out loss (64 x 256 tokens)", loss, device)
+    step("kld against the full model (32 x 256 tokens), sensitivity map (16 x 128)", closeness_and_sensitivity, device)
     n = shape["num_hidden_layers"] // 4
     pruned = step(f"prune --strategy deepest --n {n} (on disk)", lambda: {"removed": prune(
         big, root / "pruned", n=n, strategy="deepest").removed}, device)  # fmt: skip

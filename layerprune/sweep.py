@@ -312,7 +312,7 @@ def _adaptive(
     pending, size = list(config.tasks), FIRST_ROUND
     while pending:
         wanted = {task: orders[task][:size] for task in pending}
-        reference = full(wanted) if full else None
+        reference = full({t: ids for t, ids in wanted.items() if t != KLD_TASK}) if full else None  # kld needs none
         fresh = {}
         for task, ids in wanted.items():
             done = set(results[task]["documents"]["id"]) if task in results else set()
