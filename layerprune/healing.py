@@ -1,5 +1,13 @@
 """Heal a pruned model: QLoRA fine-tuning with peft and the Hugging Face Trainer, then a merge.
 
+Three objectives (`objective`): `lm`, the paper's next-token loss on the healing text;
+`distill`, the KL divergence from the unpruned teacher's next-token distribution on the same
+packed batches (Minitron, Sheared-LLaMA); `mixed`, alpha * distill + (1 - alpha) * lm. The
+teacher runs in inference mode beside the student, 4-bit when the student is QLoRA; the KL over
+the vocabulary is taken a chunk of positions at a time and recomputed in the backward pass, so
+a 262k vocabulary does not multiply memory. LoRA goes on every layer, or only near the cut
+(`target_layers near-cut[:k]`).
+
 The paper's recipe (Gromov et al. 2024, section 3): the model loaded in 4-bit NF4 with double
 quantization (bitsandbytes), LoRA adapters on the MLP modules only, trained on ordinary text
 with a cosine schedule, then merged. The merge goes into the ORIGINAL unquantized weights,
@@ -22,6 +30,7 @@ import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +42,7 @@ from .checkpoint import (
     Written,
     check_destination,
     extend_record,
+    read_record,
     shard_files,
     staged_output,
     write_record,
@@ -44,14 +54,38 @@ from .models import check_quantization, load_tokenizer, model_inputs, quantizati
 from .plots import loss_curves
 from .residual import next_token_losses
 
+OBJECTIVES = ("lm", "distill", "mixed")
+TEACHER_DTYPES = ("nf4", "bfloat16", "float16", "float32")
+
 
 @dataclass(frozen=True)
 class HealConfig:
     """What to train. Every field's help is shown by `layerprune heal --help`."""
 
     steps: int = field(default=200, metadata={"help": "Optimizer steps."})
+    objective: str = field(
+        default="lm",
+        metadata={"help": "lm (next-token loss, the paper's), distill (KL from the unpruned teacher), or mixed.",
+                  "choices": OBJECTIVES},
+    )  # fmt: skip
+    alpha: float = field(default=0.5, metadata={"help": "Weight of distill in mixed: alpha*KL + (1-alpha)*lm."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Softens both distributions for distillation (the KL is scaled by T^2)."}
+    )
+    teacher: str | None = field(
+        default=None, metadata={"help": "Teacher for distill/mixed (default: the source named in layerprune.json)."}
+    )
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Teacher weights: nf4 (default with quant), bfloat16, float16 or float32 (default: the "
+                          "student's).", "choices": TEACHER_DTYPES},
+    )  # fmt: skip
+    target_layers: str = field(
+        default="all", metadata={"help": "all, or near-cut[:k]: LoRA only on the k kept layers (default 1) each side "
+                                         "of each removed block."}
+    )  # fmt: skip
     rank: int = field(default=8, metadata={"help": "LoRA rank; higher heals more and costs more memory."})
-    alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to the rank)."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to the rank)."})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lr: float = field(default=3e-4, metadata={"help": "Peak learning rate of the cosine schedule."})
     warmup_steps: int = field(default=100, metadata={"help": "Warm-up steps (cut to steps/10 for short runs)."})
@@ -88,18 +122,49 @@ class HealConfig:
             (0 < self.validation_fraction < 1, "validation fraction must be in (0, 1)"),
             (self.save_every >= 1, "save-every must be at least 1"),
             (self.validation_sequences >= 1, "validation-sequences must be at least 1"),
+            (
+                self.objective in OBJECTIVES,
+                f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}",
+            ),
+            (0 <= self.alpha <= 1, f"--alpha must be between 0 and 1, got {self.alpha}"),
+            (self.temperature > 0, f"--temperature must be above 0, got {self.temperature}"),
+            (
+                self.teacher_dtype in (None, *TEACHER_DTYPES),
+                f"--teacher-dtype must be one of {', '.join(TEACHER_DTYPES)}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise LayerpruneError(message)
+        parse_target_layers(self.target_layers)  # refused now, before anything loads
 
     @property
-    def lora_alpha(self) -> int:
-        return self.alpha if self.alpha is not None else self.rank
+    def lora_scale(self) -> int:
+        """LoRA's alpha: as given, or equal to the rank."""
+        return self.lora_alpha if self.lora_alpha is not None else self.rank
+
+    @property
+    def distills(self) -> bool:
+        return self.objective != "lm"
 
     @property
     def warmup(self) -> int:
         return min(self.warmup_steps, max(0, self.steps // 10))
+
+    @property
+    def near_cut(self) -> int | None:
+        """The k of `near-cut[:k]` (None: LoRA on every layer)."""
+        return parse_target_layers(self.target_layers)
+
+
+def parse_target_layers(text: str) -> int | None:
+    """`all` -> None; `near-cut` -> 1; `near-cut:k` -> k."""
+    if text == "all":
+        return None
+    name, _, k = text.partition(":")
+    if name != "near-cut" or not (k == "" or (k.isdigit() and int(k) >= 1)):
+        raise LayerpruneError(f"--target-layers must be all, near-cut or near-cut:K (K >= 1), got {text!r}")
+    return int(k) if k else 1
 
 
 def pack_documents(tokenizer: Any, documents: list[str], seq_len: int) -> list[list[int]]:
@@ -146,8 +211,24 @@ def _target_modules(model: Any, config: HealConfig) -> list[str] | str:
     return names
 
 
-def load_for_training(path: Path, config: HealConfig) -> Any:
-    """The base model, 4-bit NF4 with double quantization unless `quant` is off, with LoRA attached."""
+def near_cut_layers(record: dict[str, Any] | None, k: int) -> list[int]:
+    """The pruned model's indices of the k kept layers on each side of each removed block, from its
+    `layerprune.json` (`kept_layers` maps each new index to the original layer)."""
+    if not record or not record.get("removed_layers"):
+        raise LayerpruneError("--target-layers near-cut needs a pruned model (its layerprune.json names the cut)")
+    kept, removed = record["kept_layers"], set(record["removed_layers"])
+    near = set()
+    for layer in removed:
+        if layer - 1 not in removed:  # the first layer of a removed block
+            near |= {j for j in range(layer - k, layer) if j in kept}
+        if layer + 1 not in removed:  # the last
+            near |= {j for j in range(layer + 1, layer + 1 + k) if j in kept}
+    return sorted(kept.index(j) for j in near)
+
+
+def load_for_training(path: Path, config: HealConfig, layers: list[int] | None = None) -> Any:
+    """The base model, 4-bit NF4 with double quantization unless `quant` is off, with LoRA attached
+    (to `layers` only, when given)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
@@ -164,12 +245,112 @@ def load_for_training(path: Path, config: HealConfig) -> Any:
         model.enable_input_require_grads()  # what prepare_model_for_kbit_training does for checkpointing
     lora = LoraConfig(
         r=config.rank,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_scale,
         lora_dropout=config.dropout,
         target_modules=_target_modules(model, config),
         task_type="CAUSAL_LM",
+        layers_to_transform=layers,
+        layers_pattern=find_architecture(model.config).layers.rpartition(".")[2] if layers else None,
     )
     return get_peft_model(model, lora)
+
+
+def load_teacher(path: Path, config: HealConfig) -> Any:
+    """The teacher, frozen in inference mode on the training device: 4-bit NF4 when the student is
+    QLoRA (unless `teacher_dtype` says otherwise), else in the student's dtype."""
+    from transformers import AutoModelForCausalLM
+
+    plan = training_plan()
+    kind = config.teacher_dtype or ("nf4" if config.quant else plan.dtype)
+    quantization = quantization_config("nf4", plan.torch_dtype) if kind == "nf4" else None
+    dtype = plan.torch_dtype if kind == "nf4" else kind
+    teacher = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, quantization_config=quantization, device_map={"": plan.device}
+    )
+    return teacher.eval().requires_grad_(False)
+
+
+KL_CHUNK_ELEMENTS = 2**24  # logits per chunk of the distillation loss: 64 MiB in fp32 (64 positions of 262k)
+
+
+@cache
+def _chunked_divergence() -> Any:
+    """An autograd function: the weighted sum over positions of KL(teacher_T || student_T), taken
+    a chunk of positions at a time in both passes. Its backward writes the gradient, which is
+    (softmax(student/T) - softmax(teacher/T)) / T per position, straight into one tensor, so no
+    log-softmax of the whole logits is ever held."""
+    import torch
+
+    def chunks(rows: int, chunk: int) -> list[slice]:
+        return [slice(start, start + chunk) for start in range(0, rows, chunk)]
+
+    class ChunkedDivergence(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, student, teacher, weights, temperature, chunk):
+            total = torch.zeros((), dtype=torch.float32, device=student.device)
+            for rows in chunks(student.shape[0], chunk):
+                if weights[rows].any():
+                    ours = torch.log_softmax(student[rows].float() / temperature, dim=-1)
+                    theirs = torch.log_softmax(teacher[rows].float() / temperature, dim=-1)
+                    divergence = torch.nn.functional.kl_div(ours, theirs, log_target=True, reduction="none").sum(-1)
+                    total += (divergence * weights[rows]).sum()
+            ctx.save_for_backward(student, teacher, weights)
+            ctx.temperature, ctx.chunk = temperature, chunk
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            student, teacher, weights = ctx.saved_tensors
+            grad = torch.zeros_like(student)
+            for rows in chunks(student.shape[0], ctx.chunk):
+                if weights[rows].any():
+                    ours = torch.softmax(student[rows].float() / ctx.temperature, dim=-1)
+                    theirs = torch.softmax(teacher[rows].float() / ctx.temperature, dim=-1)
+                    scale = weights[rows, None] * grad_output / ctx.temperature
+                    grad[rows] = ((ours - theirs) * scale).to(grad.dtype)
+            return grad, None, None, None, None
+
+    return ChunkedDivergence
+
+
+def distillation_loss(student: Any, teacher: Any, mask: Any, temperature: float = 1.0, chunk: int | None = None) -> Any:
+    """Mean over the positions `mask` marks of KL(teacher || student) between next-token
+    distributions softened by `temperature`, times T^2 (Hinton et al. 2015).
+
+    Taken `chunk` positions at a time (default: KL_CHUNK_ELEMENTS logits) in the forward and the
+    backward pass, so memory beyond the two logits tensors is the student's gradient and a few
+    chunks (measured with Gemma's 262k vocabulary and 512 positions: the gradient and 4.1 chunks,
+    1.5x the logits, against 5.0x through autograd on whole tensors)."""
+    vocab = student.shape[-1]
+    chunk = chunk or max(1, KL_CHUNK_ELEMENTS // vocab)
+    weights = mask.reshape(-1).to(device=student.device, dtype=student.new_zeros(()).float().dtype)
+    teacher = teacher.reshape(-1, vocab).to(student.device).detach()
+    total = _chunked_divergence().apply(student.reshape(-1, vocab), teacher, weights, temperature, chunk)
+    return total / weights.sum().clamp(min=1) * temperature**2
+
+
+def _distillation_trainer(teacher: Any, config: HealConfig, **kwargs: Any) -> Any:
+    """A Trainer whose training loss is `config.objective`; evaluation reports the plain
+    next-token loss whatever the objective, so validation curves compare across objectives."""
+    import torch
+    from transformers import Trainer
+
+    class DistillationTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            loss = outputs.loss
+            if model.training:
+                with torch.no_grad():
+                    theirs = teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+                predicts = torch.zeros_like(inputs["labels"], dtype=torch.bool)
+                predicts[:, :-1] = inputs["labels"][:, 1:] != -100  # position t predicts the real token t + 1
+                kl = distillation_loss(outputs.logits, theirs, predicts, config.temperature)
+                loss = kl if config.objective == "distill" else config.alpha * kl + (1 - config.alpha) * loss
+            return (loss, outputs) if return_outputs else loss
+
+    trainer = DistillationTrainer(**kwargs)
+    trainer.model_accepts_loss_kwargs = False  # each micro-batch's loss is a mean: the Trainer averages them
+    return trainer
 
 
 def _progress_callback(tokens_per_step: int) -> Any:
@@ -205,9 +386,17 @@ def _progress_callback(tokens_per_step: int) -> Any:
 
 
 def _trainer(
-    base: Path, tokenizer: Any, train: list, validation: list, config: HealConfig, work: Path, progress: Any
+    base: Path,
+    tokenizer: Any,
+    train: list,
+    validation: list,
+    config: HealConfig,
+    work: Path,
+    progress: Any,
+    teacher: Path | None = None,
 ) -> Any:
-    """The Hugging Face Trainer over the (Q)LoRA model: cosine schedule, checkpoints in `work`."""
+    """The Hugging Face Trainer over the (Q)LoRA model: cosine schedule, checkpoints in `work`;
+    with a `teacher`, the distillation objective."""
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -239,13 +428,17 @@ def _trainer(
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    trainer = Trainer(
-        model=load_for_training(base, config),
+    layers = near_cut_layers(read_record(base), config.near_cut) if config.near_cut else None
+    settings = dict(
+        model=load_for_training(base, config, layers),
         args=args,
         train_dataset=[{"input_ids": block} for block in train],  # a list is a Dataset to the Trainer
         eval_dataset=[{"input_ids": block} for block in validation],
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         callbacks=[progress],
+    )
+    trainer = (
+        _distillation_trainer(load_teacher(teacher, config), config, **settings) if teacher else Trainer(**settings)
     )
     for default in (ProgressCallback, PrinterCallback):  # our bar shows loss and tokens/s instead
         trainer.remove_callback(default)
@@ -390,12 +583,15 @@ def heal(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train, validation = training_blocks(tokenizer, config)
+    teacher = resolve_teacher(base, config, tokenizer) if config.distills else None
+    if config.near_cut:
+        near_cut_layers(read_record(base), config.near_cut)  # a model that was not pruned is refused before training
     settings = {"base": str(base.resolve()), "config": asdict(config), "layerprune_version": __version__}
     restart = overwrite if restart is None else restart
     on_main_process(lambda: _start_or_resume(work, settings, restart))  # one process writes, the others wait
     resume = _last_checkpoint(work)
     progress = _progress_callback(config.batch_size * config.grad_accum * config.seq_len)
-    trainer = _trainer(base, tokenizer, train, validation, config, work, progress)
+    trainer = _trainer(base, tokenizer, train, validation, config, work, progress, teacher)
     started = time.perf_counter()
     before = work / "validation_loss_before.json"
     if resume is None:  # the pruned model's own validation loss, kept across a resume
@@ -413,6 +609,9 @@ def heal(
         "base": str(base),
         "config": asdict(config),
         "method": "QLoRA (NF4, double quantization)" if config.quant else "LoRA",
+        "objective": config.objective,
+        "teacher": str(teacher) if teacher else None,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "train_blocks": len(train),
         "validation_blocks": len(validation),
         "validation_loss_before": json.loads(before.read_text()),
@@ -444,6 +643,25 @@ def heal(
 
     on_main_process(write)
     return HealResult(out, record)
+
+
+def resolve_teacher(base: Path, config: HealConfig, tokenizer: Any) -> Path:
+    """The distillation teacher: `config.teacher`, or the model `base` was pruned from (its
+    layerprune.json's source). It must share the student's tokenizer and vocabulary."""
+    from transformers import AutoConfig
+
+    name = config.teacher or (read_record(base) or {}).get("source")
+    if name is None:
+        raise LayerpruneError(
+            f"--objective {config.objective} needs a teacher: pass --teacher MODEL ({base} names no source model)"
+        )
+    path = resolve_model(name)
+    vocabularies = [AutoConfig.from_pretrained(str(p)).get_text_config().vocab_size for p in (base, path)]
+    if load_tokenizer(path).get_vocab() != tokenizer.get_vocab() or vocabularies[0] != vocabularies[1]:
+        raise LayerpruneError(
+            f"teacher {name} has another tokenizer or vocabulary than the model; distillation needs the same one"
+        )
+    return path
 
 
 def _final_validation_loss(trainer: Any, evaluations: list[dict[str, Any]], steps: int) -> float:

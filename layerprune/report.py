@@ -106,9 +106,10 @@ def break_points(rows: list[dict], task: str) -> dict[str, float | None]:
     """Per series: where the curve of `task` against the fraction removed breaks (the knot of a
     two-piece linear fit through the full model and every point; see `uncertainty.break_point`)."""
     full = _full(rows)["tasks"].get(task)
+    start = 0.0 if task == KLD_TASK else (_value(task, full) if full else None)  # the full model's KL from itself: 0
     found = {}
     for label, points in _series(rows).items():
-        pairs = ([(0.0, _value(task, full))] if full else []) + [(r["fraction"], _value(task, r["tasks"][task]))
+        pairs = ([(0.0, start)] if start is not None else []) + [(r["fraction"], _value(task, r["tasks"][task]))
                                                                  for r in points]  # fmt: skip
         found[label] = break_point([x for x, _ in pairs], [y for _, y in pairs])
     return found

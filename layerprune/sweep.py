@@ -253,7 +253,8 @@ def _measure(
     documents: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a point on the sweep's tasks (or on `documents`, per task): the `healed` model, or
-    when None the base model with `removed` cut in place; `kld` compares it with the base model."""
+    when None the base model with `removed` cut in place; `kld` compares it with the base model
+    (and is not measured for the base model itself, whose divergence from itself is 0)."""
     model, tokenizer = base
     subject = model if healed is None else healed
 
@@ -267,7 +268,7 @@ def _measure(
         with cut():
             evaluated = evaluate(subject, config=build(EvalConfig, {**flatten(eval_config), "tasks": tasks}),
                                  tokenizer=tokenizer, documents=documents)  # fmt: skip
-    if KLD_TASK in config.tasks and (documents is None or KLD_TASK in documents):
+    if KLD_TASK in config.tasks and (documents is None or KLD_TASK in documents) and (healed or removed):
         own, theirs = logits_of(subject), logits_of(model)
 
         def candidate(batch: dict) -> Any:
@@ -326,7 +327,7 @@ def _adaptive(
             for task in pending
             if reference is not None
             and size < len(orders[task])
-            and judge(task, reference["tasks"][task], results[task], config.limits).verdict.state == "undecided"
+            and judge(task, reference["tasks"].get(task), results[task], config.limits).verdict.state == "undecided"
         ]
         size *= 2
     return record | {"tasks": results}

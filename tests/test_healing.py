@@ -104,8 +104,13 @@ def test_qlora_merges_into_the_original_unquantized_weights(base, text, tmp_path
     assert 0 < delta.abs().max() < 0.05, "MLP weights are the originals plus a small LoRA delta, not NF4 copies"
 
 
-def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(base, text, tmp_path):
-    settings = config(text, steps=8, save_every=2)
+@pytest.mark.parametrize("objective", ["lm", "distill"])
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(base, text, tmp_path, objective):
+    from layerprune import prune
+
+    if objective != "lm":  # the teacher is the model it was pruned from, named in its layerprune.json
+        base = prune(base, tmp_path / "pruned", layers=[3, 4]).path
+    settings = config(text, steps=8, save_every=2, objective=objective)
     uninterrupted = heal(base, tmp_path / "straight", settings).path
     script = textwrap.dedent(f"""
         import os, signal, torch
@@ -159,6 +164,13 @@ def test_resuming_with_other_settings_is_refused(base, text, tmp_path):
         ({"data": "/nowhere.txt"}, "not found"),
         ({"seq_len": 4096}, "too short for one training and one validation sequence"),
         ({"target_modules": "gate_proj,wrong_proj"}, "no module named wrong_proj"),
+        ({"alpha": 1.5}, "--alpha must be between 0 and 1, got 1.5"),
+        ({"alpha": -0.1}, "--alpha must be between 0 and 1, got -0.1"),
+        ({"temperature": 0}, "--temperature must be above 0, got 0"),
+        ({"objective": "distill"}, "--objective distill needs a teacher: pass --teacher MODEL"),
+        ({"objective": "mixed", "teacher": "/nowhere/model"}, "nowhere"),
+        ({"target_layers": "near-cut"}, "near-cut needs a pruned model"),
+        ({"target_layers": "near-cut:0"}, "--target-layers must be all, near-cut or near-cut:K"),
     ],
 )
 def test_bad_input_is_refused_and_nothing_is_written(base, text, tmp_path, changes, fragment):
@@ -261,3 +273,134 @@ def test_gradient_checkpointing_trades_time_for_memory_not_results(base, text, t
     assert recomputed.healing["config"]["gradient_checkpointing"] is True
     a, b = load_file(plain / "model.safetensors"), load_file(recomputed.path / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_the_distillation_loss_is_torch_kl_div_computed_directly():
+    from layerprune.healing import distillation_loss
+
+    student, teacher = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
+    ids = torch.randint(3, 200, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    with torch.no_grad():
+        ours, theirs = student(input_ids=ids).logits, teacher(input_ids=ids).logits
+    found = distillation_loss(ours, theirs, mask, temperature=2.0, chunk=5)
+    direct = torch.nn.functional.kl_div(
+        torch.log_softmax(ours[mask] / 2, -1), torch.log_softmax(theirs[mask] / 2, -1), log_target=True,
+        reduction="batchmean",
+    ) * 4  # fmt: skip
+    assert found.item() == pytest.approx(direct.item(), rel=1e-5) and found.item() > 0
+
+
+def test_a_student_equal_to_its_teacher_has_zero_loss_and_no_gradient():
+    from layerprune.healing import distillation_loss
+
+    teacher = tiny_model("llama", seed=1)
+    logits_ = teacher(input_ids=torch.randint(3, 200, (2, 10))).logits.detach()
+    student = logits_.clone().requires_grad_(True)
+    loss = distillation_loss(student, logits_, torch.ones(2, 10, dtype=torch.bool), chunk=4)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6 and student.grad.abs().max().item() < 1e-7
+
+
+def test_the_chunked_loss_and_its_gradient_equal_autograd_through_kl_div():
+    from layerprune.healing import distillation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(3, 7, 40)
+    mask = torch.rand(3, 7) > 0.3
+    student = torch.randn(3, 7, 40).requires_grad_(True)
+    found = distillation_loss(student, teacher, mask, temperature=1.5, chunk=2)
+    (found_grad,) = torch.autograd.grad(found, student)
+    direct = torch.nn.functional.kl_div(
+        torch.log_softmax(student[mask] / 1.5, -1), torch.log_softmax(teacher[mask] / 1.5, -1), log_target=True,
+        reduction="batchmean",
+    ) * 1.5**2  # fmt: skip
+    (direct_grad,) = torch.autograd.grad(direct, student)
+    assert found.item() == pytest.approx(direct.item(), rel=1e-6)
+    torch.testing.assert_close(found_grad, direct_grad, rtol=1e-5, atol=1e-8)
+    whole = distillation_loss(student, teacher, mask, temperature=1.5, chunk=1000)
+    assert whole.item() == pytest.approx(found.item(), rel=1e-6)
+
+
+PEAK = textwrap.dedent("""
+    import resource, sys, torch
+    from layerprune.healing import distillation_loss
+    teacher = torch.randn(1, 512, 262144)  # Gemma 3's vocabulary, 512 positions: 512 MiB of fp32 logits
+    student = torch.randn(1, 512, 262144).requires_grad_(True)
+    mask = torch.ones(1, 512, dtype=torch.bool)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if sys.argv[1] == "chunked":
+        distillation_loss(student, teacher, mask).backward()
+    else:  # the plain computation, through autograd
+        ours, theirs = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+        torch.nn.functional.kl_div(ours, theirs, log_target=True, reduction="batchmean").backward()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+""")
+
+
+def test_the_loss_of_a_262k_vocabulary_stays_within_its_stated_memory():
+    """Beyond the two logits tensors: the student's gradient (one more) and a few chunks of 64 MiB."""
+    logits_bytes = 512 * 262144 * 4
+    peaks = {}
+    for mode in ("chunked", "plain"):
+        done = subprocess.run([sys.executable, "-c", PEAK, mode], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[mode] = int(done.stdout.split()[-1])
+    print(f"peak beyond the inputs, in logits tensors: chunked {peaks['chunked'] / logits_bytes:.2f}, "
+          f"plain {peaks['plain'] / logits_bytes:.2f}")  # fmt: skip
+    assert peaks["chunked"] <= logits_bytes + 6 * 2**26  # measured: the gradient and 4.1 chunks
+    assert peaks["plain"] >= 2.5 * logits_bytes
+
+
+def test_near_cut_puts_lora_only_beside_each_removed_block(base, text, tmp_path):
+    from layerprune import prune
+    from layerprune.healing import near_cut_layers
+
+    record = {"removed_layers": [1, 2, 5], "kept_layers": [0, 3, 4, 6, 7]}
+    assert near_cut_layers(record, 1) == [0, 1, 2, 3]  # layers 0, 3 beside 1-2; 4, 6 beside 5
+    assert near_cut_layers({"removed_layers": [3], "kept_layers": [0, 1, 2, 4, 5]}, 2) == [1, 2, 3, 4]
+    pruned = prune(base, tmp_path / "pruned", layers=[2]).path  # 6 layers: kept 0 1 3 4 5 -> new 0..4
+    everywhere = heal(pruned, tmp_path / "all", config(text, steps=2))
+    near = heal(pruned, tmp_path / "near", config(text, steps=2, target_layers="near-cut"))
+    assert near.healing["trainable_parameters"] * 5 == everywhere.healing["trainable_parameters"] * 2
+    merged, original = (AutoModelForCausalLM.from_pretrained(p) for p in (near.path, pruned))
+    changed = {
+        name.split(".")[2] for name, w in merged.state_dict().items() if not torch.equal(w, original.state_dict()[name])
+    }
+    assert changed == {"1", "2"}  # the new indices of layers 1 and 3, beside the removed layer 2
+
+
+def test_distillation_heals_toward_the_teacher_and_records_it(base, text, tmp_path):
+    from layerprune import prune
+
+    pruned = prune(base, tmp_path / "pruned", layers=[3, 4]).path
+    healed = heal(pruned, tmp_path / "healed", config(text, steps=6, objective="mixed", alpha=0.7, temperature=2.0))
+    assert healed.healing["objective"] == "mixed" and healed.healing["teacher"] == str(base)
+    assert healed.healing["validation_loss_after"] < healed.healing["validation_loss_before"]
+    assert healed.healing["config"]["alpha"] == 0.7
+
+
+def test_a_teacher_with_another_tokenizer_is_one_line_and_leaves_nothing(base, text, tmp_path):
+    from conftest import tiny_tokenizer
+    from typer.testing import CliRunner
+
+    from layerprune import prune
+    from layerprune.cli import app
+
+    pruned = prune(base, tmp_path / "pruned", layers=[3]).path
+    other = tmp_path / "other"
+    tiny_model("llama", seed=3).save_pretrained(other)
+    changed = tiny_tokenizer()
+    changed.add_tokens(["<extra>"])
+    changed.save_pretrained(other)
+    before = folder_digest(pruned)
+    args = ["heal", str(pruned), "--out", str(tmp_path / "healed"), "--objective", "distill", "--teacher", str(other),
+            "--data", str(text), "--no-quant", "--steps", "2"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    message = f"teacher {other} has another tokenizer or vocabulary than the model; distillation needs the same one"
+    assert result.stderr == f"error: {message}\n"
+    assert not (tmp_path / "healed").exists() and not list(tmp_path.glob(".healed*"))
+    assert folder_digest(pruned) == before

@@ -24,9 +24,9 @@ def test_sweep_writes_one_row_per_point_and_a_report(finished):
         assert r["parameters"] < full["parameters"] or r["n"] == 0
         assert r["size_mb"] < full["size_mb"] or r["n"] == 0
         assert r["decode_tokens_per_s"] > 0
-        assert set(r["tasks"]) == {"arc_easy", "loss", "kld"} and r["tasks"]["arc_easy"]["n"] == 6
+        assert set(r["tasks"]) - {"kld"} == {"arc_easy", "loss"} and r["tasks"]["arc_easy"]["n"] == 6
         assert ("healing" in r) == r["healed"]
-        assert (r["tasks"]["kld"]["kld"] == 0) == (r["n"] == 0)  # the full model against itself, and no other
+        assert ("kld" in r["tasks"]) == (r["n"] > 0) and (r["n"] == 0 or r["tasks"]["kld"]["kld"] > 0)
         assert len(r["tasks"]["arc_easy"]["documents"]["correct"]) == 6 == len(r["tasks"]["loss"]["documents"]["loss"])
     deepest = next(r for r in rows if r["strategy"] == "deepest" and r["n"] == 2)
     assert deepest["layers_removed"] == [3, 4]
@@ -215,9 +215,10 @@ def test_limit_auto_evaluates_in_rounds_until_each_task_decides(setup, tmp_path)
             rounds = result["rounds"]
             assert len(ids) == min(20 * 2 ** (rounds - 1), len(orders[task]))  # 20, 40, 80, ... or all there are
             assert set(ids) == set(orders[task][: len(ids)])  # the first of one fixed order
-            assert set(ids) <= set(full["tasks"][task]["documents"]["id"])  # the full model covers every point
+            if task != "kld":  # the full model covers every point (kld compares with it directly)
+                assert set(ids) <= set(full["tasks"][task]["documents"]["id"])
             if row["n"]:
-                decided = judge(task, full["tasks"][task], result, settings.limits).verdict.state != "undecided"
+                decided = judge(task, full["tasks"].get(task), result, settings.limits).verdict.state != "undecided"
                 assert decided or len(ids) == len(orders[task]), (row["n"], task)
     assert len(orders["loss"]) == 90 and len(orders["arc_easy"]) == 300  # all 90; the first 300 of 570
 
