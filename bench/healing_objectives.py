@@ -77,7 +77,8 @@ def goal(out: Path) -> None:
     lm_200 = dict(runs["lm"]["validation"])[200]
     for objective, run in runs.items():
         reached = next((step for step, loss in run["validation"] if loss <= lm_200), None)
-        print(f"{objective:8} LAMBADA after 30 steps {thirty[objective]:.3f} (change {thirty[objective] - before:+.3f}),"
+        change = thirty[objective] - before
+        print(f"{objective:8} LAMBADA after 30 steps {thirty[objective]:.3f} (change {change:+.3f}),"
               f" after 200 {run['lambada_200']:.3f}; validation {run['validation_before']:.3f} -> "
               f"{run['validation'][-1][1]:.3f}; reaches lm's 200-step validation loss {lm_200:.3f} at step {reached};"
               f" {run['tokens_per_second']:.0f} tok/s")  # fmt: skip
