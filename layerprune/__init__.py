@@ -8,7 +8,8 @@ as that config's fields by keyword):
     heal(model, out, ...)          -> HealResult      (Q)LoRA healing, merged
     prune_model(model, layers)     -> model           the same surgery on a loaded model
     select_layers(num_layers, ...) -> list[int]       a strategy's choice, without a model
-    evaluate(model, tasks, ...)    -> dict            lm-eval QA accuracy and held-out loss
+    evaluate(model, tasks, ...)    -> dict            lm-eval QA accuracy, held-out loss, KL from a reference
+    sensitivity(model, tok, cfg)   -> SensitivityResult  each single layer's effect on each task
     run_sweep(model, out, config)  -> SweepResult     the paper's experiment, with a report
     resolve_model(spec)            -> Path            a local checkpoint folder for any model argument
 """
@@ -21,6 +22,7 @@ from .evaluation import EvalConfig, evaluate
 from .healing import HealConfig, HealResult, heal
 from .models import load_model, resolve_model
 from .pipeline import PruneConfig, PruneResult, prune, prune_and_heal
+from .sensitivity import SensitivityResult, sensitivity
 from .strategies import STRATEGIES, select_layers
 from .surgery import prune_model
 from .sweep import SweepConfig, run_sweep
@@ -35,6 +37,7 @@ __all__ = [
     "LayerpruneError",
     "PruneConfig",
     "PruneResult",
+    "SensitivityResult",
     "SweepConfig",
     "__version__",
     "analyze",
@@ -47,4 +50,5 @@ __all__ = [
     "resolve_model",
     "run_sweep",
     "select_layers",
+    "sensitivity",
 ]

