@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -41,9 +42,9 @@ from .architectures import find_architecture
 from .checkpoint import check_destination, write_atomically
 from .config import build, flatten
 from .data import Calibration, load_documents
-from .deployment import InferenceSettings, measure
+from .deployment import InferenceSettings, export_gguf, measure
 from .devices import Placement, process_rank, work_alone
-from .errors import LayerpruneError
+from .errors import LayerpruneError, LayerpruneWarning
 from .evaluation import (
     DEFAULT_LOSS_DATA,
     DEFAULT_TASKS,
@@ -59,8 +60,9 @@ from .evaluation import (
     merged,
     task_documents,
 )
+from .gguf_surgery import prune_gguf
 from .healing import HealConfig, heal
-from .models import load_model, model_inputs, resolve_model
+from .models import gguf_file, load_model, model_inputs, resolve_model
 from .pipeline import prune
 from .report import write_report
 from .scoring import calibration_batches
@@ -121,6 +123,11 @@ class SweepConfig:
     sensitivity: bool = field(
         default=True, metadata={"help": "Also map each single layer's effect on each task (about L/2 passes)."}
     )
+    export: str | None = field(
+        default=None,
+        metadata={"help": "gguf: also write every pruned point as DIR/gguf/<point>.gguf (from a GGUF, unhealed "
+                          "points keep its quantization; healed points are converted to f16).", "choices": ("gguf",)},
+    )  # fmt: skip
     calibration: Calibration = field(default_factory=Calibration)
     placement: Placement = field(default_factory=Placement)
 
@@ -148,6 +155,8 @@ class SweepConfig:
                 )
         if isinstance(self.limit, int) and self.limit < 1:
             raise LayerpruneError(f"--limit must be at least 1, got {self.limit}")
+        if self.export not in (None, "gguf"):
+            raise LayerpruneError(f"--export must be gguf, got {self.export!r}")
 
     @property
     def adaptive(self) -> bool:
@@ -174,7 +183,7 @@ class SweepConfig:
         """The settings that must match for results to be comparable (the points may grow)."""
         raw = {k: v for k, v in flatten(self).items() if not k.startswith("heal_")}
         raw["heal_config"] = asdict(self.heal_config)
-        for key in ("ns", "fractions", "strategies", "device"):  # the device changes no number beyond rounding
+        for key in ("ns", "fractions", "strategies", "device", "export"):  # they change no number (beyond rounding)
             raw.pop(key)
         raw["tasks"] = sorted(raw["tasks"])
         return raw
@@ -387,6 +396,31 @@ def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config:
         return _row(point, removed, num_layers, candidate or model, evaluated, started)
 
 
+def _export_point(
+    model: str | Path, src: Path, point: Point, removed: list[int], work: Path, folder: Path, twin: Point | None
+) -> None:
+    """A point as `folder/<point>.gguf`: a healed one converted from its checkpoint (still in
+    `work`); an unhealed one cut from the source GGUF, bytes unchanged, or else converted from a
+    pruned copy; a point that removed the same layers as an earlier one (`twin`), a copy of its file."""
+    path = folder / f"{point.key}.gguf"
+    record = {"source": str(model), "strategy": point.strategy, "sweep_point": point.key}
+    source = gguf_file(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    if twin is not None:
+        shutil.copyfile(folder / f"{twin.key}.gguf", path)
+    elif point.healed:
+        export_gguf(work / "healed", path, overwrite=True)
+    else:
+        try:
+            if source is None:
+                raise LayerpruneError("not a GGUF")
+            prune_gguf(source, path, removed, record, overwrite=True)
+        except LayerpruneError as err:  # a checkpoint, or a cut GGUF cannot state (Gemma's attention pattern)
+            if source is not None:
+                warnings.warn(f"{point.key}.gguf converted to f16: {err}", LayerpruneWarning, stacklevel=2)
+            export_gguf(prune(src, work / "pruned", layers=removed, overwrite=True).path, path, overwrite=True)
+
+
 def _full_covering(out: Path, base: tuple[Any, Any], config: SweepConfig, documents: dict[str, list[str]]) -> dict:
     """The full point, extended (and stored again) to cover `documents`: --limit auto's reference."""
     path = out / "points" / f"{Point('full', 0, False).key}.json"
@@ -500,6 +534,9 @@ def run_sweep(
         work = out / "work" / point.key
         removed = _removed_layers(point, base, analysis, config, out) if point.n else []
         result = _twin(out, point, removed) or _run_point(point, base, src, removed, config, work, orders, full)
+        if config.export and point.n:
+            twin = Point(result["same_as"], point.n, point.healed) if "same_as" in result else None
+            _export_point(model, src, point, removed, work, out / "gguf", twin)
         _write_json(out / "points" / f"{point.key}.json", result)
         shutil.rmtree(work, ignore_errors=True)
         bar.update()

@@ -197,3 +197,30 @@ def test_a_family_the_converter_does_not_know_is_named_in_one_line(tmp_path):
     assert done.exit_code == 1 and done.stderr.count("\n") == 1
     assert "llama.cpp's converter does not support NovelForCausalLM" in done.stderr, done.stderr
     assert folder_digest(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.real
+def test_a_sweep_exports_every_pruned_point_and_prune_heals_into_a_gguf(tmp_path):
+    """The end of the pipeline is a GGUF file: unhealed points cut from the source GGUF (its
+    quantization kept), healed ones converted; `prune --heal --format gguf` likewise."""
+    short = ["--samples", "4", "--seq-len", "32", "--heal-steps", "1", "--heal-batch-size", "1", "--heal-grad-accum",
+             "1", "--heal-seq-len", "32", "--heal-no-quant", "--heal-validation-sequences", "1"]  # fmt: skip
+    args = ["sweep", "smollm2-135m", "--out", str(tmp_path / "sweep"), "--n", "0,2", "--strategies", "deepest",
+            "--tasks", "loss", "--limit", "4", "--no-sensitivity", "--export", "gguf", *short]  # fmt: skip
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.stderr
+    folder = tmp_path / "sweep" / "gguf"
+    assert sorted(p.name for p in folder.iterdir()) == ["deepest-n2-healed.gguf", "deepest-n2.gguf"]
+    unhealed, healed = read_gguf(folder / "deepest-n2.gguf"), read_gguf(folder / "deepest-n2-healed.gguf")
+    source = {t.name: t.tensor_type for t in read_gguf(gguf_file("smollm2-135m")).tensors}
+    assert {t.name: t.tensor_type for t in unhealed.tensors if not t.name.startswith("blk.2")} == {
+        n: k for n, k in source.items() if not n.startswith("blk.2")
+    }  # fmt: skip
+    assert unhealed.get_field("llama.block_count").contents() == healed.get_field("llama.block_count").contents() == 28
+    assert json.loads(healed.get_field(RECORD_KEY).contents())["healing"]["config"]["steps"] == 1
+    heal_args = ["prune", "smollm2-135m", "--n", "2", "--strategy", "deepest", "--heal", "--format", "gguf", "--out",
+                 str(tmp_path / "healed"), *short[4:]]  # fmt: skip
+    done = runner.invoke(app, heal_args)
+    assert done.exit_code == 0, done.stderr
+    assert read_gguf(tmp_path / "healed.gguf").get_field("llama.block_count").contents() == 28
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed.gguf", "sweep"]
