@@ -21,7 +21,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import check_overlap
 from .errors import LayerpruneError
+from .surgery import check_removal
 
 RECORD_KEY = "layerprune.record"
 BUFFER_BYTES = 16 * 2**20  # bytes copied at a time
@@ -112,8 +114,6 @@ def _copy(source: Any, target: Any, offset: int, size: int) -> None:
 
 def check_gguf_destination(out: Path, inputs: list[Path], overwrite: bool) -> None:
     """A .gguf output must not be an input, nor replace a file layerprune did not write."""
-    from .checkpoint import check_overlap
-
     check_overlap(out, inputs)
     if out.is_dir():
         raise LayerpruneError(f"output {out} is a folder; a .gguf output is a file")
@@ -141,8 +141,6 @@ def prune_gguf(
     inputs: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Write `src` without the `removed` layers to the GGUF file `out`; returns the record stored in it."""
-    from .surgery import check_removal
-
     check_gguf_destination(out, [src, *(inputs or [])], overwrite)
     reader = read_gguf(src)
     arch, num_layers = gguf_layers(reader, src)

