@@ -378,7 +378,8 @@ def report(
     limits: Tolerance | None = None,
 ) -> None:
     """Rebuild report.html from a sweep's stored results (no model is run)."""
-    collect(folder)
+    if (folder / "points").is_dir():  # a published folder keeps only results.json
+        collect(folder)
     typer.echo(f"wrote {write_report(folder, limits)}")
 
 

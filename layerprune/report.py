@@ -196,14 +196,21 @@ def _healing_method(sweep: dict) -> str:
     return "QLoRA: LoRA on the 4-bit NF4 model" if heal.get("quant", True) else "LoRA on the unquantized model"
 
 
-def _plots(rows: list[dict], tasks: list[str], figures: Path, limits: Tolerance) -> list[Path]:
-    """Per task: the metric with its 95% interval, and its paired change from the full model."""
+OLD_RESULTS = (
+    "<p><b>Not available:</b> these results keep no per-document figures (the sweep was made by a "
+    "layerprune older than 0.2), so no paired comparison can be made; run the sweep again to get them.</p>"
+)
+
+
+def _plots(rows: list[dict], tasks: list[str], figures: Path, limits: Tolerance, paired: bool) -> list[Path]:
+    """Per task: the metric with its 95% interval, and (with per-document results) its paired
+    change from the full model."""
     tolerance, kl_threshold = limits.tolerance, limits.kl_threshold
     full = _full(rows)["tasks"]
     plots = []
     for task in tasks:
         breaks = {k: v for k, v in break_points(rows, task).items() if v is not None}
-        if task == KLD_TASK:
+        if task == KLD_TASK and paired:
             bounds = {id(r): judge(task, None, r["tasks"][task], limits).bounds
                       for r in rows if r["n"]}  # fmt: skip
             value = lambda r, b=bounds: (r["tasks"][KLD_TASK]["kld"], *b[id(r)]) if r["n"] else 0.0  # noqa: E731
@@ -223,6 +230,8 @@ def _plots(rows: list[dict], tasks: list[str], figures: Path, limits: Tolerance)
                      f"{task}: {'accuracy' if metric == 'acc' else 'held-out loss'} (± 1.96 s.e.)",
                      figures / f"{metric}-{task}.png", (chance, f"chance ({chance:.2f})") if chance else None,
                      breaks))  # fmt: skip
+        if not paired:
+            continue
         changes = {id(r): j.comparison for label, found in judgements(rows, task, limits).items()
                    for r, j in zip(_series(rows)[label], found, strict=True)}  # fmt: skip
 
@@ -318,7 +327,8 @@ def write_report(out: str | Path, limits: Tolerance | None = None) -> Path:
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
     tasks = _measured(rows)
-    plots = _plots(rows, tasks, figures, limits)
+    paired = all("documents" in result for r in rows for result in r["tasks"].values())
+    plots = _plots(rows, tasks, figures, limits, paired)
     heatmap = out / "analysis" / "heatmap.png"
     name = html.escape(sweep["model"])
     documents = sorted({r["tasks"][t]["n"] for r in rows for t in tasks if t in r["tasks"]})
@@ -337,7 +347,7 @@ it too. Each point is compared with the full model on the same documents, by a
 {html.escape(METHOD)}. Where the data cannot decide, the answer says so, with the documents that
 would likely decide (the bound narrows as 1/&radic;documents). Documents per task and point:
 {", ".join(map(str, documents))}.</p>
-{_how_far_section(rows, tasks, limits)}
+{_how_far_section(rows, tasks, limits) if paired else OLD_RESULTS}
 <h2>Accuracy, loss and closeness against the fraction removed</h2>
 <p>Error bars: 95% intervals. The "paired change" figures show each point's difference from the
 full model on the same documents; dotted vertical lines mark each curve's break point.</p>
@@ -352,7 +362,7 @@ only to within their spacing; it describes the curve and is not a test.</p>
 <h2>Angular distance between layers</h2>
 {_image(heatmap) if heatmap.is_file() else "<p>(no analysis stored)</p>"}
 <h2>Paired comparisons with the full model</h2>
-{_comparisons(rows, tasks, limits)}
+{_comparisons(rows, tasks, limits) if paired else OLD_RESULTS}
 <h2>All numbers</h2>
 {_table(rows, _qa_tasks(rows))}
 <h2>Settings and versions</h2>
