@@ -269,10 +269,9 @@ def _breaks_section(rows: list[dict], tasks: list[str]) -> str:
     qa = [t for t in tasks if t not in TEXT_TASKS]
     for label in series:
         loss_break = found.get(LOSS_TASK, {}).get(label)
-        qa_breaks = [found[t][label] for t in qa if found[t][label] is not None]
+        qa_breaks = [f"{t} at {found[t][label]:.2f}" for t in qa if found[t][label] is not None]
         if loss_break is not None and qa_breaks:
-            sentences.append(f"{label}: the loss breaks at {loss_break:.2f}, the accuracies at "
-                             f"{', '.join(f'{b:.2f}' for b in qa_breaks)}.")  # fmt: skip
+            sentences.append(f"{label}: the loss breaks at {loss_break:.2f}; the accuracies: {', '.join(qa_breaks)}.")
     return f"<table id=breaks>{head}{body}</table>" + (
         "<p>" + html.escape(" ".join(sentences)) + "</p>" if sentences else ""
     )
