@@ -69,11 +69,14 @@ class Answer:
     undecided_at: float | None = None
     documents_to_decide: int | None = None
     every_point_within: bool = False
+    available: int | None = None  # the task's documents
 
     def text(self) -> str:
         if self.undecided_at is None:
             return f"{self.fraction:.2f}" + (" (every fraction tried)" if self.every_point_within else "")
         need = f"about {self.documents_to_decide} documents" if self.documents_to_decide else "far more documents"
+        if self.documents_to_decide and self.available and self.documents_to_decide > self.available:
+            need += f", more than the task's {self.available},"
         return (f"at least {self.fraction:.2f}; undecided at {self.undecided_at:.2f} "
                 f"({need} would likely decide)")  # fmt: skip
 
@@ -92,7 +95,8 @@ def how_far(rows: list[dict], task: str, limits: Tolerance) -> dict[str, Answer]
                 best = row["fraction"]
                 continue
             if judgement.verdict.state == "undecided":
-                answer = Answer(best, row["fraction"], judgement.verdict.documents_to_decide)
+                available = row["tasks"][task].get("available")
+                answer = Answer(best, row["fraction"], judgement.verdict.documents_to_decide, available=available)
             break
         answers[label] = answer or Answer(best, every_point_within=best == points[-1]["fraction"])
     return answers
