@@ -6,8 +6,9 @@ python bench/healing_objectives.py grid --out /tmp/heal-grid          # both mod
 `goal`: SmolLM2-135M without its 8 deepest layers (the final one kept), healed with heal's batch
 (4 x 128 tokens, one micro-batch per step) at the default learning rate in plain LoRA (fp32; QLoRA
 on a CPU is several times slower), validated every 10 steps on held-out documents of the healing
-text, for 200 steps of `lm` and 67 (a third) of `distill` and `mixed`; then the held-out loss on
-LAMBADA (a corpus the healing never saw) after 30 steps of each, and at the end of those runs.
+text, for 200 steps of `lm` and 67 (a third) of `distill`; then 30 steps of each objective (and of
+`lm` and `distill` near the cut), each followed by the held-out loss on LAMBADA (200 passages, a
+corpus the healing never saw). A finished run is read back, not redone, when the script reruns.
 
 `grid`: each packaged model pruned by `deepest` and `angular` at about 25% and 40% of its layers,
 healed 30 steps by each objective on every layer and near the cut (k = 1), then evaluated against
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 STEP = dict(batch_size=4, grad_accum=1, seq_len=128, quant=False, save_every=1000, validation_sequences=16)
@@ -27,20 +28,23 @@ OBJECTIVES = ("lm", "distill", "mixed")
 
 
 def heal_run(pruned: Path, out: Path, steps: int, objective: str, target: str = "all", every: int = 10) -> dict:
+    """Heal, or read back a finished run with the same settings (so the script can be rerun)."""
     from layerprune.healing import HealConfig, heal
 
     config = HealConfig(steps=steps, objective=objective, target_layers=target, eval_every=every, **STEP)
-    started = time.perf_counter()
-    healed = heal(pruned, out, config, overwrite=True)
+    record_path = out / "layerprune.json"
+    done = json.loads(record_path.read_text())["healing"] if record_path.is_file() else None
+    if done is None or done["config"] != json.loads(json.dumps(asdict(config))):
+        done = heal(pruned, out, config, overwrite=True).healing
     curve = json.loads((out / "heal_curve.json").read_text())
     return {
         "objective": objective,
         "target_layers": target,
         "steps": steps,
-        "seconds": round(time.perf_counter() - started, 1),
-        "tokens_per_second": healed.healing["tokens_per_second"],
-        "trainable_parameters": healed.healing["trainable_parameters"],
-        "validation_before": healed.healing["validation_loss_before"],
+        "seconds": done["seconds"],
+        "tokens_per_second": done["tokens_per_second"],
+        "trainable_parameters": done["trainable_parameters"],
+        "validation_before": done["validation_loss_before"],
         "validation": curve["validation"],
         "path": str(out),
     }
@@ -60,29 +64,33 @@ def goal(out: Path) -> None:
     from layerprune.models import resolve_model
 
     full = resolve_model("smollm2-135m")
-    pruned = prune(full, out / "pruned", n=8, strategy="deepest", overwrite=True).path
-    runs = {}
-    for objective in OBJECTIVES:  # lm for 200 steps; the others for a third of that, their own schedule
-        steps = 200 if objective == "lm" else 67
-        run = heal_run(pruned, out / f"healed-{objective}", steps, objective, every=20 if steps == 200 else 10)
-        run["lambada_end"] = evaluate(run["path"], ["loss"], limit=200)["tasks"]["loss"]["loss"]
-        runs[objective] = run
+    pruned = out / "pruned"
+    if not (pruned / "layerprune.json").is_file():
+        prune(full, pruned, n=8, strategy="deepest", overwrite=True)
+    lambada = lambda path: evaluate(path, ["loss"], limit=200)["tasks"]["loss"]["loss"]  # noqa: E731
+    runs = {  # lm for 200 steps, distill for a third of that (its own schedule)
+        "lm": heal_run(pruned, out / "healed-lm", 200, "lm", every=20),
+        "distill": heal_run(pruned, out / "healed-distill", 67, "distill", every=10),
+    }
+    for run in runs.values():
+        run["lambada_end"] = lambada(run["path"])
     thirty = {}
-    for objective in OBJECTIVES:
-        run = heal_run(pruned, out / f"healed-{objective}-30", 30, objective, every=30)
-        thirty[objective] = evaluate(run["path"], ["loss"], limit=200)["tasks"]["loss"]["loss"]
-    before = evaluate(pruned, ["loss"], limit=200)["tasks"]["loss"]["loss"]
-    summary = {"lambada_before": before, "lambada_30": thirty, "runs": runs}
-    (out / "goal.json").write_text(json.dumps(summary, indent=1))
+    for objective, target in [(o, "all") for o in OBJECTIVES] + [("lm", "near-cut"), ("distill", "near-cut")]:
+        run = heal_run(pruned, out / f"healed-{objective}-{target}-30", 30, objective, target, every=30)
+        run["lambada"] = lambada(run["path"])
+        thirty[f"{objective}/{target}"] = run
+    before = lambada(pruned)
+    (out / "goal.json").write_text(json.dumps({"lambada_before": before, "runs": runs, "thirty": thirty}, indent=1))
     print(f"LAMBADA loss of the pruned model: {before:.3f}")
+    for name, run in thirty.items():
+        print(f"30 steps {name:18} LAMBADA {run['lambada']:.3f} (change {run['lambada'] - before:+.3f}); validation "
+              f"{run['validation_before']:.3f} -> {run['validation'][-1][1]:.3f}; {run['trainable_parameters']} "
+              f"trainable; {run['tokens_per_second']:.0f} tok/s; {run['seconds']:.0f} s")  # fmt: skip
     lm_200 = dict(runs["lm"]["validation"])[200]
-    for objective, run in runs.items():
+    for name, run in runs.items():
         reached = next((step for step, loss in run["validation"] if loss <= lm_200), None)
-        change = thirty[objective] - before
-        print(f"{objective:8} LAMBADA after 30 steps {thirty[objective]:.3f} (change {change:+.3f}),"
-              f" after {run['steps']} {run['lambada_end']:.3f}; validation {run['validation_before']:.3f} -> "
-              f"{run['validation'][-1][1]:.3f}; reaches lm's 200-step validation loss {lm_200:.3f} at step {reached};"
-              f" {run['tokens_per_second']:.0f} tok/s")  # fmt: skip
+        print(f"{name:8} {run['steps']} steps: LAMBADA {run['lambada_end']:.3f}; validation reaches lm's 200-step "
+              f"{lm_200:.3f} at step {reached}; {run['seconds']:.0f} s")  # fmt: skip
 
 
 def grid(out: Path, limit: int) -> None:
