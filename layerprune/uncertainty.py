@@ -1,12 +1,13 @@
-"""How sure a comparison is: paired bootstrap intervals, the tolerance rule, and break points.
+"""How sure a comparison is: paired intervals, the tolerance rule, and break points.
 
 Every metric here is a ratio over documents, sum(num) / sum(den): accuracy (num = correct,
 den = 1), next-token loss (num = summed loss, den = tokens) and KL divergence (likewise). Two
 models evaluated on the same documents are compared pair by pair: each bootstrap resample
 draws documents with replacement and recomputes both models' metrics on the same draw, so
 the documents' shared difficulty cancels out of the difference (a paired bootstrap,
-percentile intervals). The unpaired interval, which resamples each model on its own, is
-given beside it to show what pairing saves.
+percentile intervals). An accuracy, right or wrong per document, gets Agresti and Min's exact-style
+interval for paired proportions instead, which a handful of documents cannot fool. The unpaired
+interval, which resamples each model on its own, is given beside it to show what pairing saves.
 
 A leaf module: numpy only.
 """
@@ -21,7 +22,10 @@ from typing import Any
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 SEED = 0
-METHOD = f"paired bootstrap over documents ({RESAMPLES} resamples, percentile intervals)"
+METHOD = (
+    "paired comparison on the same documents: for accuracies, Agresti and Min's interval for paired proportions; "
+    f"for losses and KL divergences, a paired bootstrap over documents ({RESAMPLES} resamples, percentile intervals)"
+)
 
 
 @dataclass(frozen=True)
@@ -105,17 +109,45 @@ def compare(reference: Documents, candidate: Documents, higher_is_better: bool, 
     harms = np.nan_to_num(harms, nan=0.0, posinf=math.inf, neginf=-math.inf)
     ref_value, new_value = ref_num.sum() / ref_den.sum(), new_num.sum() / new_den.sum()
     tail = (1 - CONFIDENCE) * 100
+    change_interval = _interval(new - ref)
+    harm_bounds = float(np.percentile(harms, tail)), float(np.percentile(harms, 100 - tail))
+    if _binary(ref_num, ref_den) and _binary(new_num, new_den) and ref_value:  # right or wrong: Agresti-Min
+        change_interval = _agresti_min(ref_num, new_num, CONFIDENCE)
+        one_sided = _agresti_min(ref_num, new_num, 1 - 2 * (1 - CONFIDENCE))
+        low, high = sorted(sign * -change / ref_value for change in one_sided)
+        harm_bounds = low, high
     return Comparison(
         documents=count,
         reference=float(ref_value),
         candidate=float(new_value),
         change=float(new_value - ref_value),
-        change_interval=_interval(new - ref),
+        change_interval=change_interval,
         unpaired_interval=_interval(new_alone - ref_alone),
         harm=float(sign * (ref_value - new_value) / abs(ref_value)) if ref_value else 0.0,
-        harm_lower=float(np.percentile(harms, tail)),
-        harm_upper=float(np.percentile(harms, 100 - tail)),
+        harm_lower=harm_bounds[0],
+        harm_upper=harm_bounds[1],
     )
+
+
+def _binary(num: Any, den: Any) -> bool:
+    import numpy as np
+
+    return bool(np.all(den == 1) and np.all((num == 0) | (num == 1)))
+
+
+def _agresti_min(reference: Any, candidate: Any, confidence: float) -> tuple[float, float]:
+    """Agresti and Min's (2005) interval for a difference of paired proportions: half a document
+    added to each of the four right/wrong cells, then the Wald interval. Unlike a bootstrap, it
+    stays honest when few or no documents change their answer (a bootstrap of 20 unchanged
+    answers would claim no uncertainty at all)."""
+    from statistics import NormalDist
+
+    count = len(reference) + 2
+    gained = (float(((reference == 0) & (candidate == 1)).sum()) + 0.5) / count
+    lost = (float(((reference == 1) & (candidate == 0)).sum()) + 0.5) / count
+    centre = gained - lost
+    spread = NormalDist().inv_cdf(1 - (1 - confidence) / 2) * math.sqrt(max(gained + lost - centre**2, 0.0) / count)
+    return centre - spread, centre + spread
 
 
 def _interval(samples: Any) -> tuple[float, float]:

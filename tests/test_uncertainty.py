@@ -116,3 +116,16 @@ def test_a_two_piece_line_breaks_at_its_knot(knot, slopes, start):
 
 def test_too_few_points_have_no_break():
     assert break_point([0, 0.1, 0.2], [1, 1, 0]) is None
+
+
+def test_twenty_unchanged_answers_do_not_prove_a_point_within_five_percent():
+    """A bootstrap of 20 identical answers has no spread at all; Agresti-Min's interval keeps one."""
+    answers = tuple(float(i % 3 != 0) for i in range(20))
+    ids = tuple(map(str, range(20)))
+    same = Documents(ids, answers, (1.0,) * 20)
+    found = compare(same, same, higher_is_better=True)
+    assert found.change == 0 and found.change_interval[0] < -0.05 < 0.05 < found.change_interval[1]
+    assert verdict(found.harm, found.harm_lower, found.harm_upper, 0.05, 20).state == "undecided"
+    many = Documents(tuple(map(str, range(2000))), answers * 100, (1.0,) * 2000)
+    wide = compare(many, many, higher_is_better=True)
+    assert verdict(wide.harm, wide.harm_lower, wide.harm_upper, 0.05, 2000).state == "within"
