@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 CONFIDENCE = 0.95
@@ -140,8 +141,6 @@ def _agresti_min(reference: Any, candidate: Any, confidence: float) -> tuple[flo
     added to each of the four right/wrong cells, then the Wald interval. Unlike a bootstrap, it
     stays honest when few or no documents change their answer (a bootstrap of 20 unchanged
     answers would claim no uncertainty at all)."""
-    from statistics import NormalDist
-
     count = len(reference) + 2
     gained = (float(((reference == 0) & (candidate == 1)).sum()) + 0.5) / count
     lost = (float(((reference == 1) & (candidate == 0)).sum()) + 0.5) / count
