@@ -238,48 +238,49 @@ def prune_and_heal(
     return heal(base, out, heal_config, save_adapter=save_adapter, overwrite=overwrite, restart=False)
 
 
-def then_gguf(
-    out: str | os.PathLike[str], outtype: str, make: Callable[[Path], Any], overwrite: bool = False
-) -> Written:
-    """Run `make(staging)` (a prune or a heal) into a staging folder beside `out`, then write it as
-    the GGUF file `out` through llama.cpp's converter (`export_gguf`)."""
-    out = Path(out)
-    check_gguf_destination(out, [], overwrite)
-    staging = out.parent / f".{out.name}.checkpoint"
+def _through_staging(out: Path, name: str, make: Callable[[Path], Any], convert: Callable[[Path], Any]) -> Any:
+    """Run `make(staging)` (a prune or a heal) into the staging folder `.OUT.name` beside `out`, then
+    `convert(staged folder)` on the main process; the staging folder is removed either way. The
+    same command rerun redoes `make` there (a heal resumes from its own work folder)."""
+    staging = out.parent / f".{out.name}.{name}"
     on_main_process(lambda: shutil.rmtree(staging, ignore_errors=True))  # left by an earlier run
     made = make(staging)  # every process, for a heal under torchrun or accelerate
 
-    def export() -> None:
+    def run() -> None:
         try:
-            export_gguf(made.path, out, outtype, overwrite=overwrite)
+            convert(made.path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    on_main_process(export)
+    on_main_process(run)
+    return made
+
+
+def then_gguf(
+    out: str | os.PathLike[str], outtype: str, make: Callable[[Path], Any], overwrite: bool = False
+) -> Written:
+    """`make` into a staging folder beside `out`, then written as the GGUF file `out` through
+    llama.cpp's converter (`export_gguf`)."""
+    out = Path(out)
+    check_gguf_destination(out, [], overwrite)
+    made = _through_staging(out, "checkpoint", make, lambda staged: export_gguf(staged, out, outtype, overwrite))
     return Written(out, made.record)
 
 
 def then_quantize(
     out: str | os.PathLike[str], scheme: str, make: Callable[[Path], Any], overwrite: bool = False
 ) -> Written:
-    """Run `make(staging)` (a prune or a heal) into a staging folder beside `out`, then write its
-    quantized form to `out` (`prune/heal --quantize`). The same command rerun redoes `make`
-    there (a heal resumes from its own work folder)."""
+    """`make` into a staging folder beside `out`, then its quantized form written to `out`
+    (`prune/heal --quantize`)."""
     check_quantization(scheme)
     out = Path(out)
     check_destination(out, [], overwrite)
-    staging = out.parent / f".{out.name}.unquantized"
-    on_main_process(lambda: shutil.rmtree(staging, ignore_errors=True))  # left by an earlier run
-    made = make(staging)  # every process, for a heal under torchrun or accelerate
 
-    def export() -> None:
-        try:
-            export_quantized(made.path, out, scheme, overwrite=overwrite)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    def quantize(staged: Path) -> None:
+        export_quantized(staged, out, scheme, overwrite=overwrite)
         record = read_record(out) or {}
         del record["quantization"]["source"]  # the staging folder, now gone: the record's history says the rest
         write_record(out, record)
 
-    on_main_process(export)
+    _through_staging(out, "unquantized", make, quantize)
     return Written(out, read_record(out) or {})
