@@ -139,10 +139,12 @@ def prune_gguf(
     record: dict[str, Any],
     overwrite: bool = False,
     inputs: list[Path] | None = None,
+    reader: Any = None,
 ) -> dict[str, Any]:
-    """Write `src` without the `removed` layers to the GGUF file `out`; returns the record stored in it."""
+    """Write `src` without the `removed` layers to the GGUF file `out`; returns the record stored in it.
+    `reader`: `src` already read (`read_gguf`), so that its metadata is not parsed twice."""
     check_gguf_destination(out, [src, *(inputs or [])], overwrite)
-    reader = read_gguf(src)
+    reader = reader or read_gguf(src)
     arch, num_layers = gguf_layers(reader, src)
     removed = check_removal(num_layers, removed, allow_final=True)
     keep = [i for i in range(num_layers) if i not in set(removed)]

@@ -188,9 +188,10 @@ def _prune_gguf(
         return PruneResult(written.path, written.record)
     inputs = model_inputs(model)
     check_gguf_destination(out, [source, *inputs], overwrite)
-    _, num_layers = gguf_layers(read_gguf(source), source)
+    reader = read_gguf(source)  # parsing a GGUF's metadata takes seconds: once
+    _, num_layers = gguf_layers(reader, source)
     removed, selection = choose_layers(num_layers, lambda: resolve_model(model), config, analysis, progress)
-    record = prune_gguf(source, out, removed, _record(model, source, config, selection), overwrite, inputs)
+    record = prune_gguf(source, out, removed, _record(model, source, config, selection), overwrite, inputs, reader)
     return PruneResult(out, record)
 
 
