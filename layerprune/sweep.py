@@ -32,7 +32,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -275,8 +275,8 @@ def _measure(
     evaluated: dict[str, Any] = {"tasks": {}}
     if tasks:
         with cut():
-            evaluated = evaluate(subject, config=build(EvalConfig, {**flatten(eval_config), "tasks": tasks}),
-                                 tokenizer=tokenizer, documents=documents)  # fmt: skip
+            evaluated = evaluate(subject, config=replace(eval_config, tasks=tuple(tasks)), tokenizer=tokenizer,
+                                 documents=documents)  # fmt: skip
     if KLD_TASK in config.tasks and (documents is None or KLD_TASK in documents) and (healed or removed):
         own, theirs = logits_of(subject), logits_of(model)
 
