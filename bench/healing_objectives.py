@@ -22,6 +22,7 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 STEP = dict(batch_size=4, grad_accum=1, seq_len=128, quant=False, save_every=1000, validation_sequences=16)
 OBJECTIVES = ("lm", "distill", "mixed")
@@ -93,40 +94,72 @@ def goal(out: Path) -> None:
               f"{lm_200:.3f} at step {reached}; {run['seconds']:.0f} s")  # fmt: skip
 
 
-def grid(out: Path, limit: int) -> None:
+TASKS = ["loss", "kld", "sciq", "piqa", "arc_easy"]
+# (strategy, fraction of the layers), in the order they run: the goal's case first
+CASES = (("deepest", 0.25), ("angular", 0.4), ("angular", 0.25), ("deepest", 0.4))
+
+
+def grid(out: Path, models: list[str], steps: int, limit: int) -> None:
+    """Every case of every model, healed by each objective everywhere and near the cut, then evaluated;
+    each finished run is stored in its own `run.json` and read back when the script reruns."""
     from layerprune import prune
     from layerprune.models import resolve_model
 
     rows = []
-    for name in ("smollm2-135m", "gemma3-270m"):
+    for name in models:
         full = resolve_model(name)
         num_layers = json.loads((full / "config.json").read_text())["num_hidden_layers"]
-        baseline = held_out(full, full, ["loss", "sciq", "piqa", "arc_easy"], limit)
-        for fraction in (0.25, 0.4):
+        baseline = stored(out / f"{name}-full.json") or store(
+            out / f"{name}-full.json", held_out(full, full, TASKS[:1] + TASKS[2:], limit)
+        )
+        for strategy, fraction in CASES:
             n = round(fraction * num_layers)
-            for strategy in ("deepest", "angular"):
-                pruned = prune(full, out / f"{name}-{strategy}-{n}", n=n, strategy=strategy, overwrite=True).path
-                unhealed = held_out(pruned, full, ["loss", "kld", "sciq", "piqa", "arc_easy"], limit)
-                variants = [(o, "all") for o in OBJECTIVES] + [(o, "near-cut") for o in OBJECTIVES]
-                for objective, target in variants:
-                    run = heal_run(pruned, out / "healed", 30, objective, target)
-                    run |= {"model": name, "strategy": strategy, "n": n, "fraction": n / num_layers}
-                    run["tasks"] = held_out(Path(run["path"]), full, ["loss", "kld", "sciq", "piqa", "arc_easy"], limit)
-                    run["unhealed"], run["full"] = unhealed, baseline
-                    rows.append(run)
-                    (out / "grid.json").write_text(json.dumps(rows, indent=1))
-                    print(f"{name} {strategy} n={n} {objective}/{target}: loss {run['tasks']['loss']['loss']:.3f} "
-                          f"kld {run['tasks']['kld']['kld']:.3f} in {run['seconds']:.0f} s")  # fmt: skip
+            case = out / f"{name}-{strategy}-{n}"
+            if not (case / "pruned" / "layerprune.json").is_file():
+                prune(full, case / "pruned", n=n, strategy=strategy, overwrite=True)
+            unhealed = stored(case / "unhealed.json") or store(
+                case / "unhealed.json", held_out(case / "pruned", full, TASKS, limit)
+            )
+            for objective, target in [(o, t) for t in ("all", "near-cut") for o in OBJECTIVES]:
+                healed = case / f"{objective}-{target}"
+                row = stored(healed / "run.json")
+                if row is None:
+                    row = heal_run(case / "pruned", healed, steps, objective, target, every=5)
+                    row["tasks"] = held_out(healed, full, TASKS, limit)
+                    for weights in healed.glob("*.safetensors"):  # the figures are kept, not the weights
+                        weights.unlink()
+                    store(healed / "run.json", row)
+                row |= {"model": name, "strategy": strategy, "n": n, "fraction": n / num_layers,
+                        "unhealed": unhealed, "full": baseline}  # fmt: skip
+                rows.append(row)
+                (out / "grid.json").write_text(json.dumps(rows, indent=1))
+                tasks = row["tasks"]
+                print(f"{name} {strategy} n={n} {objective}/{target}: loss {tasks['loss']['loss']:.3f} kld "
+                      f"{tasks['kld']['kld']:.3f} sciq {tasks['sciq']['acc']:.2f} piqa {tasks['piqa']['acc']:.2f} "
+                      f"arc_easy {tasks['arc_easy']['acc']:.2f} in {row['seconds']:.0f} s", flush=True)  # fmt: skip
+
+
+def stored(path: Path) -> Any:
+    """What `store` kept at `path`, or None."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def store(path: Path, value: Any) -> Any:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    return value
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("goal", "grid"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--limit", type=int, default=100, help="grid: documents per task")
+    parser.add_argument("--steps", type=int, default=30, help="grid: healing steps per run")
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"], help="grid: the models")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    goal(args.out) if args.what == "goal" else grid(args.out, args.limit)
+    goal(args.out) if args.what == "goal" else grid(args.out, args.models, args.steps, args.limit)
 
 
 if __name__ == "__main__":

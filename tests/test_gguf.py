@@ -2,12 +2,15 @@
 GGUF loader; any checkpoint exported through llama.cpp's converter; bad input refused in one line."""
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import folder_digest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from layerprune.cli import app
@@ -24,17 +27,22 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def tiny_gguf(path: Path, arch: str = "llama", blocks: int = 3, claimed: int | None = None) -> Path:
-    """A small GGUF written with llama.cpp's writer: `blocks` layers of two F32 tensors each."""
+def tiny_gguf(path: Path, arch: str = "llama", blocks: int = 3, claimed: int | None = None, norm_size: int = 8) -> Path:
+    """A small GGUF written with llama.cpp's writer: `blocks` layers of two F32 tensors each (a norm
+    of `norm_size` floats: 32 bytes fill the alignment, other sizes are padded), and a vocabulary."""
     from gguf import GGUFWriter
 
     writer = GGUFWriter(path, arch)
     writer.add_uint32(f"{arch}.block_count", blocks if claimed is None else claimed)
-    writer.add_array(f"{arch}.attention.head_count", [4] * blocks)  # a per-layer array
+    writer.add_array(f"{arch}.attention.head_count", [4 + layer for layer in range(blocks)])  # a per-layer array
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "", "héllo", "▁世界", "x" * 300])
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.0, 2.25, 0.0, 1e-3])
+    writer.add_string("general.name", "tiny")
     writer.add_tensor("token_embd.weight", np.arange(64, dtype=np.float32).reshape(8, 8))
     for layer in range(blocks):
         writer.add_tensor(f"blk.{layer}.attn_q.weight", np.full((8, 8), layer, dtype=np.float32))
-        writer.add_tensor(f"blk.{layer}.ffn_norm.weight", np.full((8,), 10 + layer, dtype=np.float32))
+        writer.add_tensor(f"blk.{layer}.ffn_norm.weight", np.full((norm_size,), 10 + layer, dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.arange(norm_size, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -50,12 +58,48 @@ def test_a_gguf_keeps_its_tensors_bytes_renumbered_and_its_metadata_cut(tmp_path
     reader = read_gguf(tmp_path / "out.gguf")
     tensors = {t.name: t for t in reader.tensors}
     assert sorted(tensors) == ["blk.0.attn_q.weight", "blk.0.ffn_norm.weight", "blk.1.attn_q.weight",
-                               "blk.1.ffn_norm.weight", "token_embd.weight"]  # fmt: skip
+                               "blk.1.ffn_norm.weight", "output_norm.weight", "token_embd.weight"]  # fmt: skip
     assert tensors["blk.1.attn_q.weight"].data[0, 0] == 3 and tensors["blk.1.ffn_norm.weight"].data[0] == 13
     assert reader.get_field("llama.block_count").contents() == 2
-    assert reader.get_field("llama.attention.head_count").contents() == [4, 4]
+    assert reader.get_field("llama.attention.head_count").contents() == [4, 7]
     record = json.loads(reader.get_field(RECORD_KEY).contents())
     assert record["removed_layers"] == [1, 2] == result.removed and record["kept_layers"] == [0, 3]
+
+
+@settings(max_examples=25, deadline=None)
+@given(blocks=st.integers(2, 6), norm_size=st.integers(1, 20), data=st.data())
+def test_any_removal_keeps_every_other_byte_as_llama_cpps_own_reader_reads_it(blocks, norm_size, data):
+    """Our reader (arrays read whole) and our writer (unchanged metadata and runs of tensors copied as
+    bytes) against the package's own reader, element by element: only the cut changes."""
+    from gguf import GGUFReader
+
+    from layerprune.gguf_surgery import prune_gguf
+
+    removed = sorted(data.draw(st.sets(st.integers(0, blocks - 1), min_size=1, max_size=blocks - 1)))
+    keep = [layer for layer in range(blocks) if layer not in removed]
+    with tempfile.TemporaryDirectory() as tmp:
+        source = tiny_gguf(Path(tmp) / "tiny.gguf", blocks=blocks, norm_size=norm_size)
+        ours = read_gguf(source)
+        original = GGUFReader(source)
+        assert {k: f.contents() for k, f in ours.fields.items()} == {
+            k: f.contents() for k, f in original.fields.items()
+        }
+        prune_gguf(source, Path(tmp) / "out.gguf", removed, {}, reader=ours)
+        pruned = GGUFReader(Path(tmp) / "out.gguf")
+        changed = {"GGUF.kv_count", "GGUF.tensor_count", "llama.block_count", "llama.attention.head_count", RECORD_KEY}
+        assert {k: f.contents() for k, f in pruned.fields.items() if k not in changed} == {
+            k: f.contents() for k, f in original.fields.items() if k not in changed
+        }
+        assert pruned.get_field("llama.attention.head_count").contents() == [4 + layer for layer in keep]
+        old = {t.name: t for t in original.tensors}
+        names = [t.name for t in pruned.tensors]
+        expected = [n for n in old if not n.startswith("blk.") or int(n.split(".")[1]) in keep]
+        assert len(names) == len(expected)
+        for tensor, name in zip(pruned.tensors, expected, strict=True):
+            if name.startswith("blk."):
+                _, index, rest = name.split(".", 2)
+                assert tensor.name == f"blk.{keep.index(int(index))}.{rest}"
+            assert np.array_equal(tensor.data, old[name].data) and tensor.tensor_type == old[name].tensor_type
 
 
 @pytest.mark.real

@@ -1,0 +1,100 @@
+"""A pruned GGUF in llama.cpp itself: it loads, it generates, and its perplexity matches ours.
+
+pip install llama-cpp-python     # builds llama.cpp from source (about 4 minutes on 2 cores here)
+python bench/llama_cpp_check.py --passages 40
+
+Not part of CI: llama-cpp-python is no dependency of layerprune. For each packaged model, the GGUF
+is pruned GGUF to GGUF (`deepest`: SmolLM2 loses 4 layers, Gemma 3 a block of 6, which keeps its
+attention pattern), then both the original and the pruned file are loaded in llama.cpp and by
+layerprune (transformers' GGUF loader, dequantized to fp32). Each LAMBADA passage is tokenized once,
+by llama.cpp, and the same token ids go to both, so the per-passage losses pair up; the paired
+bootstrap of `layerprune.uncertainty` gives the difference's interval. llama.cpp multiplies the
+quantized weights with quantized activations, so its loss differs from ours by a little; the
+point is that pruning moves both by the same amount.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+CASES = {"smollm2-135m": 4, "gemma3-270m": 6}
+MAX_TOKENS = 256
+
+
+def llama_cpp_losses(path: Path, passages: list[list[int]]) -> list[tuple[float, int]]:
+    """(summed next-token loss, tokens) of each passage, by llama.cpp."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=MAX_TOKENS, logits_all=True, verbose=False)
+    losses = []
+    for ids in passages:
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        losses.append((float(-logprobs[np.arange(len(ids) - 1), ids[1:]].sum()), len(ids) - 1))
+    print(f"  llama.cpp, {path.name}: {llm(PROMPT, max_tokens=20, temperature=0)['choices'][0]['text']!r}")
+    return losses
+
+
+def our_losses(path: Path, passages: list[list[int]]) -> list[tuple[float, int]]:
+    """The same, by transformers' GGUF loader in fp32 (layerprune's evaluation path for a GGUF)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    losses = []
+    with torch.no_grad():
+        for ids in passages:
+            tokens = torch.tensor([ids])
+            logits = model(input_ids=tokens).logits[0, :-1]
+            loss = torch.nn.functional.cross_entropy(logits, tokens[0, 1:], reduction="sum")
+            losses.append((float(loss), len(ids) - 1))
+    return losses
+
+
+PROMPT = "The capital of France is"
+
+
+def main() -> None:
+    from llama_cpp import Llama
+
+    from layerprune import prune
+    from layerprune.data import load_documents
+    from layerprune.models import gguf_file
+    from layerprune.uncertainty import Documents, compare
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--passages", type=int, default=40)
+    args = parser.parse_args()
+    texts = load_documents("lambada")[: args.passages]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, n in CASES.items():
+            source = gguf_file(name)
+            pruned = prune(name, Path(tmp) / f"{name}-pruned.gguf", n=n, strategy="deepest").path
+            vocab = Llama(str(source), vocab_only=True, verbose=False)
+            passages = [vocab.tokenize(text.encode(), add_bos=True)[:MAX_TOKENS] for text in texts]
+            print(f"{name}: {args.passages} LAMBADA passages, {sum(map(len, passages))} tokens; layers removed: {n}")
+            results = {}
+            for label, path in (("original", source), ("pruned", pruned)):
+                for engine, losses in (("llama.cpp", llama_cpp_losses), ("ours", our_losses)):
+                    done = losses(path, passages)
+                    ids = tuple(map(str, range(len(done))))
+                    results[label, engine] = Documents(ids, tuple(s for s, _ in done), tuple(float(t) for _, t in done))
+            for label in ("original", "pruned"):
+                c = compare(results[label, "ours"], results[label, "llama.cpp"], higher_is_better=False)
+                low, high = c.change_interval
+                print(f"  {label:8} loss: ours {c.reference:.4f}, llama.cpp {c.candidate:.4f}; llama.cpp - ours "
+                      f"{c.change:+.4f} [{low:+.4f}, {high:+.4f}] (paired 95%)")  # fmt: skip
+            for engine in ("ours", "llama.cpp"):
+                c = compare(results["original", engine], results["pruned", engine], higher_is_better=False)
+                print(f"  pruning's change in loss, {engine:9}: {c.change:+.4f} "
+                      f"[{c.change_interval[0]:+.4f}, {c.change_interval[1]:+.4f}]")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
