@@ -150,16 +150,102 @@ def store(path: Path, value: Any) -> Any:
     return value
 
 
+def training_seconds(run: dict) -> float:
+    """Seconds of training per step, from the run's measured tokens/s (validation excluded)."""
+    return STEP["batch_size"] * STEP["seq_len"] / run["tokens_per_second"]
+
+
+def loss_at(run: dict, seconds: float) -> float:
+    """Validation loss after `seconds` of training, interpolated between validations."""
+    import numpy as np
+
+    steps, losses = zip(*[(0, run["validation_before"]), *run["validation"]], strict=True)
+    return float(np.interp(seconds / training_seconds(run), steps, losses))
+
+
+def report(out: Path, figure: Path | None) -> None:
+    """The grid's tables (markdown) and, with `figure`, its validation curves against steps and time."""
+    from layerprune.evaluation import documents_of
+    from layerprune.uncertainty import compare
+
+    rows = json.loads((out / "grid.json").read_text())
+    cases = sorted({(r["model"], r["strategy"], r["n"]) for r in rows}, key=lambda c: (c[0], c[2], c[1]))
+    for model, strategy, n in cases:
+        runs = [r for r in rows if (r["model"], r["strategy"], r["n"]) == (model, strategy, n)]
+        base = next(r for r in runs if (r["objective"], r["target_layers"]) == ("lm", "all"))
+        budget = min(r["steps"] * training_seconds(r) for r in runs)  # the fastest run's training time
+        unhealed, full = runs[0]["unhealed"], runs[0]["full"]
+        print(f"\n**{model}, `{strategy}`, {n} layers ({runs[0]['fraction']:.0%})**: validation loss before "
+              f"healing {base['validation_before']:.2f}; LAMBADA {unhealed['loss']['loss']:.2f}, KL "
+              f"{unhealed['kld']['kld']:.2f} (full model: LAMBADA {full['loss']['loss']:.2f})\n")  # fmt: skip
+        print(f"| objective | LoRA on | trainable | tokens/s | validation at {runs[0]['steps']} steps "
+              f"| at {budget:.0f} s | LAMBADA loss, change against lm/all [95%]"
+              " | KL | SciQ | PIQA | ARC-Easy |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for run in runs:
+            tasks = run["tasks"]
+            paired = compare(documents_of("loss", base["tasks"]["loss"]), documents_of("loss", tasks["loss"]), False)
+            change = (
+                "–"
+                if run is base
+                else f"{paired.change:+.2f} [{paired.change_interval[0]:+.2f}, {paired.change_interval[1]:+.2f}]"
+            )  # noqa: E501
+            accuracy = " | ".join(
+                f"{tasks[t]['acc']:.2f} ± {tasks[t]['acc_stderr']:.2f}" for t in ("sciq", "piqa", "arc_easy")
+            )  # noqa: E501
+            print(f"| {run['objective']} | {run['target_layers']} | {run['trainable_parameters']:,} | "
+                  f"{run['tokens_per_second']:.0f} | {run['validation'][-1][1]:.2f} | {loss_at(run, budget):.2f} | "
+                  f"{tasks['loss']['loss']:.2f} ± {tasks['loss']['loss_stderr']:.2f}, {change} | "
+                  f"{tasks['kld']['kld']:.2f} ± {tasks['kld']['kld_stderr']:.2f} | {accuracy} |")  # fmt: skip
+    if figure is not None:
+        plot(rows, cases, figure)
+
+
+def plot(rows: list[dict], cases: list[tuple[str, str, int]], figure: Path) -> None:
+    """Validation loss against steps (top) and against training seconds (bottom), one column per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(cases), figsize=(4.2 * len(cases), 7), squeeze=False, sharey="col")
+    for column, (model, strategy, n) in enumerate(cases):
+        for run in (r for r in rows if (r["model"], r["strategy"], r["n"]) == (model, strategy, n)):
+            steps, losses = zip(*[(0, run["validation_before"]), *run["validation"]], strict=True)
+            style = {"linestyle": "-" if run["target_layers"] == "all" else "--", "marker": "o", "markersize": 3,
+                     "label": f"{run['objective']}, {run['target_layers']}"}  # fmt: skip
+            axes[0, column].plot(steps, losses, **style)
+            axes[1, column].plot([s * training_seconds(run) for s in steps], losses, **style)
+        axes[0, column].set_title(f"{model}, {strategy}, {n} layers removed", fontsize=9)
+        axes[0, column].set_xlabel("healing steps (4 x 128 tokens)")
+        axes[1, column].set_xlabel("training seconds (2 CPU cores)")
+        for row in axes[:, column]:
+            row.set_ylabel("validation loss (held-out)")
+            row.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Healing by objective: held-out next-token loss (16 sequences of 128 tokens)", fontsize=10)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110)
+    print(f"\nfigure: {figure}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("goal", "grid"))
+    parser.add_argument("what", choices=("goal", "grid", "report"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--limit", type=int, default=100, help="grid: documents per task")
     parser.add_argument("--steps", type=int, default=30, help="grid: healing steps per run")
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"], help="grid: the models")
+    parser.add_argument("--figure", type=Path, help="report: where to draw the curves")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    goal(args.out) if args.what == "goal" else grid(args.out, args.models, args.steps, args.limit)
+    if args.what == "goal":
+        goal(args.out)
+    elif args.what == "grid":
+        grid(args.out, args.models, args.steps, args.limit)
+    else:
+        report(args.out, args.figure)
 
 
 if __name__ == "__main__":

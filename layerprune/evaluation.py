@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
@@ -687,10 +687,12 @@ def evaluate(
     for mmlu, else 0). Returns, and writes to the file `out`, a results dict with per-task
     metrics, chance levels, settings, layers removed and versions.
 
-    `kld` compares with `reference` (a loaded model; by default the one `config.reference` names).
+    `kld` compares with `reference`: a loaded model, or any model argument (as `config.reference`).
     `documents` names, per task, which documents to evaluate.
     """
     config = config or build(EvalConfig, {**settings, **({"tasks": tasks} if tasks is not None else {})})
+    if isinstance(reference, (str, os.PathLike)):  # a model argument, as --reference takes it
+        config, reference = replace(config, reference=str(reference)), None
     check_tasks(list(config.tasks))
     if KLD_TASK in config.tasks and reference is None and config.reference is None:
         raise LayerpruneError("the kld task needs --reference MODEL: the model to compare with")

@@ -41,6 +41,7 @@ KNOWN_ARCHITECTURES = ("llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "
                        "starcoder2", "stablelm", "granite")  # fmt: skip
 # llama.cpp's set_swa_pattern(period): layer i uses sliding-window attention unless i % period == period - 1.
 SLIDING_PERIOD = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
+TRUNCATED = "it is truncated: it ends before the data its header describes"
 
 
 def read_gguf(path: Path) -> Any:
@@ -48,7 +49,7 @@ def read_gguf(path: Path) -> Any:
     damaged file."""
     try:
         return _reader_class()(path)
-    except (ValueError, IndexError, KeyError, OSError, struct.error) as err:
+    except (ValueError, IndexError, KeyError, OSError) as err:
         raise LayerpruneError(f"{path} is not a readable GGUF file: {err}") from err
 
 
@@ -89,7 +90,9 @@ def _reader_class() -> type:
             if "plain" not in self.__dict__:
                 self.plain = self.data.view(np.ndarray)
             dtype, count = np.dtype(dtype), int(count)
-            return self.plain[offset : offset + dtype.itemsize * count].view(dtype)[:count]
+            if offset + dtype.itemsize * count > len(self.plain):
+                raise ValueError(TRUNCATED)
+            return self.plain[offset : offset + dtype.itemsize * count].view(dtype)
 
         def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[Any], list[int], list[Any]]:
             if raw_type != GGUFValueType.ARRAY:
@@ -104,10 +107,13 @@ def _reader_class() -> type:
                 return super()._get_field_parts(orig_offs, raw_type)  # arrays of arrays: element by element
             end, length = start, struct.Struct("<Q")
             buffer = self.data.data  # a memoryview of the map
-            for _ in range(int(count[0])):
-                end += 8 + length.unpack_from(buffer, end)[0]
+            try:
+                for _ in range(int(count[0])):
+                    end += 8 + length.unpack_from(buffer, end)[0]
+            except struct.error:
+                end = len(self.data) + 1
             if end > len(self.data):
-                raise ValueError("a string array runs past the end of the file")
+                raise ValueError(TRUNCATED)
             return end - orig_offs, [item_type, count, self.data[start:end]], [], [GGUFValueType.ARRAY, kind]
 
     return ArrayReader

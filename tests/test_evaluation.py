@@ -205,6 +205,11 @@ def test_kl_divergence_equals_torch_kl_div_computed_directly(tmp_path, tiny):
     assert abs(math.log(result["kld_p99"] / exact)) <= math.log(10) / 20  # within one bin of the histogram
     itself = evaluate(model, ["kld"], loss_data=text, tokenizer=tokenizer, reference=model)["tasks"]["kld"]
     assert itself["kld"] == 0 and itself["top1_agreement"] == 1
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    by_path = evaluate(model, ["kld"], loss_data=text, tokenizer=tokenizer, reference=tmp_path / "other", batch_size=5)
+    assert by_path["tasks"]["kld"]["kld"] == pytest.approx(result["kld"], rel=1e-6)
+    assert by_path["reference"] == str(tmp_path / "other")
 
 
 def test_divergences_taken_in_chunks_equal_those_taken_at_once():

@@ -182,6 +182,11 @@ def test_bad_ggufs_and_outputs_are_one_line_with_nothing_left(tmp_path):
     refused(
         tmp_path, ["prune", str(truncated), "--layers", "1", "--out", out], "is not a readable GGUF file", truncated
     )
+    header = good.read_bytes()
+    for cut in ("héllo".encode(), np.float32(2.25).tobytes()):  # inside the string array, the float array
+        inside = tmp_path / "cut.gguf"
+        inside.write_bytes(header[: header.index(cut) + 2])
+        refused(tmp_path, ["prune", str(inside), "--layers", "1", "--out", out], "it is truncated", inside)
     refused(tmp_path, ["prune", str(miscounted), "--layers", "1", "--out", out],
             "its block count (5) disagrees with its layer tensors (blk.0..blk.2)", miscounted)  # fmt: skip
     refused(tmp_path, ["prune", str(foreign), "--layers", "1", "--out", out],
