@@ -217,7 +217,12 @@ FormatOpt = Annotated[
     str | None, typer.Option("--format", help="folder (Hugging Face) or gguf (default: gguf for a .gguf --out).")
 ]
 OuttypeOpt = Annotated[
-    str, typer.Option("--outtype", help="GGUF weights when llama.cpp's converter writes them: f16, bf16, q8_0, f32.")
+    str,
+    typer.Option(
+        "--outtype",
+        help="GGUF weights when llama.cpp's converter writes them: f16, bf16, q8_0, f32; or, with "
+        "llama-cpp-python installed, quantized from f16 by llama.cpp: q4_k_m, q5_k_m, q6_k, q4_0, ...",
+    ),
 ]
 
 

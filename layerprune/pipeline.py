@@ -23,7 +23,7 @@ from .analysis import AnalysisResult, analyze
 from .checkpoint import Written, check_destination, read_config, read_record, write_record
 from .config import build
 from .data import Calibration
-from .deployment import export_gguf, export_quantized
+from .deployment import export_gguf, export_quantized, gguf_quantizer
 from .devices import Placement, fits_on_device, model_bytes, on_main_process, plan_of, plan_placement
 from .errors import LayerpruneError
 from .gguf_surgery import check_gguf_destination, gguf_layers, prune_gguf, read_gguf
@@ -264,6 +264,7 @@ def then_gguf(
     llama.cpp's converter (`export_gguf`)."""
     out = Path(out)
     check_gguf_destination(out, [], overwrite)
+    gguf_quantizer(outtype)  # refused before the work, not after it
     made = _through_staging(out, "checkpoint", make, lambda staged: export_gguf(staged, out, outtype, overwrite))
     return Written(out, made.record)
 

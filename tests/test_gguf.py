@@ -1,7 +1,9 @@
 """GGUF out: a GGUF pruned into a GGUF with its tensors' bytes unchanged, checked by transformers'
 GGUF loader; any checkpoint exported through llama.cpp's converter; bad input refused in one line."""
 
+import importlib.util
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -233,6 +235,48 @@ def test_the_gguf_export_of_a_pruned_checkpoint_gives_its_logits(tmp_path, outty
         torch.testing.assert_close(ours, theirs, atol=0.1, rtol=0.02)
     record = json.loads(read_gguf(tmp_path / "model.gguf").get_field(RECORD_KEY).contents())
     assert record["gguf_export"]["outtype"] == outtype and record["removed_layers"] == [25, 26, 27, 28]
+
+
+@pytest.mark.real
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_a_k_quant_export_is_quantized_by_llama_cpp_and_stays_close(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+    from transformers import AutoModelForCausalLM
+
+    from layerprune import load_model, prune
+
+    pruned = prune("smollm2-135m", tmp_path / "pruned", n=4, strategy="deepest").path
+    done = runner.invoke(app, ["export", str(pruned), "--format", "gguf", "--outtype", "q4_k_m", "--out",
+                               str(tmp_path / "model.gguf")])  # fmt: skip
+    assert done.exit_code == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "pruned"]
+    reader = read_gguf(tmp_path / "model.gguf")
+    types = {t.tensor_type for t in reader.tensors if t.name.startswith("blk.")}
+    assert Q.Q4_K in types or Q.Q5_0 in types, types  # 576-wide rows fall back from k-quants, as llama.cpp does
+    assert json.loads(reader.get_field(RECORD_KEY).contents())["gguf_export"]["outtype"] == "q4_k_m"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32).eval()
+    model, _ = load_model(pruned)
+    ids = torch.randint(10, 5000, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = loaded(input_ids=ids).logits, model(input_ids=ids).logits
+    kl = torch.nn.functional.kl_div(torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1), log_target=True,
+                                    reduction="none").sum(-1).mean().item()  # fmt: skip
+    print(f"q4_k_m: {sorted(t.name for t in types)}, mean KL {kl:.2e}")
+    assert kl < 0.15  # 4-bit weights: measured 0.08
+
+
+def test_a_k_quant_without_llama_cpp_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
+    source = tiny_gguf(tmp_path / "tiny.gguf")
+    before = file_digest(source)
+    done = runner.invoke(app, ["prune", str(source), "--layers", "1", "--heal", "--format", "gguf", "--outtype",
+                               "q4_k_m", "--out", str(tmp_path / "out.gguf")])  # fmt: skip
+    assert done.exit_code == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "--outtype q4_k_m needs llama.cpp's quantizer: pip install llama-cpp-python" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"] and file_digest(source) == before
+    done = runner.invoke(app, ["export", str(source), "--format", "gguf", "--outtype", "q9_x", "--out",
+                               str(tmp_path / "out.gguf")])  # fmt: skip
+    assert done.exit_code == 1 and "--outtype must be one of f16, bf16, q8_0, f32, q4_0" in done.stderr
 
 
 def test_a_family_the_converter_does_not_know_is_named_in_one_line(tmp_path):
