@@ -1,7 +1,9 @@
 """Healing objectives side by side: `lm`, `distill` and `mixed`, each on every layer or near the cut.
 
-python bench/healing_objectives.py goal --out /tmp/heal-goal          # the issue's goal on SmolLM2
-python bench/healing_objectives.py grid --out /tmp/heal-grid          # both models, two strategies, two fractions
+python bench/healing_objectives.py goal --out /tmp/heal-goal       # the issue's goal on SmolLM2
+python bench/healing_objectives.py grid --out /tmp/heal-grid --models smollm2-135m --steps 20 --limit 50
+python bench/healing_objectives.py report --out /tmp/heal-grid --figure docs/results/healing-curves.png \
+    --goal /tmp/heal-goal                                          # the tables and the figures
 
 `goal`: SmolLM2-135M without its 8 deepest layers (the final one kept), healed with heal's batch
 (4 x 128 tokens, one micro-batch per step) at the default learning rate in plain LoRA (fp32; QLoRA
@@ -10,10 +12,12 @@ text, for 200 steps of `lm` and 67 (a third) of `distill`; then 30 steps of each
 `lm` and `distill` near the cut), each followed by the held-out loss on LAMBADA (200 passages, a
 corpus the healing never saw). A finished run is read back, not redone, when the script reruns.
 
-`grid`: each packaged model pruned by `deepest` and `angular` at about 25% and 40% of its layers,
-healed 30 steps by each objective on every layer and near the cut (k = 1), then evaluated against
-the full model on the same documents: LAMBADA loss, KL divergence, SciQ, PIQA and ARC-Easy.
-Each run's wall time is recorded, for the comparison at equal time.
+`grid`: each model pruned by `deepest` and `angular` at about 25% and 40% of its layers, healed
+`--steps` steps by each objective on every layer and near the cut (k = 1), validated every 5 steps,
+then evaluated against the full model on the same first `--limit` documents: LAMBADA loss, KL
+divergence, SciQ, PIQA and ARC-Easy. Each run's training time is recorded, for the comparison at
+equal time. `report` prints the tables (with paired intervals against `lm` everywhere) and draws
+the curves against steps and against training seconds.
 """
 
 from __future__ import annotations
@@ -230,6 +234,35 @@ def plot(rows: list[dict], cases: list[tuple[str, str, int]], figure: Path) -> N
     print(f"\nfigure: {figure}")
 
 
+def goal_figure(goal_dir: Path, figure: Path) -> None:
+    """The goal case's long runs (each with its own schedule): validation loss against steps and seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for record in sorted(goal_dir.glob("healed-*/layerprune.json")):
+        run = json.loads(record.read_text())["healing"]
+        if len(run["curve"]["validation"]) < 3:
+            continue  # a single end point is no curve
+        steps, losses = zip(*[(0, run["validation_loss_before"]), *run["curve"]["validation"]], strict=True)
+        label = f"{run['objective']}, {run['config']['steps']}-step schedule"
+        by_step.plot(steps, losses, marker="o", markersize=3, label=label)
+        per_step = STEP["batch_size"] * STEP["seq_len"] / run["tokens_per_second"]
+        by_time.plot([s * per_step for s in steps], losses, marker="o", markersize=3, label=label)
+    by_step.set_xlabel("healing steps (4 x 128 tokens)")
+    by_time.set_xlabel("training seconds (2 CPU cores)")
+    by_step.set_ylabel("validation loss (held-out)")
+    for axis in (by_step, by_time):
+        axis.grid(alpha=0.3)
+    by_step.legend(fontsize=8)
+    fig.suptitle("SmolLM2 without its 8 deepest layers: lm and distill, each on its own schedule", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(figure, dpi=110)
+    print(f"figure: {figure}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("goal", "grid", "report"))
@@ -238,6 +271,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="grid: healing steps per run")
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"], help="grid: the models")
     parser.add_argument("--figure", type=Path, help="report: where to draw the curves")
+    parser.add_argument("--goal", type=Path, help="report: the goal's folder, whose long runs are drawn too")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "goal":
@@ -246,6 +280,8 @@ def main() -> None:
         grid(args.out, args.models, args.steps, args.limit)
     else:
         report(args.out, args.figure)
+        if args.goal and args.figure:
+            goal_figure(args.goal, args.figure.with_name(f"{args.figure.stem}-goal{args.figure.suffix}"))
 
 
 if __name__ == "__main__":

@@ -259,11 +259,17 @@ def check_gguf_destination(out: Path, inputs: list[Path], overwrite: bool) -> No
 
 
 def _written_by_layerprune(path: Path) -> bool:
-    """Whether a file is a GGUF holding our record key, from its first bytes (the metadata comes
-    before the tensors; 64 MiB holds the largest vocabulary), without parsing it all."""
+    """Whether a file is a GGUF holding our record key in its metadata, without parsing it all: the
+    key comes second (before the vocabulary), so the first MiB holds it; older files hold it last,
+    within the first 64 MiB."""
+    key = RECORD_KEY.encode()
     with open(path, "rb") as handle:
-        head = handle.read(64 * 2**20)
-    return head[:4] == b"GGUF" and RECORD_KEY.encode() in head
+        head = bytearray(handle.read(2**20))
+        if head[:4] != b"GGUF":
+            return False
+        while key not in head and len(head) < 64 * 2**20 and (more := handle.read(2**20)):
+            head += more
+    return key in head
 
 
 def prune_gguf(
@@ -313,9 +319,9 @@ def rewrite_gguf(reader: Any, src: Path, out: Path, keep: list[int], record: dic
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         writer = _writer(tmp, arch, reader.alignment)
+        writer.add_string(RECORD_KEY, json.dumps(record))  # early: an --overwrite check reads only the start
         for key, value, kind, sub in _metadata(reader, arch, num_layers, keep):
             writer.add_key_value(key, value, kind, sub_type=sub)
-        writer.add_string(RECORD_KEY, json.dumps(record))
         for name, tensor in tensors:  # numpy order (outermost first) and the stored type, as they were
             shape = tuple(reversed(tensor.shape.tolist()))
             writer.add_tensor_info(name, shape, np.dtype(np.float32), tensor.n_bytes, raw_dtype=tensor.tensor_type)
