@@ -30,6 +30,7 @@ from typing import Any
 
 STEP = dict(batch_size=4, grad_accum=1, seq_len=128, quant=False, save_every=1000, validation_sequences=16)
 OBJECTIVES = ("lm", "distill", "mixed")
+COLORS = {"lm": "C0", "distill": "C1", "mixed": "C2"}
 
 
 def heal_run(pruned: Path, out: Path, steps: int, objective: str, target: str = "all", every: int = 10) -> dict:
@@ -109,21 +110,18 @@ def grid(out: Path, models: list[str], steps: int, limit: int) -> None:
     from layerprune import prune
     from layerprune.models import resolve_model
 
-    rows = []
     for name in models:
         full = resolve_model(name)
         num_layers = json.loads((full / "config.json").read_text())["num_hidden_layers"]
-        baseline = stored(out / f"{name}-full.json") or store(
-            out / f"{name}-full.json", held_out(full, full, TASKS[:1] + TASKS[2:], limit)
-        )
+        if not (out / f"{name}-full.json").is_file():
+            store(out / f"{name}-full.json", held_out(full, full, TASKS[:1] + TASKS[2:], limit))
         for strategy, fraction in CASES:
             n = round(fraction * num_layers)
             case = out / f"{name}-{strategy}-{n}"
             if not (case / "pruned" / "layerprune.json").is_file():
                 prune(full, case / "pruned", n=n, strategy=strategy, overwrite=True)
-            unhealed = stored(case / "unhealed.json") or store(
-                case / "unhealed.json", held_out(case / "pruned", full, TASKS, limit)
-            )
+            if not (case / "unhealed.json").is_file():
+                store(case / "unhealed.json", held_out(case / "pruned", full, TASKS, limit))
             for objective, target in [(o, t) for t in ("all", "near-cut") for o in OBJECTIVES]:
                 healed = case / f"{objective}-{target}"
                 row = stored(healed / "run.json")
@@ -133,10 +131,6 @@ def grid(out: Path, models: list[str], steps: int, limit: int) -> None:
                     for weights in healed.glob("*.safetensors"):  # the figures are kept, not the weights
                         weights.unlink()
                     store(healed / "run.json", row)
-                row |= {"model": name, "strategy": strategy, "n": n, "fraction": n / num_layers,
-                        "unhealed": unhealed, "full": baseline}  # fmt: skip
-                rows.append(row)
-                (out / "grid.json").write_text(json.dumps(rows, indent=1))
                 tasks = row["tasks"]
                 print(f"{name} {strategy} n={n} {objective}/{target}: loss {tasks['loss']['loss']:.3f} kld "
                       f"{tasks['kld']['kld']:.3f} sciq {tasks['sciq']['acc']:.2f} piqa {tasks['piqa']['acc']:.2f} "
@@ -148,10 +142,9 @@ def stored(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def store(path: Path, value: Any) -> Any:
+def store(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value))
-    return value
 
 
 def training_seconds(run: dict) -> float:
@@ -167,12 +160,29 @@ def loss_at(run: dict, seconds: float) -> float:
     return float(np.interp(seconds / training_seconds(run), steps, losses))
 
 
+def finished_runs(out: Path) -> list[dict]:
+    """Every finished run under `out`, with its case, whichever `grid` call made it."""
+    rows = []
+    for case in sorted(out.glob("*/pruned/layerprune.json")):
+        pruned = json.loads(case.read_text())
+        folder = case.parent.parent
+        model, strategy, n = folder.name.rsplit("-", 2)
+        for objective, target in [(o, t) for t in ("all", "near-cut") for o in OBJECTIVES]:
+            run = stored(folder / f"{objective}-{target}" / "run.json")
+            if run is not None:
+                rows.append(run | {"model": model, "strategy": strategy, "n": int(n),
+                                   "fraction": int(n) / pruned["num_layers_before"],
+                                   "unhealed": stored(folder / "unhealed.json"),
+                                   "full": stored(out / f"{model}-full.json")})  # fmt: skip
+    return rows
+
+
 def report(out: Path, figure: Path | None) -> None:
     """The grid's tables (markdown) and, with `figure`, its validation curves against steps and time."""
     from layerprune.evaluation import documents_of
     from layerprune.uncertainty import compare
 
-    rows = json.loads((out / "grid.json").read_text())
+    rows = finished_runs(out)
     cases = sorted({(r["model"], r["strategy"], r["n"]) for r in rows}, key=lambda c: (c[0], c[2], c[1]))
     for model, strategy, n in cases:
         runs = [r for r in rows if (r["model"], r["strategy"], r["n"]) == (model, strategy, n)]
@@ -192,7 +202,7 @@ def report(out: Path, figure: Path | None) -> None:
             change = (
                 "–"
                 if run is base
-                else f"{paired.change:+.2f} [{paired.change_interval[0]:+.2f}, {paired.change_interval[1]:+.2f}]"
+                else f"{paired.change:+.3f} [{paired.change_interval[0]:+.3f}, {paired.change_interval[1]:+.3f}]"
             )  # noqa: E501
             accuracy = " | ".join(
                 f"{tasks[t]['acc']:.2f} ± {tasks[t]['acc_stderr']:.2f}" for t in ("sciq", "piqa", "arc_easy")
@@ -216,17 +226,18 @@ def plot(rows: list[dict], cases: list[tuple[str, str, int]], figure: Path) -> N
     for column, (model, strategy, n) in enumerate(cases):
         for run in (r for r in rows if (r["model"], r["strategy"], r["n"]) == (model, strategy, n)):
             steps, losses = zip(*[(0, run["validation_before"]), *run["validation"]], strict=True)
+            label = f"{run['objective']}, {run['target_layers']}"
             style = {"linestyle": "-" if run["target_layers"] == "all" else "--", "marker": "o", "markersize": 3,
-                     "label": f"{run['objective']}, {run['target_layers']}"}  # fmt: skip
+                     "color": COLORS[run["objective"]], "label": label}  # fmt: skip
             axes[0, column].plot(steps, losses, **style)
             axes[1, column].plot([s * training_seconds(run) for s in steps], losses, **style)
         axes[0, column].set_title(f"{model}, {strategy}, {n} layers removed", fontsize=9)
+        axes[0, column].legend(fontsize=7)
         axes[0, column].set_xlabel("healing steps (4 x 128 tokens)")
         axes[1, column].set_xlabel("training seconds (2 CPU cores)")
         for row in axes[:, column]:
             row.set_ylabel("validation loss (held-out)")
             row.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
     fig.suptitle("Healing by objective: held-out next-token loss (16 sequences of 128 tokens)", fontsize=10)
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
@@ -235,29 +246,26 @@ def plot(rows: list[dict], cases: list[tuple[str, str, int]], figure: Path) -> N
 
 
 def goal_figure(goal_dir: Path, figure: Path) -> None:
-    """The goal case's long runs (each with its own schedule): validation loss against steps and seconds."""
+    """The goal case's long runs, each on its own schedule: validation loss against steps (not time:
+    these runs shared the cores with different jobs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axis = plt.subplots(figsize=(6, 4))
     for record in sorted(goal_dir.glob("healed-*/layerprune.json")):
         run = json.loads(record.read_text())["healing"]
         if len(run["curve"]["validation"]) < 3:
             continue  # a single end point is no curve
         steps, losses = zip(*[(0, run["validation_loss_before"]), *run["curve"]["validation"]], strict=True)
-        label = f"{run['objective']}, {run['config']['steps']}-step schedule"
-        by_step.plot(steps, losses, marker="o", markersize=3, label=label)
-        per_step = STEP["batch_size"] * STEP["seq_len"] / run["tokens_per_second"]
-        by_time.plot([s * per_step for s in steps], losses, marker="o", markersize=3, label=label)
-    by_step.set_xlabel("healing steps (4 x 128 tokens)")
-    by_time.set_xlabel("training seconds (2 CPU cores)")
-    by_step.set_ylabel("validation loss (held-out)")
-    for axis in (by_step, by_time):
-        axis.grid(alpha=0.3)
-    by_step.legend(fontsize=8)
-    fig.suptitle("SmolLM2 without its 8 deepest layers: lm and distill, each on its own schedule", fontsize=10)
+        axis.plot(steps, losses, label=f"{run['objective']}, {run['config']['steps']}-step schedule", marker="o",
+                  markersize=3, color=COLORS[run["objective"]], linestyle="-" if run["config"]["steps"] >= 100 else "--")  # fmt: skip  # noqa: E501
+    axis.set_xlabel("healing steps (4 x 128 tokens)")
+    axis.set_ylabel("validation loss (held-out)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title("SmolLM2 without its 8 deepest layers: each run on its own schedule", fontsize=10)
     fig.tight_layout()
     fig.savefig(figure, dpi=110)
     print(f"figure: {figure}")
