@@ -210,8 +210,8 @@ def gguf_quantizer(outtype: str) -> Any:
         import llama_cpp
     except ImportError as err:
         raise LayerpruneError(
-            f"--outtype {outtype} needs llama.cpp's quantizer: pip install llama-cpp-python (a source build), "
-            f"or take one of {', '.join(GGUF_CONVERTED)}"
+            f"--outtype {outtype} needs llama.cpp's quantizer: pip install llama-cpp-python (a source build; "
+            f"the extra layerprune[llama-cpp]), or take one of {', '.join(GGUF_CONVERTED)}"
         ) from err
 
     def quantize(source: Path, target: Path) -> None:
