@@ -245,24 +245,25 @@ def peak_growth(function: str, *args: Path) -> int:
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
-def test_the_streamed_merge_holds_about_one_shard_at_a_time(tmp_path):
-    """Peak memory grows with the largest shard, not with the model (measured: 41 MB against
-    133 MB for peft's in-memory merge, on 100 MB in shards of 11 MB)."""
+def test_the_streamed_merge_grows_with_its_shards_not_with_the_model(tmp_path):
+    """Peak memory grows with the largest shard, not with the model. Measured in shards of 11 MB,
+    from run to run: 42-59 MB on 8 layers (100 MB; peft's in-memory merge: 133 MB) and 43-66 MB on
+    these 16 layers (200 MB), so the bound is set at 7 shards, far below the model."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+    config = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
                                   num_attention_heads=8, num_key_value_heads=4, vocab_size=1024)  # fmt: skip
     model = AutoModelForCausalLM.from_config(config)
     base = save_tiny(model, tmp_path / "base", shard_size="12MB")
     adapter = lora_adapter(model, tmp_path / "adapter", ["up_proj", "down_proj"])
     shards = [p.stat().st_size for p in base.glob("*.safetensors")]
-    assert sum(shards) > 8 * max(shards), "a model of many shards"
+    assert sum(shards) > 16 * max(shards), "a model of many shards"
     for name in ("streamed", "in-memory"):
         (tmp_path / name).mkdir()
     streamed = peak_growth("merge_adapter", base, adapter, tmp_path / "streamed")
     in_memory = peak_growth("_merge_in_memory", base, adapter, tmp_path / "in-memory")
     adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
-    assert streamed < 5 * max(shards) + adapter_bytes < 0.6 * sum(shards) < in_memory, (streamed, in_memory, shards)
+    assert streamed < 7 * max(shards) + adapter_bytes < 0.5 * sum(shards) < in_memory, (streamed, in_memory, shards)
 
 
 def test_gradient_checkpointing_trades_time_for_memory_not_results(base, text, tmp_path):
