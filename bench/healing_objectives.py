@@ -30,6 +30,7 @@ from typing import Any
 
 STEP = dict(batch_size=4, grad_accum=1, seq_len=128, quant=False, save_every=1000, validation_sequences=16)
 OBJECTIVES = ("lm", "distill", "mixed")
+VARIANTS = [(objective, target) for target in ("all", "near-cut") for objective in OBJECTIVES]
 COLORS = {"lm": "C0", "distill": "C1", "mixed": "C2"}
 
 
@@ -122,7 +123,7 @@ def grid(out: Path, models: list[str], steps: int, limit: int) -> None:
                 prune(full, case / "pruned", n=n, strategy=strategy, overwrite=True)
             if not (case / "unhealed.json").is_file():
                 store(case / "unhealed.json", held_out(case / "pruned", full, TASKS, limit))
-            for objective, target in [(o, t) for t in ("all", "near-cut") for o in OBJECTIVES]:
+            for objective, target in VARIANTS:
                 healed = case / f"{objective}-{target}"
                 row = stored(healed / "run.json")
                 if row is None:
@@ -167,7 +168,7 @@ def finished_runs(out: Path) -> list[dict]:
         pruned = json.loads(case.read_text())
         folder = case.parent.parent
         model, strategy, n = folder.name.rsplit("-", 2)
-        for objective, target in [(o, t) for t in ("all", "near-cut") for o in OBJECTIVES]:
+        for objective, target in VARIANTS:
             run = stored(folder / f"{objective}-{target}" / "run.json")
             if run is not None:
                 rows.append(run | {"model": model, "strategy": strategy, "n": int(n),
@@ -182,10 +183,11 @@ def report(out: Path, figure: Path | None) -> None:
     from layerprune.evaluation import documents_of
     from layerprune.uncertainty import compare
 
-    rows = finished_runs(out)
-    cases = sorted({(r["model"], r["strategy"], r["n"]) for r in rows}, key=lambda c: (c[0], c[2], c[1]))
-    for model, strategy, n in cases:
-        runs = [r for r in rows if (r["model"], r["strategy"], r["n"]) == (model, strategy, n)]
+    cases: dict[tuple[str, str, int], list[dict]] = {}
+    for row in finished_runs(out):
+        cases.setdefault((row["model"], row["strategy"], row["n"]), []).append(row)
+    cases = dict(sorted(cases.items(), key=lambda case: (case[0][0], case[0][2], case[0][1])))
+    for (model, strategy, n), runs in cases.items():
         base = next(r for r in runs if (r["objective"], r["target_layers"]) == ("lm", "all"))
         budget = min(r["steps"] * training_seconds(r) for r in runs)  # the fastest run's training time
         unhealed, full = runs[0]["unhealed"], runs[0]["full"]
@@ -203,19 +205,19 @@ def report(out: Path, figure: Path | None) -> None:
                 "–"
                 if run is base
                 else f"{paired.change:+.3f} [{paired.change_interval[0]:+.3f}, {paired.change_interval[1]:+.3f}]"
-            )  # noqa: E501
+            )
             accuracy = " | ".join(
                 f"{tasks[t]['acc']:.2f} ± {tasks[t]['acc_stderr']:.2f}" for t in ("sciq", "piqa", "arc_easy")
-            )  # noqa: E501
+            )
             print(f"| {run['objective']} | {run['target_layers']} | {run['trainable_parameters']:,} | "
                   f"{run['tokens_per_second']:.0f} | {run['validation'][-1][1]:.2f} | {loss_at(run, budget):.2f} | "
                   f"{tasks['loss']['loss']:.2f} ± {tasks['loss']['loss_stderr']:.2f}, {change} | "
                   f"{tasks['kld']['kld']:.2f} ± {tasks['kld']['kld_stderr']:.2f} | {accuracy} |")  # fmt: skip
     if figure is not None:
-        plot(rows, cases, figure)
+        plot(cases, figure)
 
 
-def plot(rows: list[dict], cases: list[tuple[str, str, int]], figure: Path) -> None:
+def plot(cases: dict[tuple[str, str, int], list[dict]], figure: Path) -> None:
     """Validation loss against steps (top) and against training seconds (bottom), one column per case."""
     import matplotlib
 
@@ -223,8 +225,8 @@ def plot(rows: list[dict], cases: list[tuple[str, str, int]], figure: Path) -> N
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(cases), figsize=(4.2 * len(cases), 7), squeeze=False, sharey="col")
-    for column, (model, strategy, n) in enumerate(cases):
-        for run in (r for r in rows if (r["model"], r["strategy"], r["n"]) == (model, strategy, n)):
+    for column, ((model, strategy, n), runs) in enumerate(cases.items()):
+        for run in runs:
             steps, losses = zip(*[(0, run["validation_before"]), *run["validation"]], strict=True)
             label = f"{run['objective']}, {run['target_layers']}"
             style = {"linestyle": "-" if run["target_layers"] == "all" else "--", "marker": "o", "markersize": 3,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 CASES = {"smollm2-135m": 4, "gemma3-270m": 6}
 MAX_TOKENS = 256
+PROMPT = "The capital of France is"
 
 
 def llama_cpp_losses(path: Path, passages: list[list[int]]) -> list[tuple[float, int]]:
@@ -55,9 +56,6 @@ def our_losses(path: Path, passages: list[list[int]]) -> list[tuple[float, int]]
             loss = torch.nn.functional.cross_entropy(logits, tokens[0, 1:], reduction="sum")
             losses.append((float(loss), len(ids) - 1))
     return losses
-
-
-PROMPT = "The capital of France is"
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import re
 import shutil
 import struct
 import sys
+from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,6 +54,7 @@ def read_gguf(path: Path) -> Any:
         raise LayerpruneError(f"{path} is not a readable GGUF file: {err}") from err
 
 
+@cache
 def _reader_class() -> type:
     """`gguf.GGUFReader` with each metadata array read as one part: its values as one numpy view, or,
     for strings, the encoded strings as one byte span (decoded only on `contents()`). The package's
@@ -225,24 +227,21 @@ def _copy(source: int, target: int, offset: int, at: int, size: int) -> None:
         offset, at, size = offset + done, at + done, size - done
 
 
-def _padded(size: int, alignment: int) -> int:
-    return -(-size // alignment) * alignment
-
-
 def _runs(tensors: list[tuple[str, Any]], data_start: int, alignment: int) -> list[list[int]]:
     """[source offset, target offset, size] of each run of tensors adjacent in both files, the tensors
     laid out in their order from `data_start`, each padded to `alignment` (as the writer lays them)."""
+    from gguf import GGUFWriter
+
     runs: list[list[int]] = []
     at = data_start
     for _, tensor in tensors:
-        if runs:
-            source, target, size = runs[-1]
-            if source + _padded(size, alignment) == tensor.data_offset and target + _padded(size, alignment) == at:
-                runs[-1][2] = tensor.data_offset + tensor.n_bytes - source
-                at += _padded(tensor.n_bytes, alignment)
-                continue
-        runs.append([tensor.data_offset, at, tensor.n_bytes])
-        at += _padded(tensor.n_bytes, alignment)
+        source, target, size = runs[-1] if runs else (-1, -1, 0)
+        end = GGUFWriter.ggml_pad(size, alignment)
+        if runs and source + end == tensor.data_offset and target + end == at:
+            runs[-1][2] = tensor.data_offset + tensor.n_bytes - source
+        else:
+            runs.append([tensor.data_offset, at, tensor.n_bytes])
+        at += GGUFWriter.ggml_pad(tensor.n_bytes, alignment)
     return runs
 
 
@@ -330,13 +329,13 @@ def rewrite_gguf(reader: Any, src: Path, out: Path, keep: list[int], record: dic
         writer.write_ti_data_to_file()
         assert writer.fout is not None
         target = writer.fout[0].fileno()
-        data_start = _padded(writer.fout[0].tell(), reader.alignment)
+        data_start = writer.ggml_pad(writer.fout[0].tell(), reader.alignment)
         runs = _runs(tensors, data_start, reader.alignment)
         with open(src, "rb") as source:
             for offset, at, size in runs:
                 _copy(source.fileno(), target, offset, at, size)
         end = runs[-1][1] + runs[-1][2] if runs else data_start
-        os.ftruncate(target, _padded(end, reader.alignment))  # with the last tensor's padding
+        os.ftruncate(target, writer.ggml_pad(end, reader.alignment))  # with the last tensor's padding
         writer.close()
         os.replace(tmp, out)
     except BaseException:
