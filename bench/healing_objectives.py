@@ -100,7 +100,8 @@ def goal(out: Path) -> None:
               f"{lm_200:.3f} at step {reached}; {run['seconds']:.0f} s")  # fmt: skip
 
 
-TASKS = ["loss", "kld", "sciq", "piqa", "arc_easy"]
+QA_TASKS = ("sciq", "piqa", "arc_easy")
+TASKS = ["loss", "kld", *QA_TASKS]
 # (strategy, fraction of the layers), in the order they run: the goal's case first
 CASES = (("deepest", 0.25), ("angular", 0.4), ("angular", 0.25), ("deepest", 0.4))
 
@@ -196,25 +197,39 @@ def report(out: Path, figure: Path | None) -> None:
               f"{unhealed['kld']['kld']:.2f} (full model: LAMBADA {full['loss']['loss']:.2f})\n")  # fmt: skip
         print(f"| objective | LoRA on | trainable | tokens/s | validation at {runs[0]['steps']} steps "
               f"| at {budget:.0f} s | LAMBADA loss, change against lm/all [95%]"
-              " | KL | SciQ | PIQA | ARC-Easy |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              " | KL | SciQ | PIQA | ARC-Easy | QA accuracy, change against lm/all [95%] |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for run in runs:
             tasks = run["tasks"]
-            paired = compare(documents_of("loss", base["tasks"]["loss"]), documents_of("loss", tasks["loss"]), False)
-            change = (
-                "–"
-                if run is base
-                else f"{paired.change:+.3f} [{paired.change_interval[0]:+.3f}, {paired.change_interval[1]:+.3f}]"
-            )
-            accuracy = " | ".join(
-                f"{tasks[t]['acc']:.2f} ± {tasks[t]['acc_stderr']:.2f}" for t in ("sciq", "piqa", "arc_easy")
-            )
+            loss = compare(documents_of("loss", base["tasks"]["loss"]), documents_of("loss", tasks["loss"]), False)
+            qa = compare(qa_documents(base["tasks"]), qa_documents(tasks), True)
+            accuracy = " | ".join(f"{tasks[t]['acc']:.2f} ± {tasks[t]['acc_stderr']:.2f}" for t in QA_TASKS)
             print(f"| {run['objective']} | {run['target_layers']} | {run['trainable_parameters']:,} | "
                   f"{run['tokens_per_second']:.0f} | {run['validation'][-1][1]:.2f} | {loss_at(run, budget):.2f} | "
-                  f"{tasks['loss']['loss']:.2f} ± {tasks['loss']['loss_stderr']:.2f}, {change} | "
-                  f"{tasks['kld']['kld']:.2f} ± {tasks['kld']['kld_stderr']:.2f} | {accuracy} |")  # fmt: skip
+                  f"{tasks['loss']['loss']:.2f} ± {tasks['loss']['loss_stderr']:.2f}, {change(loss, run is base, 3)} | "
+                  f"{tasks['kld']['kld']:.2f} ± {tasks['kld']['kld_stderr']:.2f} | {accuracy} | "
+                  f"{change(qa, run is base, 2)} |")  # fmt: skip
     if figure is not None:
         plot(cases, figure)
+
+
+def qa_documents(tasks: dict) -> Any:
+    """The QA tasks' documents pooled into one paired sample (ids prefixed by their task)."""
+    from layerprune.evaluation import documents_of
+    from layerprune.uncertainty import Documents
+
+    parts = [documents_of(task, tasks[task]) for task in QA_TASKS]
+    return Documents(
+        tuple(f"{task}/{doc}" for task, part in zip(QA_TASKS, parts, strict=True) for doc in part.ids),
+        tuple(value for part in parts for value in part.num),
+        tuple(value for part in parts for value in part.den),
+    )
+
+
+def change(paired: Any, is_base: bool, digits: int) -> str:
+    """A paired change and its 95% interval, or a dash for the reference run itself."""
+    low, high = paired.change_interval
+    return "–" if is_base else f"{paired.change:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
 def plot(cases: dict[tuple[str, str, int], list[dict]], figure: Path) -> None:
