@@ -106,9 +106,17 @@ TASKS = ["loss", "kld", *QA_TASKS]
 CASES = (("deepest", 0.25), ("angular", 0.4), ("angular", 0.25), ("deepest", 0.4))
 
 
-def grid(out: Path, models: list[str], steps: int, limit: int) -> None:
+def grid(
+    out: Path,
+    models: list[str],
+    steps: int,
+    limit: int,
+    cases: list[tuple[str, float]],
+    variants: list[tuple[str, str]],
+) -> None:
     """Every case of every model, healed by each objective everywhere and near the cut, then evaluated;
-    each finished run is stored in its own `run.json` and read back when the script reruns."""
+    each finished run is stored in its own `run.json` and read back when the script reruns. A case
+    that removes the same layers as an earlier one is not run again: its models would be the same."""
     from layerprune import prune
     from layerprune.models import resolve_model
 
@@ -117,14 +125,20 @@ def grid(out: Path, models: list[str], steps: int, limit: int) -> None:
         num_layers = json.loads((full / "config.json").read_text())["num_hidden_layers"]
         if not (out / f"{name}-full.json").is_file():
             store(out / f"{name}-full.json", held_out(full, full, TASKS[:1] + TASKS[2:], limit))
-        for strategy, fraction in CASES:
+        seen: dict[tuple[int, ...], str] = {}
+        for strategy, fraction in cases:
             n = round(fraction * num_layers)
             case = out / f"{name}-{strategy}-{n}"
             if not (case / "pruned" / "layerprune.json").is_file():
                 prune(full, case / "pruned", n=n, strategy=strategy, overwrite=True)
+            removed = removed_layers(case)
+            if removed in seen:
+                print(f"{name} {strategy} n={n} removes layers {list(removed)}, as {seen[removed]} does: not rerun")
+                continue
+            seen[removed] = f"{strategy} n={n}"
             if not (case / "unhealed.json").is_file():
                 store(case / "unhealed.json", held_out(case / "pruned", full, TASKS, limit))
-            for objective, target in VARIANTS:
+            for objective, target in variants:
                 healed = case / f"{objective}-{target}"
                 row = stored(healed / "run.json")
                 if row is None:
@@ -137,6 +151,11 @@ def grid(out: Path, models: list[str], steps: int, limit: int) -> None:
                 print(f"{name} {strategy} n={n} {objective}/{target}: loss {tasks['loss']['loss']:.3f} kld "
                       f"{tasks['kld']['kld']:.3f} sciq {tasks['sciq']['acc']:.2f} piqa {tasks['piqa']['acc']:.2f} "
                       f"arc_easy {tasks['arc_easy']['acc']:.2f} in {row['seconds']:.0f} s", flush=True)  # fmt: skip
+
+
+def removed_layers(case: Path) -> tuple[int, ...]:
+    """The layers a case's pruned model lacks, from its record."""
+    return tuple(json.loads((case / "pruned" / "layerprune.json").read_text())["removed_layers"])
 
 
 def stored(path: Path) -> Any:
@@ -174,6 +193,7 @@ def finished_runs(out: Path) -> list[dict]:
             if run is not None:
                 rows.append(run | {"model": model, "strategy": strategy, "n": int(n),
                                    "fraction": int(n) / pruned["num_layers_before"],
+                                   "removed": pruned["removed_layers"],
                                    "unhealed": stored(folder / "unhealed.json"),
                                    "full": stored(out / f"{model}-full.json")})  # fmt: skip
     return rows
@@ -188,6 +208,14 @@ def report(out: Path, figure: Path | None) -> None:
     for row in finished_runs(out):
         cases.setdefault((row["model"], row["strategy"], row["n"]), []).append(row)
     cases = dict(sorted(cases.items(), key=lambda case: (case[0][0], case[0][2], case[0][1])))
+    by_cut: dict[tuple, tuple[str, str, int]] = {}  # one case per cut: the one with the most runs
+    for case, runs in sorted(cases.items(), key=lambda item: -len(item[1])):
+        cut = (case[0], tuple(runs[0]["removed"]))
+        if cut in by_cut:
+            print(f"\n**{case[0]}, `{case[1]}`, {case[2]} layers**: the same layers as `{by_cut[cut][1]}` "
+                  f"({list(cut[1])}), so the same models; its runs are reported there.")  # fmt: skip
+            del cases[case]
+        by_cut.setdefault(cut, case)
     for (model, strategy, n), runs in cases.items():
         base = next(r for r in runs if (r["objective"], r["target_layers"]) == ("lm", "all"))
         budget = min(r["steps"] * training_seconds(r) for r in runs)  # the fastest run's training time
@@ -288,6 +316,16 @@ def goal_figure(goal_dir: Path, figure: Path) -> None:
     print(f"figure: {figure}")
 
 
+def case_of(text: str) -> tuple[str, float]:
+    strategy, fraction = text.split(":")
+    return strategy, float(fraction)
+
+
+def variant_of(text: str) -> tuple[str, str]:
+    objective, target = text.split("/")
+    return objective, target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("goal", "grid", "report"))
@@ -295,6 +333,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="grid: documents per task")
     parser.add_argument("--steps", type=int, default=30, help="grid: healing steps per run")
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"], help="grid: the models")
+    parser.add_argument("--cases", nargs="+", type=case_of, default=list(CASES), help="grid: STRATEGY:FRACTION")
+    parser.add_argument("--variants", nargs="+", type=variant_of, default=VARIANTS, help="grid: OBJECTIVE/TARGET")
     parser.add_argument("--figure", type=Path, help="report: where to draw the curves")
     parser.add_argument("--goal", type=Path, help="report: the goal's folder, whose long runs are drawn too")
     args = parser.parse_args()
@@ -302,7 +342,7 @@ def main() -> None:
     if args.what == "goal":
         goal(args.out)
     elif args.what == "grid":
-        grid(args.out, args.models, args.steps, args.limit)
+        grid(args.out, args.models, args.steps, args.limit, args.cases, args.variants)
     else:
         report(args.out, args.figure)
         if args.goal and args.figure:
