@@ -386,6 +386,26 @@ def test_distillation_heals_toward_the_teacher_and_records_it(base, text, tmp_pa
     assert healed.healing["config"]["alpha"] == 0.7
 
 
+def test_the_teacher_of_a_qlora_student_is_four_bit_unless_told_otherwise(base, text):
+    """A 4-bit student gets a 4-bit teacher (the issue's memory rule), frozen in inference mode;
+    --teacher-dtype overrides it. The 4-bit teacher is still that model: its next-token
+    distributions sit far nearer the full-precision teacher's than another model's do (NF4 errs by
+    about 9% per weight, which compounds through a random tiny model)."""
+    from bitsandbytes.nn import Linear4bit
+
+    from layerprune.healing import load_teacher
+
+    four_bit = load_teacher(base, config(text, quant=True, objective="distill"))
+    plain = load_teacher(base, config(text, quant=True, objective="distill", teacher_dtype="float32"))
+    assert any(isinstance(module, Linear4bit) for module in four_bit.modules())
+    assert not any(isinstance(module, Linear4bit) for module in plain.modules())
+    for teacher in (four_bit, plain):
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    reference = torch.log_softmax(logits(plain), -1)
+    kl = lambda model: (reference.exp() * (reference - torch.log_softmax(logits(model), -1))).sum(-1).mean()  # noqa: E731
+    assert 0 < kl(four_bit) < kl(tiny_model("llama", seed=3).eval()) / 3
+
+
 def test_a_teacher_with_another_tokenizer_is_one_line_and_leaves_nothing(base, text, tmp_path):
     from conftest import tiny_tokenizer
     from typer.testing import CliRunner
