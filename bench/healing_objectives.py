@@ -16,8 +16,10 @@ corpus the healing never saw). A finished run is read back, not redone, when the
 `--steps` steps by each objective on every layer and near the cut (k = 1), validated every 5 steps,
 then evaluated against the full model on the same first `--limit` documents: LAMBADA loss, KL
 divergence, SciQ, PIQA and ARC-Easy. Each run's training time is recorded, for the comparison at
-equal time. `report` prints the tables (with paired intervals against `lm` everywhere) and draws
-the curves against steps and against training seconds.
+equal time. `--cases` and `--variants` choose a part of the grid; a case whose cut repeats an
+earlier case's layers is not run again. `report` prints the tables (LAMBADA loss and the three QA
+tasks' pooled accuracy, each with a paired interval against `lm` everywhere) and draws the curves
+against steps and against training seconds.
 """
 
 from __future__ import annotations
