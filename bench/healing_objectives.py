@@ -16,8 +16,9 @@ corpus the healing never saw). A finished run is read back, not redone, when the
 `--steps` steps by each objective on every layer and near the cut (k = 1), validated every 5 steps,
 then evaluated against the full model on the same first `--limit` documents: LAMBADA loss, KL
 divergence, SciQ, PIQA and ARC-Easy. Each run's training time is recorded, for the comparison at
-equal time. `--cases` and `--variants` choose a part of the grid; a case whose cut repeats an
-earlier case's layers is not run again. `report` prints the tables (LAMBADA loss and the three QA
+equal time. `--cases` and `--variants` choose a part of the grid; a case whose cut repeats the
+layers of a case earlier in the same call is not run again (`report` shows a repeated cut once,
+whichever calls made it). `report` prints the tables (LAMBADA loss and the three QA
 tasks' pooled accuracy, each with a paired interval against `lm` everywhere) and draws the curves
 against steps and against training seconds.
 """
@@ -118,7 +119,8 @@ def grid(
 ) -> None:
     """Every case of every model, healed by each objective everywhere and near the cut, then evaluated;
     each finished run is stored in its own `run.json` and read back when the script reruns. A case
-    that removes the same layers as an earlier one is not run again: its models would be the same."""
+    that removes the same layers as one earlier in this call is not run again: its models would be
+    the same."""
     from layerprune import prune
     from layerprune.models import resolve_model
 
