@@ -22,12 +22,13 @@ import csv
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from .architectures import find_architecture
-from .checkpoint import check_destination, staged_output
 from .data import Calibration
+from .destinations import check_destination, claimed, staged
 from .devices import Placement, fits_on_device, plan_of, plan_placement
 from .errors import LayerpruneError
 from .models import load_model, load_tokenizer, model_inputs, resolve_model
@@ -102,7 +103,7 @@ class AnalysisResult:
     def save(self, out: str | os.PathLike[str], overwrite: bool = False, inputs: list[Path] | None = None) -> Path:
         """Write distances.json, distances.csv and heatmap.png into a new folder `out`."""
         out = Path(out)
-        with staged_output(out, overwrite=overwrite, inputs=inputs or []) as tmp:
+        with staged(out, overwrite=overwrite, inputs=inputs or []) as tmp:
             (tmp / "distances.json").write_text(json.dumps(self.to_json(), indent=1))
             with open(tmp / "distances.csv", "w", newline="") as handle:
                 writer = csv.writer(handle)
@@ -169,14 +170,30 @@ def analyze(
     """
     calibration = calibration or Calibration(**calibration_settings)
     documents = calibration.documents()  # fail on bad data before loading a model
-    inputs: list[Path] = []
+    if out is None:
+        return _analyze(model, calibration, documents, tokenizer, progress, offload, memory_budget_mb, placement)
+    out = Path(out)
+    inputs = [*(model_inputs(model) if isinstance(model, (str, os.PathLike)) else []), *calibration.inputs()]
+    with claimed(out, partial(check_destination, out, inputs, overwrite)):  # refused before any work; held
+        result = _analyze(model, calibration, documents, tokenizer, progress, offload, memory_budget_mb, placement)
+        result.save(out, overwrite=overwrite, inputs=inputs)
+    return result
+
+
+def _analyze(
+    model: Any,
+    calibration: Calibration,
+    documents: list[str],
+    tokenizer: Any,
+    progress: bool,
+    offload: bool | None,
+    memory_budget_mb: float | None,
+    placement: Placement | None,
+) -> AnalysisResult:
+    """`analyze` without its output folder."""
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
-        inputs = model_inputs(model)
-        if out is not None:  # refuse a bad destination before any long work
-            check_destination(Path(out), inputs, overwrite)
         path = resolve_model(model)
-        inputs.append(path)
         plan = plan_placement(placement, path)
         if offload is None and not fits_on_device(plan, path):
             print(f"{name} would not fit in the memory of {plan.device}: analyzing one layer at a time (--offload)")
@@ -206,6 +223,4 @@ def analyze(
         seq_len=calibration.seq_len,
         extra={"offload": bool(offload), **plan.record()},
     )
-    if out is not None:
-        result.save(out, overwrite=overwrite, inputs=inputs)
     return result

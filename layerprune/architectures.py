@@ -44,8 +44,12 @@ class Architecture:
     def num_layers(self, config: Any) -> int:
         """The layer count from a config object or a config dict."""
         value = config.get(self.num_layers_key) if isinstance(config, dict) else getattr(config, self.num_layers_key)
-        if not isinstance(value, int):
-            raise LayerpruneError(f"config has no integer '{self.num_layers_key}' for family {self.name}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise LayerpruneError(
+                f"config's '{self.num_layers_key}' must be a whole number of layers (family {self.name}), got {value!r}"
+            )
+        if value < 1:
+            raise LayerpruneError(f"config's '{self.num_layers_key}' must be at least 1, got {value}")
         return value
 
     def layer_list(self, model: Any) -> Any:

@@ -11,9 +11,7 @@ copies each tensor's bytes from the source file in bounded chunks, so peak memor
 copy buffer whatever the size of the model. The format is an 8-byte little-endian header length,
 a JSON header of dtype, shape and data_offsets per tensor, then the raw bytes.
 
-Output folders. `staged_output` writes into a temporary folder beside the destination and renames
-it into place only when the block succeeds, under a lock on the destination; the temporary folder
-records its writer, so one left by a killed run is reclaimed by the next run in that folder.
+Where outputs go, and how they are published without loss, is `destinations`' job.
 """
 
 from __future__ import annotations
@@ -22,18 +20,15 @@ import errno
 import json
 import math
 import os
-import shutil
-import socket
 import struct
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from .architectures import Architecture, find_architecture
-from .errors import LayerpruneError, describe_os_error
+from .destinations import write_atomically
+from .errors import LayerpruneError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -46,9 +41,6 @@ DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }  # fmt: skip
-# a folder holding one of these was written by layerprune, so --overwrite may replace it
-OUTPUT_MARKERS = (RECORD_NAME, "distances.json", "sweep.json", "sensitivity.json")
-WRITER_NAME = ".layerprune-writer"
 
 
 def read_json(path: Path, what: str = "JSON file") -> Any:
@@ -267,17 +259,6 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     return read_json(path, RECORD_NAME) if path.is_file() else None
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write a file so that a killed run or a full disk leaves the old file or none, never half of
-    one; processes writing the same file at once each write their own temporary file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_record(folder: Path, record: dict[str, Any]) -> None:
     write_atomically(folder / RECORD_NAME, json.dumps(record, indent=1) + "\n")
 
@@ -286,234 +267,3 @@ def extend_record(source: Path, section: str, value: dict[str, Any], source_name
     """The source's record (or a new one naming it) with one more section: what was done to it."""
     record = read_record(source) or {"source": source_name}
     return {**record, section: value}
-
-
-# --- output folders -------------------------------------------------------------------------
-
-
-def check_overlap(out: Path, inputs: Iterable[Path]) -> None:
-    """Refuse a destination that is, holds or lies inside any input (as given and as resolved:
-    symlinks and relative paths included), or that is the current folder or holds it."""
-    target = out.resolve()
-    for given in inputs:
-        for source in {given.absolute(), given.resolve()}:
-            if target == source:
-                raise LayerpruneError(f"output {out} is the input model {given}; choose another --out")
-            if target in source.parents:
-                raise LayerpruneError(f"output {out} holds the input model {given}; choose another --out")
-            if source in target.parents:
-                raise LayerpruneError(f"output {out} must not be inside the input model {given}")
-    here = Path.cwd().resolve()
-    if target == here or target in here.parents:
-        raise LayerpruneError(f"output {out} is the current folder or holds it; choose another --out")
-
-
-def check_destination(out: Path, inputs: Iterable[Path], overwrite: bool, resume: str | None = None) -> None:
-    """Refuse an output folder that overlaps an input (`check_overlap`), is a file, or (without
-    `overwrite`) exists; `overwrite` replaces only a folder layerprune wrote. A folder holding the
-    file `resume` (a resumable job's record) may exist, to be continued."""
-    check_overlap(out, inputs)
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not out.is_dir():
-        raise LayerpruneError(f"output {out} exists and is not a folder; choose another --out")
-    if resume is not None and ((out / resume).is_file() or not any(out.iterdir())):
-        return
-    if resume is not None:
-        raise LayerpruneError(f"{out} holds files that are not layerprune's; choose another --out")
-    if not overwrite:
-        raise LayerpruneError(f"output folder {out} already exists; pass --overwrite to replace it")
-    if any(out.iterdir()) and not any((out / marker).is_file() for marker in OUTPUT_MARKERS):
-        raise LayerpruneError(
-            f"{out} holds files that layerprune did not write; --overwrite replaces only layerprune's outputs"
-        )
-
-
-def _writer() -> dict[str, Any]:
-    """Who is writing: enough to tell later whether that process is still alive."""
-    return {"pid": os.getpid(), "started": _start_time(os.getpid()), "host": socket.gethostname()}
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time since boot (/proc), which tells a reused pid apart; None if unknown."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def writer_alive(record: dict[str, Any]) -> bool:
-    """Whether the process that wrote `record` may still be running (another host: assume so)."""
-    if record.get("host") != socket.gethostname():
-        return True
-    pid = record.get("pid")
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    started = record.get("started")
-    return started is None or _start_time(pid) in (None, started)
-
-
-def scratch_folder(parent: Path, prefix: str) -> Path:
-    """A new hidden working folder that records its writer, so a later run can reclaim it."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    (folder / WRITER_NAME).write_text(json.dumps(_writer()))
-    return folder
-
-
-def reclaim_stale(parent: Path, pattern: str = ".*.tmp.*") -> list[Path]:
-    """Remove working folders matching `pattern` in `parent` whose writer is dead (a run killed
-    outright); those of live runs, and folders that record no writer, are left alone."""
-    removed = []
-    for folder in parent.glob(pattern):
-        record = folder / WRITER_NAME
-        try:
-            writer = json.loads(record.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(writer, dict) and not writer_alive(writer):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """An exclusive lock on the destination (a lock file beside it). The kernel releases it when
-    its holder dies, however it dies, so a killed run never blocks the next one."""
-    import fcntl
-
-    lock = out.parent / f".{out.name}.lock"
-    while True:
-        handle = open(lock, "a+")  # noqa: SIM115 (held open for the whole block)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            handle.close()
-            with suppress(ValueError, AttributeError):
-                holder = str(json.loads(holder)["pid"])
-            raise LayerpruneError(
-                f"another layerprune (pid {holder}) is writing {out}; wait for it to finish"
-            ) from None
-        with suppress(FileNotFoundError):
-            if os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino:
-                break  # the file we locked is still the lock file (not one its last holder just removed)
-        handle.close()
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps(_writer()))
-        handle.flush()
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        handle.close()
-
-
-def _make_parents(folder: Path, out: Path) -> list[Path]:
-    """Create `folder` and its missing parents; returns those created, deepest first."""
-    created = []
-    current = folder.absolute()
-    while not current.exists() and current != current.parent:
-        created.append(current)
-        current = current.parent
-    if not current.is_dir():
-        raise LayerpruneError(f"cannot create {out}: {current} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        _remove_empty(created)
-        raise LayerpruneError(f"cannot create {out}: {describe_os_error(err)}") from err
-    return created
-
-
-def _remove_empty(folders: Sequence[Path]) -> None:
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
-def _free_bytes(folder: Path) -> int:
-    return shutil.disk_usage(folder).free
-
-
-def _mb(size: float) -> str:
-    return f"{size / 2**20:,.1f} MB"
-
-
-@contextmanager
-def staged_output(
-    out: Path, *, overwrite: bool = False, inputs: Iterable[Path] = (), needed_bytes: int | None = None
-) -> Iterator[Path]:
-    """A temporary folder beside `out` that becomes `out` only if the block succeeds.
-
-    The destination is checked (see `check_destination`), locked against other writers, and
-    checked again under the lock at the moment it is replaced. On any failure the temporary
-    folder, and any parent folder made for it, are removed; a full disk says how much space was
-    needed (`needed_bytes`, when known) and how much was free.
-    """
-    inputs = list(inputs)
-    check_destination(out, inputs, overwrite)
-    created = _make_parents(out.parent, out)
-    try:
-        for pattern in (".*.tmp.*", ".*.old.*"):
-            reclaim_stale(out.parent, pattern)
-        with _locked(out):
-            check_destination(out, inputs, overwrite)
-            if needed_bytes is not None and needed_bytes > _free_bytes(out.parent):
-                raise LayerpruneError(
-                    f"not enough space for {out}: it needs about {_mb(needed_bytes)}, "
-                    f"{_mb(_free_bytes(out.parent))} is free there"
-                )
-            tmp = scratch_folder(out.parent, f".{out.name}.tmp.")
-            try:
-                yield tmp
-                _publish(tmp, out, overwrite)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; removed after a failure
-    except OSError as err:
-        _remove_empty(created)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise _explained(err, out, needed_bytes) from err
-        raise
-    except BaseException:
-        _remove_empty(created)
-        raise
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished temporary folder to `out`, replacing an existing `out` only if allowed."""
-    umask = os.umask(0)
-    os.umask(umask)
-    (tmp / WRITER_NAME).unlink()
-    for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers (save_pretrained) leave them private
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    if not overwrite:  # another run finished first
-        raise LayerpruneError(f"output folder {out} already exists; pass --overwrite to replace it")
-    trash = scratch_folder(out.parent, f".{out.name}.old.")
-    os.replace(out, trash / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _explained(err: OSError, out: Path, needed_bytes: int | None) -> LayerpruneError:
-    """A full or read-only file system while writing `out`, in one line that says what to do."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        folder = next(p for p in [out.parent, *out.parent.parents] if p.exists())
-        needed = f"it needs about {_mb(needed_bytes)}, " if needed_bytes is not None else ""
-        return LayerpruneError(
-            f"disk full writing {out}: {needed}{_mb(_free_bytes(folder))} is free there; nothing was left behind"
-        )
-    return LayerpruneError(f"cannot write {out}: {describe_os_error(err)}")

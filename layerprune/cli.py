@@ -23,7 +23,7 @@ import typer
 from .analysis import analyze as run_analysis
 from .config import build, flat_fields
 from .data import Calibration
-from .deployment import InferenceSettings, benchmark, export_gguf, export_quantized, write_benchmark
+from .deployment import InferenceSettings, benchmark, export_gguf, export_quantized
 from .devices import Placement, end_processes, is_main_process
 from .errors import LayerpruneError, LayerpruneWarning, describe
 from .evaluation import EvalConfig, Tolerance
@@ -66,10 +66,13 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         def show(message: Any, category: type[Warning], *rest: Any, **options: Any) -> None:
             if issubclass(category, LayerpruneWarning):
                 notes.append(str(message))
-            else:
+            elif verbose:
                 default_show(message, category, *rest, **options)
 
         default_show = warnings.showwarning
+        verbose = bool(os.environ.get("LAYERPRUNE_VERBOSE") or os.environ.get("LAYERPRUNE_DEBUG"))
+        if not verbose:
+            quiet_libraries()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", LayerpruneWarning)
@@ -91,6 +94,31 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(code) from None
 
     return run
+
+
+LIBRARY_LOGGERS = ("transformers", "bitsandbytes", "peft", "lm_eval", "lm-eval", "accelerate", "datasets", "torch")
+
+
+def quiet_libraries() -> None:
+    """Success is quiet: the libraries' warnings and log lines are shown only with --verbose or
+    LAYERPRUNE_DEBUG=1 (their errors still reach the user, as our one-line errors)."""
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers configures its logger
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+
+
+@app.callback()
+def options(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show the libraries' warnings and logs.")] = False,
+) -> None:
+    """Measure which transformer layers are redundant, remove them, heal and evaluate."""
+    if verbose:
+        os.environ["LAYERPRUNE_VERBOSE"] = "1"
 
 
 def _split(text: str, kind: type, name: str) -> tuple:
@@ -323,10 +351,11 @@ def heal(
 def evaluate(
     model: ModelArg,
     out: Annotated[Path | None, typer.Option("--out", help="Write results.json here.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a results file layerprune wrote.")] = False,
     config: EvalConfig | None = None,
 ) -> None:
     """QA accuracy through lm-eval-harness (offline data), held-out loss, and KL divergence (kld)."""
-    record = run_evaluation(model, config=config, out=out)
+    record = run_evaluation(model, config=config, out=out, overwrite=overwrite)
     if not is_main_process():  # lm-eval gathers the results on the main process, which reports
         return
     typer.echo(f"{'task':14} {'n':>6} {'acc':>14} {'acc_norm':>14} {'chance':>7}")
@@ -412,12 +441,13 @@ def sensitivity(
 def bench(
     models: Annotated[list[str], typer.Argument(help="Models to compare (folders, .gguf, built-in names).")],
     out: Annotated[Path | None, typer.Option("--out", help="Folder for bench.json and bench.png.")] = None,
+    overwrite: OverwriteOpt = False,
     settings: InferenceSettings | None = None,
     placement: Placement | None = None,
 ) -> None:
     """Inference cost side by side: parameters, size, peak memory, prefill, decode, time to first token."""
     assert settings is not None
-    results = benchmark(models, settings, placement)
+    results = benchmark(models, settings, placement, out=out, overwrite=overwrite)
     typer.echo(
         f"{'model':28} {'params M':>9} {'disk MB':>8} {'peak MB':>8} {'prefill tok/s':>14} "
         f"{'decode tok/s':>13} {'TTFT s':>7}"
@@ -434,7 +464,6 @@ def bench(
         f"{settings.new_tokens} new, batch {settings.batch_size}; on {results[0]['device']}, {results[0]['dtype']}"
     )
     if out:
-        write_benchmark(results, settings, out)
         typer.echo(f"wrote {out}/bench.json and bench.png")
 
 

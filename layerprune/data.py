@@ -159,6 +159,11 @@ class Calibration:
     def documents(self) -> list[str]:
         return load_documents(self.data)
 
+    def inputs(self) -> list[Path]:
+        """The local file this calibration reads, if it names one (an output must not touch it)."""
+        path = Path(self.data).expanduser()
+        return [path] if path.exists() or path.is_symlink() else []
+
     def batches(self, tokenizer: Any, documents: list[str] | None = None) -> list[dict]:
         """The calibration documents as right-padded token batches."""
         docs = self.documents() if documents is None else documents

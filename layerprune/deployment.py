@@ -24,10 +24,12 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Written, extend_record, staged_output, write_record
+from .checkpoint import Written, extend_record, write_record
+from .destinations import check_destination, claimed, die_with_parent, remove_scratch, scratch_folder, staged
 from .devices import Placement, plan_placement, quantized_plan
 from .errors import LayerpruneError
 from .gguf_surgery import check_gguf_destination, gguf_layers, read_gguf, rewrite_gguf
@@ -127,35 +129,45 @@ def benchmark_one(model: str | Path, settings: InferenceSettings, placement: Pla
 
 
 def benchmark(
-    models: Sequence[str | Path], settings: InferenceSettings | None = None, placement: Placement | None = None
+    models: Sequence[str | Path],
+    settings: InferenceSettings | None = None,
+    placement: Placement | None = None,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Benchmark several models side by side, each in a fresh subprocess so peak memory is its own."""
-
+    """Benchmark several models side by side, each in a fresh subprocess so peak memory is its own;
+    with `out`, write bench.json (settings and every figure) and bench.png (bars) into that folder,
+    checked and held before the first model runs."""
     settings = settings or InferenceSettings()
     placement = placement or Placement()
     for model in models:
         resolve_model(model)  # refuse a missing model before spending time on the others
-    results = []
-    for model in models:
-        code = (
-            "import json; from layerprune.deployment import InferenceSettings, Placement, benchmark_one; "
-            f"settings, placement = InferenceSettings(**{asdict(settings)!r}), Placement(**{asdict(placement)!r}); "
-            f"print(json.dumps(benchmark_one({str(model)!r}, settings, placement)))"
-        )
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
-        if done.returncode:
-            raise LayerpruneError(f"benchmark of {model} failed: {done.stderr.strip().splitlines()[-1]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    if out is None:
+        return [_benchmark_in_child(model, settings, placement) for model in models]
+    out = Path(out)
+    inputs = [path for model in models for path in model_inputs(model)]
+    with claimed(out, partial(check_destination, out, inputs, overwrite)):
+        results = [_benchmark_in_child(model, settings, placement) for model in models]
+        with staged(out, overwrite=overwrite, inputs=inputs) as tmp:
+            (tmp / "bench.json").write_text(json.dumps({"settings": asdict(settings), "models": results}, indent=1))
+            inference_bars(results, tmp / "bench.png")
     return results
 
 
-def write_benchmark(results: list[dict[str, Any]], settings: InferenceSettings, out: str | Path) -> Path:
-    """bench.json (settings and every figure) and bench.png (bars side by side) in the folder `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"settings": asdict(settings), "models": results}, indent=1))
-    inference_bars(results, out / "bench.png")
-    return out
+def _benchmark_in_child(model: str | Path, settings: InferenceSettings, placement: Placement) -> dict[str, Any]:
+    code = (
+        "import json; from layerprune.deployment import InferenceSettings, Placement, benchmark_one; "
+        f"settings, placement = InferenceSettings(**{asdict(settings)!r}), Placement(**{asdict(placement)!r}); "
+        f"print(json.dumps(benchmark_one({str(model)!r}, settings, placement)))"
+    )
+    env = os.environ.copy()
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, preexec_fn=die_with_parent
+    )
+    if done.returncode:
+        raise LayerpruneError(f"benchmark of {model} failed: {done.stderr.strip().splitlines()[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def export_quantized(model: str | Path, out: str | Path, scheme: str, overwrite: bool = False) -> Written:
@@ -168,7 +180,7 @@ def export_quantized(model: str | Path, out: str | Path, scheme: str, overwrite:
     inputs = model_inputs(model)
     src = resolve_model(model)
     plan = quantized_plan()
-    with staged_output(out, overwrite=overwrite, inputs=[*inputs, src]) as tmp:
+    with staged(out, overwrite=overwrite, inputs=[*inputs, src]) as tmp:
         device_map: Any = plan.device_map or {"": plan.device}
         quantization = quantization_config(scheme, plan.torch_dtype)
         loaded = AutoModelForCausalLM.from_pretrained(str(src), quantization_config=quantization, device_map=device_map)
@@ -234,26 +246,36 @@ def export_gguf(model: str | Path, out: str | Path, outtype: str = "f16", overwr
     check_gguf_destination(out, inputs, overwrite)
     src = resolve_model(model)
     converter = converter_dir()
-    converted = out.with_name(f".{out.name}.{os.getpid()}.converted")
-    quantized = out.with_name(f".{out.name}.{os.getpid()}.quantized")
+    with claimed(out, lambda: check_gguf_destination(out, [*inputs, src], overwrite)):
+        work = scratch_folder(out.parent, f".{out.name}.convert.")
+        try:
+            converted = _convert(converter, src, work, outtype, quantize)
+            reader = read_gguf(converted)
+            _, num_layers = gguf_layers(reader, converted)
+            tools = {"converter": CONVERTER_PACKAGES.split()[0]} | (
+                {"quantizer": "llama-cpp-python"} if quantize else {}
+            )
+            record = extend_record(src, "gguf_export", {"outtype": outtype, **tools}, str(model))
+            record = rewrite_gguf(reader, converted, out, list(range(num_layers)), record, overwrite, [*inputs, src])
+        finally:
+            remove_scratch(work)
+    return Written(out, record)
+
+
+def _convert(converter: Path, src: Path, work: Path, outtype: str, quantize: Any) -> Path:
+    """llama.cpp's converter (a child process that dies with this one) from `src` into `work`, then
+    its quantizer if asked; returns the GGUF written."""
+    converted, quantized = work / "converted.gguf", work / "quantized.gguf"
     command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(src), "--outfile", str(converted),
                "--outtype", "f16" if quantize else outtype]  # fmt: skip
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(converter)})
-        if done.returncode:
-            raise LayerpruneError(_converter_error(done.stdout + done.stderr, src))
-        if quantize:
-            quantize(converted, quantized)
-            os.replace(quantized, converted)
-        reader = read_gguf(converted)
-        _, num_layers = gguf_layers(reader, converted)
-        tools = {"converter": CONVERTER_PACKAGES.split()[0]} | ({"quantizer": "llama-cpp-python"} if quantize else {})
-        record = extend_record(src, "gguf_export", {"outtype": outtype, **tools}, str(model))
-        record = rewrite_gguf(reader, converted, out, list(range(num_layers)), record)
-    finally:
-        converted.unlink(missing_ok=True)
-        quantized.unlink(missing_ok=True)
-    return Written(out, record)
+    env = {**os.environ, "PYTHONPATH": str(converter)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=die_with_parent)
+    if done.returncode:
+        raise LayerpruneError(_converter_error(done.stdout + done.stderr, src))
+    if not quantize:
+        return converted
+    quantize(converted, quantized)
+    return quantized
 
 
 def _converter_error(output: str, src: Path) -> str:

@@ -24,19 +24,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from functools import cache
+from functools import cache, partial
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import check_overlap, read_record, validate_checkpoint, write_atomically
+from ._version import __version__
+from .checkpoint import read_record, validate_checkpoint
 from .config import build
 from .data import load_documents, token_batches
+from .destinations import check_destination, claimed, staged
 from .devices import (
     Placement,
     gather_objects,
+    is_main_process,
     on_main_process,
     plan_of,
     plan_placement,
@@ -676,6 +680,7 @@ def evaluate(
     *,
     tokenizer: Any = None,
     out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
     reference: Any = None,
     documents: dict[str, list[str]] | None = None,
     **settings: Any,
@@ -685,12 +690,33 @@ def evaluate(
     The settings are `config`, or `EvalConfig`'s fields as keywords: `limit` takes the first N
     documents of each task (lm-eval's --limit); `num_fewshot` overrides each task's default (5
     for mmlu, else 0). Returns, and writes to the file `out`, a results dict with per-task
-    metrics, chance levels, settings, layers removed and versions.
+    metrics, chance levels, settings, layers removed and versions. `out` is checked and locked
+    before any work, and replaces only a results file layerprune wrote, with `overwrite`.
 
     `kld` compares with `reference`: a loaded model, or any model argument (as `config.reference`).
     `documents` names, per task, which documents to evaluate.
     """
     config = config or build(EvalConfig, {**settings, **({"tasks": tasks} if tasks is not None else {})})
+    if out is None:
+        return _evaluate(model, config, tokenizer, reference, documents)
+    out = Path(out)
+    inputs = [*_model_paths(model), *_model_paths(reference), *_model_paths(config.reference)]
+    check = partial(check_destination, out, inputs, overwrite, kind="file")
+    with claimed(out, check) if is_main_process() else nullcontext():
+        record = {"layerprune_version": __version__, **_evaluate(model, config, tokenizer, reference, documents)}
+        on_main_process(lambda: _write_results(out, record, overwrite, inputs))
+    return record
+
+
+def _model_paths(model: Any) -> list[Path]:
+    """The paths a model argument stands for; none for a loaded model or no model."""
+    return model_inputs(model) if isinstance(model, (str, os.PathLike)) else []
+
+
+def _evaluate(
+    model: Any, config: EvalConfig, tokenizer: Any, reference: Any, documents: dict[str, list[str]] | None
+) -> dict[str, Any]:
+    """`evaluate` without its results file."""
     if isinstance(reference, (str, os.PathLike)):  # a model argument, as --reference takes it
         config, reference = replace(config, reference=str(reference)), None
     check_tasks(list(config.tasks))
@@ -703,8 +729,6 @@ def evaluate(
             check_same_tokenizer(load_tokenizer(resolve_model(model)), load_tokenizer(reference_path), config.reference)
     record: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
-        if out is not None:
-            _check_results_file(Path(out), model_inputs(model))
         path = resolve_model(model)
         record = {"model": str(model), "model_path": str(path)}
         history = read_record(path)
@@ -759,22 +783,13 @@ def evaluate(
         versions=_versions(),
         seconds=round(time.perf_counter() - start, 2),
     )
-    if out is not None:
-        on_main_process(lambda: _write_results(Path(out), record))
     return record
 
 
-def _check_results_file(out: Path, inputs: list[Path]) -> None:
-    """A results file must not be written into the input model, nor over a folder."""
-    check_overlap(out, inputs)
-    if out.is_dir():
-        raise LayerpruneError(f"--out {out} is a folder; give a file name such as results.json")
-
-
-def _write_results(out: Path, record: dict[str, Any]) -> None:
-    """Write the results file atomically: a failure leaves the old file or none, never half a file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, json.dumps(record, indent=1) + "\n")
+def _write_results(out: Path, record: dict[str, Any], overwrite: bool, inputs: list[Path]) -> None:
+    """The results file, staged and published: a kill leaves the old file or the new one."""
+    with staged(out, kind="file", overwrite=overwrite, inputs=inputs) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def export_task_yaml(task: str, folder: str | Path) -> Path:

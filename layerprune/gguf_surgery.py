@@ -1,15 +1,14 @@
 """Prune a GGUF file into a GGUF file, still quantized: the kept tensors' bytes copied verbatim.
 
-llama.cpp's own reader and writer (the `gguf` package) read the header and write the new one.
-Two fast paths keep the cost near that of copying the file: the reader takes each metadata array
-as one view instead of one per element (a 262k-token vocabulary parses in milliseconds, not
-seconds), and every metadata entry that does not change is copied as its encoded bytes. The tensor
+llama.cpp's own reader and writer (the `gguf` package) read the header (strictly validated, see
+`gguf_reading`) and write the new one. Every metadata entry that does not change is copied as its
+encoded bytes. The tensor
 data is copied in the kernel (`copy_file_range`), in runs of adjacent kept tensors, or through a
 16 MiB buffer where the file system cannot, so memory stays bounded whatever the file's size and
 every kept tensor keeps its quantization bit for bit. `blk.N.*` tensors are renumbered,
 `{arch}.block_count` is set, and every per-layer metadata array (of length block_count) is sliced
 to the kept layers. The prune is recorded in the metadata (`layerprune.record`, JSON). The output
-is written to a temporary file beside it and renamed.
+is staged and published by `destinations.staged`.
 
 Some architectures keep per-layer properties only implicitly: llama.cpp derives Gemma 2/3's and
 Command-R 2's sliding and global attention layers from a period. A removal that would change
@@ -21,125 +20,17 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
-import shutil
-import struct
-import sys
-from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .checkpoint import check_overlap
+from .destinations import check_destination, staged
 from .errors import LayerpruneError
+from .gguf_reading import BLOCK, RECORD_KEY, field_value, gguf_layers, read_gguf
 from .surgery import check_removal
 
-RECORD_KEY = "layerprune.record"
 BUFFER_BYTES = 16 * 2**20  # bytes copied at a time
-BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
-# GGUF architectures whose decoder layers are all `blk.N.*` tensors counted by `{arch}.block_count`
-# (llama.cpp's names; Mistral GGUFs say llama).
-KNOWN_ARCHITECTURES = ("llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "phi3", "olmo2", "gpt2", "gptneox",
-                       "starcoder2", "stablelm", "granite")  # fmt: skip
 # llama.cpp's set_swa_pattern(period): layer i uses sliding-window attention unless i % period == period - 1.
 SLIDING_PERIOD = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
-TRUNCATED = "it is truncated: it ends before the data its header describes"
-
-
-def read_gguf(path: Path) -> Any:
-    """llama.cpp's reader over the file (memory-mapped, arrays read whole), or a one-line error for a
-    damaged file."""
-    try:
-        return _reader_class()(path)
-    except (ValueError, IndexError, KeyError, OSError) as err:
-        raise LayerpruneError(f"{path} is not a readable GGUF file: {err}") from err
-
-
-@cache
-def _reader_class() -> type:
-    """`gguf.GGUFReader` with each metadata array read as one part: its values as one numpy view, or,
-    for strings, the encoded strings as one byte span (decoded only on `contents()`). The package's
-    reader makes a view per element: seconds for a 262k-token vocabulary, and memory to match."""
-    import numpy as np
-    from gguf import GGUFReader, GGUFValueType, ReaderField
-
-    class StringArrayField(ReaderField):
-        """A string array held as its encoded bytes (u64 length, then UTF-8, per string)."""
-
-        __slots__ = ()
-
-        def contents(self, index_or_slice: int | slice = slice(None)) -> Any:
-            blob, strings, at = self.parts[-1].tobytes(), [], 0
-            while at < len(blob):
-                (size,) = struct.unpack_from("<Q", blob, at)
-                strings.append(blob[at + 8 : at + 8 + size].decode("utf-8"))
-                at += 8 + size
-            return strings[index_or_slice]
-
-    class ArrayReader(GGUFReader):
-        def __init__(self, path: Path) -> None:
-            super().__init__(path)
-            if self.byte_order != "I" or sys.byteorder != "little":
-                raise ValueError("only little-endian GGUF files are supported")
-            for key, field in self.fields.items():
-                if field.types == [GGUFValueType.ARRAY, GGUFValueType.STRING]:
-                    self.fields[key] = StringArrayField(*field)
-
-        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
-            """The package's `_get` through a plain view of the map (numpy's memmap slicing costs
-            ten times more), for a file in the host's byte order."""
-            if self.byte_order != "I":
-                return super()._get(offset, dtype, count, override_order)
-            if "plain" not in self.__dict__:
-                self.plain = self.data.view(np.ndarray)
-            dtype, count = np.dtype(dtype), int(count)
-            if offset + dtype.itemsize * count > len(self.plain):
-                raise ValueError(TRUNCATED)
-            return self.plain[offset : offset + dtype.itemsize * count].view(dtype)
-
-        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[Any], list[int], list[Any]]:
-            if raw_type != GGUFValueType.ARRAY:
-                return super()._get_field_parts(orig_offs, raw_type)
-            item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
-            kind, start = GGUFValueType(int(item_type[0])), orig_offs + 12
-            scalar = self.gguf_scalar_to_np.get(kind)
-            if scalar is not None:
-                values = self._get(start, scalar, int(count[0]))
-                return 12 + int(values.nbytes), [item_type, count, values], [2], [GGUFValueType.ARRAY, kind]
-            if kind != GGUFValueType.STRING:
-                return super()._get_field_parts(orig_offs, raw_type)  # arrays of arrays: element by element
-            end, length = start, struct.Struct("<Q")
-            buffer = self.data.data  # a memoryview of the map
-            try:
-                for _ in range(int(count[0])):
-                    end += 8 + length.unpack_from(buffer, end)[0]
-            except struct.error:
-                end = len(self.data) + 1
-            if end > len(self.data):
-                raise ValueError(TRUNCATED)
-            return end - orig_offs, [item_type, count, self.data[start:end]], [], [GGUFValueType.ARRAY, kind]
-
-    return ArrayReader
-
-
-def _field(reader: Any, key: str) -> Any:
-    field = reader.get_field(key)
-    return field.contents() if field is not None else None
-
-
-def gguf_layers(reader: Any, path: Path) -> tuple[str, int]:
-    """(architecture, block count) of a GGUF, checked against its `blk.N` tensors."""
-    arch = _field(reader, "general.architecture")
-    if arch not in KNOWN_ARCHITECTURES:
-        raise LayerpruneError(
-            f"{path}: GGUF architecture {arch!r} is not one layerprune maps to a decoder family "
-            f"(known: {', '.join(KNOWN_ARCHITECTURES)})"
-        )
-    count = _field(reader, f"{arch}.block_count")
-    blocks = {int(m.group(1)) for t in reader.tensors if (m := BLOCK.match(t.name))}
-    if not isinstance(count, int) or blocks != set(range(count)):
-        found = f"blk.0..blk.{max(blocks)}" if blocks else "none"
-        raise LayerpruneError(f"{path}: its block count ({count}) disagrees with its layer tensors ({found})")
-    return arch, count
 
 
 def check_sliding_pattern(arch: str, num_layers: int, keep: list[int]) -> None:
@@ -246,29 +137,9 @@ def _runs(tensors: list[tuple[str, Any]], data_start: int, alignment: int) -> li
 
 
 def check_gguf_destination(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """A .gguf output must not be an input, nor replace a file layerprune did not write."""
-    check_overlap(out, inputs)
-    if out.is_dir():
-        raise LayerpruneError(f"output {out} is a folder; a .gguf output is a file")
-    if out.exists():
-        if not overwrite:
-            raise LayerpruneError(f"output {out} already exists; pass --overwrite to replace it")
-        if not _written_by_layerprune(out):
-            raise LayerpruneError(f"output {out} is a GGUF layerprune did not write; --overwrite replaces only its own")
-
-
-def _written_by_layerprune(path: Path) -> bool:
-    """Whether a file is a GGUF holding our record key in its metadata, without parsing it all: the
-    key comes second (before the vocabulary), so the first MiB holds it; older files hold it last,
-    within the first 64 MiB."""
-    key = RECORD_KEY.encode()
-    with open(path, "rb") as handle:
-        head = bytearray(handle.read(2**20))
-        if head[:4] != b"GGUF":
-            return False
-        while key not in head and len(head) < 64 * 2**20 and (more := handle.read(2**20)):
-            head += more
-    return key in head
+    """A .gguf output is a file (`destinations.check_destination`): not an input, and never a file
+    layerprune did not write."""
+    check_destination(out, inputs, overwrite, kind="file")
 
 
 def prune_gguf(
@@ -282,7 +153,8 @@ def prune_gguf(
 ) -> dict[str, Any]:
     """Write `src` without the `removed` layers to the GGUF file `out`; returns the record stored in it.
     `reader`: `src` already read (`read_gguf`), so that its metadata is not parsed twice."""
-    check_gguf_destination(out, [src, *(inputs or [])], overwrite)
+    inputs = [src, *(inputs or [])]
+    check_gguf_destination(out, inputs, overwrite)
     reader = reader or read_gguf(src)
     arch, num_layers = gguf_layers(reader, src)
     removed = check_removal(num_layers, removed, allow_final=True)
@@ -290,12 +162,15 @@ def prune_gguf(
     check_sliding_pattern(arch, num_layers, keep)
     record = {**record, "num_layers_before": num_layers, "num_layers_after": len(keep), "removed_layers": removed,
               "kept_layers": keep}  # fmt: skip
-    return rewrite_gguf(reader, src, out, keep, record)
+    return rewrite_gguf(reader, src, out, keep, record, overwrite, inputs)
 
 
-def rewrite_gguf(reader: Any, src: Path, out: Path, keep: list[int], record: dict[str, Any]) -> dict[str, Any]:
-    """Copy the GGUF read by `reader` from `src` to `out` with only the layers `keep` (renumbered)
-    and `record` (plus the source's own record as history) in its metadata."""
+def rewrite_gguf(
+    reader: Any, src: Path, out: Path, keep: list[int], record: dict[str, Any], overwrite: bool, inputs: list[Path]
+) -> dict[str, Any]:
+    """Copy the GGUF read by `reader` from `src` to the file `out` with only the layers `keep`
+    (renumbered) and `record` (plus the source's own record as history) in its metadata, staged
+    and published by `destinations.staged`."""
     import numpy as np
 
     arch, num_layers = gguf_layers(reader, src)
@@ -309,14 +184,9 @@ def rewrite_gguf(reader: Any, src: Path, out: Path, keep: list[int], record: dic
         tensors.append((name, tensor))
     tensors.sort(key=lambda named: named[1].data_offset)  # the source's order, so that runs stay adjacent
     needed = sum(t.n_bytes for _, t in tensors) + reader.data_offset
-    created = not out.parent.exists()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if shutil.disk_usage(out.parent).free < needed:
-        raise LayerpruneError(f"not enough space for {out}: it needs {needed / 2**20:.0f} MiB")
-    history = _field(reader, RECORD_KEY)
+    history = field_value(reader, RECORD_KEY)
     record = {**record, "history": [json.loads(history)] if history else []}
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with staged(out, kind="file", overwrite=overwrite, inputs=inputs, needed_bytes=needed) as tmp:
         writer = _writer(tmp, arch, reader.alignment)
         writer.add_string(RECORD_KEY, json.dumps(record))  # early: an --overwrite check reads only the start
         for key, value, kind, sub in _metadata(reader, arch, num_layers, keep):
@@ -337,10 +207,4 @@ def rewrite_gguf(reader: Any, src: Path, out: Path, keep: list[int], record: dic
         end = runs[-1][1] + runs[-1][2] if runs else data_start
         os.ftruncate(target, writer.ggml_pad(end, reader.alignment))  # with the last tensor's padding
         writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        if created:
-            shutil.rmtree(out.parent, ignore_errors=True)
-        raise
     return record

@@ -29,8 +29,9 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +41,14 @@ from .checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
     Written,
-    check_destination,
     extend_record,
     read_record,
     shard_files,
-    staged_output,
     write_record,
 )
 from .data import DEFAULT_CALIBRATION, load_documents
-from .devices import on_main_process, training_plan
+from .destinations import check_destination, claimed, staged
+from .devices import is_main_process, on_main_process, training_plan
 from .errors import LayerpruneError
 from .models import check_quantization, load_tokenizer, model_inputs, quantization_config, resolve_model
 from .plots import loss_curves
@@ -575,8 +575,28 @@ def heal(
     if config.quant:
         check_quantization("nf4", "4-bit NF4 (QLoRA)", "; pass --no-quant for plain LoRA")
     out = Path(out)
-    inputs = model_inputs(model)
-    check_destination(out, inputs, overwrite)
+    inputs = [*model_inputs(model), *_data_inputs(config)]
+    check = partial(check_destination, out, inputs, overwrite)
+    with claimed(out, check) if is_main_process() else nullcontext():  # held from before the first step
+        return _heal(model, out, config, inputs, save_adapter, overwrite, restart)
+
+
+def _data_inputs(config: HealConfig) -> list[Path]:
+    """The local files a heal reads besides the model: its data and its teacher."""
+    named = [config.data, config.teacher]
+    return [Path(n).expanduser() for n in named if n and Path(str(n)).expanduser().exists()]
+
+
+def _heal(
+    model: str | Path,
+    out: Path,
+    config: HealConfig,
+    inputs: list[Path],
+    save_adapter: bool,
+    overwrite: bool,
+    restart: bool | None,
+) -> HealResult:
+    """`heal` under the lock on its destination."""
     base = resolve_model(model)
     work = heal_work_dir(out)
     tokenizer = load_tokenizer(base)
@@ -629,7 +649,7 @@ def heal(
     def write() -> None:
         """The adapter merged into the base's unquantized weights, with the tokenizer, the record
         and the curve; then the work folder is removed."""
-        with staged_output(out, overwrite=overwrite, inputs=[*inputs, base]) as tmp:
+        with staged(out, overwrite=overwrite, inputs=[*inputs, base]) as tmp:
             merge_adapter(base, adapter, tmp)
             tokenizer.save_pretrained(tmp)
             if (base / "generation_config.json").is_file():

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CONFIG_NAME, reclaim_stale, scratch_folder, staged_output, validate_checkpoint
+from .checkpoint import CONFIG_NAME, validate_checkpoint
+from .destinations import reclaim_stale, remove_scratch, scratch_folder, staged
 from .devices import Placement, Plan, plan_placement
 from .errors import LayerpruneError
+from .gguf_reading import gguf_layers, read_gguf
 from .packages import package_dir
 
 GGUF_MAGIC = b"GGUF"
@@ -149,6 +151,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     with open(gguf, "rb") as handle:
         if handle.read(4) != GGUF_MAGIC:
             raise LayerpruneError(f"{gguf} is not a GGUF file (no GGUF magic) nor a checkpoint folder")
+    gguf_layers(read_gguf(gguf), gguf)  # a damaged file is refused before transformers reads it
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -166,7 +169,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     model.tie_weights()
     if target.is_dir():  # a conversion cut short before it was renamed into place
         shutil.rmtree(target)
-    with staged_output(target, inputs=[gguf]) as tmp:
+    with staged(target, inputs=[gguf]) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
@@ -223,9 +226,9 @@ def load_model(spec: ModelSpec, placement: Placement | Plan | None = None) -> tu
 def _offload_folder() -> Path:
     """Where accelerate may put weights that fit neither GPU nor host memory: a folder that records
     its writer (reclaimed by a later run if this one is killed) and is removed at exit."""
-    reclaim_stale(Path(tempfile.gettempdir()), "layerprune-offload-*")
+    reclaim_stale(Path(tempfile.gettempdir()), "layerprune-offload-")
     folder = scratch_folder(Path(tempfile.gettempdir()), "layerprune-offload-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    atexit.register(remove_scratch, folder)
     return folder
 
 

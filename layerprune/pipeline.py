@@ -14,17 +14,28 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
 from .analysis import AnalysisResult, analyze
-from .checkpoint import Written, check_destination, read_config, read_record, write_record
+from .checkpoint import Written, read_config, read_record, write_record
 from .config import build
 from .data import Calibration
 from .deployment import export_gguf, export_quantized, gguf_quantizer
-from .devices import Placement, fits_on_device, model_bytes, on_main_process, plan_of, plan_placement
+from .destinations import check_destination, claimed
+from .devices import (
+    Placement,
+    fits_on_device,
+    is_main_process,
+    model_bytes,
+    on_main_process,
+    plan_of,
+    plan_placement,
+)
 from .errors import LayerpruneError
 from .gguf_surgery import check_gguf_destination, gguf_layers, prune_gguf, read_gguf
 from .healing import HealConfig, HealResult, heal, heal_work_dir
@@ -226,7 +237,23 @@ def prune_and_heal(
     """
     config = config or build(PruneConfig, settings)
     out = Path(out)
-    check_destination(out, model_inputs(model), overwrite)
+    inputs = model_inputs(model)
+    check = partial(check_destination, out, inputs, overwrite)
+    with claimed(out, check) if is_main_process() else nullcontext():  # held from the prune to the merge
+        return _prune_and_heal(model, out, config, heal_config, analysis, save_adapter, overwrite, progress)
+
+
+def _prune_and_heal(
+    model: ModelSpec,
+    out: Path,
+    config: PruneConfig,
+    heal_config: HealConfig | None,
+    analysis: AnalysisResult | str | os.PathLike[str] | None,
+    save_adapter: bool,
+    overwrite: bool,
+    progress: bool,
+) -> HealResult:
+    """`prune_and_heal` under the lock on its destination."""
     work = heal_work_dir(out)
     base = work / "base"
 
@@ -263,9 +290,9 @@ def then_gguf(
     """`make` into a staging folder beside `out`, then written as the GGUF file `out` through
     llama.cpp's converter (`export_gguf`)."""
     out = Path(out)
-    check_gguf_destination(out, [], overwrite)
     gguf_quantizer(outtype)  # refused before the work, not after it
-    made = _through_staging(out, "checkpoint", make, lambda staged: export_gguf(staged, out, outtype, overwrite))
+    with claimed(out, partial(check_gguf_destination, out, [], overwrite)) if is_main_process() else nullcontext():
+        made = _through_staging(out, "checkpoint", make, lambda staged: export_gguf(staged, out, outtype, overwrite))
     return Written(out, made.record)
 
 
@@ -276,7 +303,6 @@ def then_quantize(
     (`prune/heal --quantize`)."""
     check_quantization(scheme)
     out = Path(out)
-    check_destination(out, [], overwrite)
 
     def quantize(staged: Path) -> None:
         export_quantized(staged, out, scheme, overwrite=overwrite)
@@ -284,5 +310,6 @@ def then_quantize(
         del record["quantization"]["source"]  # the staging folder, now gone: the record's history says the rest
         write_record(out, record)
 
-    _through_staging(out, "unquantized", make, quantize)
+    with claimed(out, partial(check_destination, out, [], overwrite)) if is_main_process() else nullcontext():
+        _through_staging(out, "unquantized", make, quantize)
     return Written(out, read_record(out) or {})

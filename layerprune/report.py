@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_json, write_atomically
+from .checkpoint import read_json
+from .destinations import write_atomically
 from .errors import LayerpruneError
 from .evaluation import KLD_TASK, LOSS_TASK, TEXT_TASKS, Judgement, Tolerance, judge
 from .plots import metric_by_fraction

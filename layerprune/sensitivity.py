@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import check_destination, staged_output, write_atomically
 from .data import token_batches
+from .destinations import check_destination, claimed, staged, write_atomically
 from .errors import LayerpruneError
 from .evaluation import KLD_TASK, LOSS_TASK, EvalConfig, answer_requests, check_tasks, text_documents
 from .models import load_model, model_inputs, resolve_model
@@ -150,11 +150,13 @@ def sensitivity(model: Any, tokenizer: Any, config: EvalConfig) -> SensitivityRe
 def run_sensitivity(model: str, out: str | Path, config: EvalConfig, overwrite: bool = False) -> SensitivityResult:
     """`layerprune sensitivity`: load the model, measure, and write DIR/sensitivity.json and its heatmap."""
     out = Path(out)
-    check_destination(out, model_inputs(model), overwrite=overwrite)
+    inputs = model_inputs(model)
+    check_destination(out, inputs, overwrite=overwrite)
     _check(config)
-    loaded, tokenizer = load_model(resolve_model(model), config.placement)
-    result = sensitivity(loaded, tokenizer, config)
-    result = SensitivityResult(str(model), result.num_layers, result.tasks, result.forward_passes, result.seconds)
-    with staged_output(out, overwrite=overwrite) as tmp:
-        result.save(tmp)
+    with claimed(out, lambda: check_destination(out, inputs, overwrite=overwrite)):  # held throughout
+        loaded, tokenizer = load_model(resolve_model(model), config.placement)
+        result = sensitivity(loaded, tokenizer, config)
+        result = SensitivityResult(str(model), result.num_layers, result.tasks, result.forward_passes, result.seconds)
+        with staged(out, overwrite=overwrite, inputs=inputs) as tmp:
+            result.save(tmp)
     return result

@@ -19,14 +19,14 @@ Peak memory: one layer's weights, the used embedding rows and the residual state
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from .architectures import Architecture, find_architecture
-from .checkpoint import TensorEntry, check_layers, reclaim_stale, scratch_folder, tensor_entries
+from .checkpoint import TensorEntry, check_layers, tensor_entries
+from .destinations import reclaim_stale, remove_scratch, scratch_folder
 from .devices import DTYPE_BYTES, Plan
 from .errors import LayerpruneError
 from .memory import FIT_SHARE, memory_available, return_freed_memory
@@ -38,7 +38,7 @@ SPILL_PREFIX = "layerprune-spill-"
 def remove_stale_spills() -> list[Path]:
     """Remove spill folders left by runs that were killed outright (their writer is gone); an
     interrupted run (Ctrl-C, SIGTERM) removes its own."""
-    return reclaim_stale(Path(tempfile.gettempdir()), f"{SPILL_PREFIX}*")
+    return reclaim_stale(Path(tempfile.gettempdir()), SPILL_PREFIX)
 
 
 class _States:
@@ -82,7 +82,7 @@ class _States:
 
     def close(self) -> None:
         if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            remove_scratch(self.folder)
 
 
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}

@@ -33,12 +33,12 @@ from .checkpoint import (
     read_record,
     shard_files,
     shard_name,
-    staged_output,
     tensor_entries,
     write_index,
     write_record,
     write_shard,
 )
+from .destinations import staged
 from .errors import LayerpruneError, LayerpruneWarning
 from .models import load_weights
 from .residual import slice_config
@@ -245,7 +245,7 @@ def prune_checkpoint(
     keep = [i for i in range(num_layers) if i not in set(removed)]
     plans, metadata = _plan(src, arch, set(removed))
     needed = sum(entry.length for plan in plans for _, entry in plan)
-    with staged_output(out, overwrite=overwrite, inputs=[src, *inputs], needed_bytes=needed) as tmp:
+    with staged(out, overwrite=overwrite, inputs=[src, *inputs], needed_bytes=needed) as tmp:
         if entries:
             _write_weights(tmp, plans, metadata, set(removed))
             _write_config(src, tmp, config, keep, arch)

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import json
-import os
 import random
 import shutil
 import time
@@ -33,16 +33,18 @@ import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
 from .analysis import AnalysisResult, analyze
 from .architectures import find_architecture
-from .checkpoint import check_destination, write_atomically
+from .checkpoint import read_json
 from .config import build, flatten
 from .data import Calibration, load_documents
 from .deployment import InferenceSettings, export_gguf, measure
+from .destinations import check_destination, claimed, write_atomically
 from .devices import Placement, process_rank, work_alone
 from .errors import LayerpruneError, LayerpruneWarning
 from .evaluation import (
@@ -227,7 +229,7 @@ def _open_sweep(out: Path, model: str, config: SweepConfig) -> None:
     record = out / "sweep.json"
     settings: dict[str, Any] = {"model": model, "settings": config.comparable()}
     if record.is_file():
-        stored = json.loads(record.read_text())
+        stored = read_json(record, "sweep record")
         defaults = build(SweepConfig, {"ns": (0,)}).comparable()  # settings added since it was stored
         stored["settings"] = {**defaults, **stored["settings"]}
         if {"model": stored["model"], "settings": stored["settings"]} != settings:
@@ -237,11 +239,12 @@ def _open_sweep(out: Path, model: str, config: SweepConfig) -> None:
             raise LayerpruneError(
                 f"{out} holds a sweep with other settings ({', '.join(changed)}); use another --out to keep them apart"
             )
-    (out / "points").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # the sweep's folder, once nothing refused it; its record first
     _write_json(
         record,
         {**settings, "config": {**config.comparable(), **_points_settings(config)}, "layerprune_version": __version__},
     )
+    (out / "points").mkdir(exist_ok=True)
 
 
 def _points_settings(config: SweepConfig) -> dict[str, Any]:
@@ -501,20 +504,26 @@ def run_sweep(
     computed; shards may run at once into one `out` on a shared file system, and whichever
     finishes with every point stored writes the results and the report.
     """
-    from tqdm.auto import tqdm
-
     shard = shard or Shard.of_launcher()  # first: a launched process works alone from here on
     out = Path(out)
     inputs = model_inputs(model)
-    check_destination(out, inputs, overwrite=False, resume="sweep.json")
+    check_tasks(list(config.tasks))
+    # one run per shard at a time; shards of one sweep may run at once
+    lock = out.with_name(f"{out.name}.shard-{shard.index}-of-{shard.count}") if shard else out
+    with claimed(lock, partial(check_destination, out, inputs, overwrite=False, resume="sweep.json")):
+        return _run_sweep(model, out, config, progress, shard)
+
+
+def _run_sweep(model: str | Path, out: Path, config: SweepConfig, progress: bool, shard: Shard | None) -> SweepResult:
+    """`run_sweep` under its lock: every check that can refuse comes before the folder is written."""
+    from tqdm.auto import tqdm
+
     src = resolve_model(model)
     check_destination(out, [src], overwrite=False, resume="sweep.json")
-    check_tasks(list(config.tasks))
-    out.mkdir(parents=True, exist_ok=True)
-    _open_sweep(out, str(model), config)
     base = load_model(src, config.placement)
     num_layers = find_architecture(base[0].config).num_layers(base[0].config)
     points = plan(config, num_layers)
+    _open_sweep(out, str(model), config)
     analysis = _shared_analysis(out, base, config, progress)
     mine = points[shard.index :: shard.count] if shard else points
     missing = [p for p in mine if not (out / "points" / f"{p.key}.json").is_file()]
@@ -595,18 +604,17 @@ def collect(out: Path) -> list[dict[str, Any]]:
             columns += list(LOSS_COLUMNS if task == "loss" else KLD_COLUMNS)
         else:
             columns += [f"{task}_{m}" for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")]
-    tmp = out / ".results.csv.tmp"
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            flat = {k: row.get(k) for k in RESULT_FIELDS}
-            flat["layers_removed"] = " ".join(map(str, row["layers_removed"]))
-            for task, metrics in row["tasks"].items():
-                if task in TEXT_TASKS:
-                    flat.update({m: metrics.get(m) for m in LOSS_COLUMNS + KLD_COLUMNS if m in metrics})
-                else:
-                    flat.update({f"{task}_{m}": value for m, value in metrics.items() if m != "documents"})
-            writer.writerow(flat)
-    os.replace(tmp, out / "results.csv")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        flat = {k: row.get(k) for k in RESULT_FIELDS}
+        flat["layers_removed"] = " ".join(map(str, row["layers_removed"]))
+        for task, metrics in row["tasks"].items():
+            if task in TEXT_TASKS:
+                flat.update({m: metrics.get(m) for m in LOSS_COLUMNS + KLD_COLUMNS if m in metrics})
+            else:
+                flat.update({f"{task}_{m}": value for m, value in metrics.items() if m != "documents"})
+        writer.writerow(flat)
+    write_atomically(out / "results.csv", table.getvalue())
     return rows

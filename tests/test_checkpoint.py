@@ -2,7 +2,6 @@
 staged writes that leave nothing behind: locked, reclaimed after a kill, clear on a full disk."""
 
 import json
-import os
 import signal
 import struct
 import subprocess
@@ -14,16 +13,9 @@ import pytest
 from conftest import folder_digest, save_tiny, tiny_model
 from typer.testing import CliRunner
 
-from layerprune.checkpoint import (
-    WRITER_NAME,
-    _locked,
-    check_destination,
-    read_header,
-    shard_files,
-    staged_output,
-    validate_checkpoint,
-)
+from layerprune.checkpoint import read_header, shard_files, validate_checkpoint
 from layerprune.cli import app
+from layerprune.destinations import WRITER_SUFFIX, check_destination, staged
 from layerprune.errors import LayerpruneError
 
 
@@ -152,11 +144,25 @@ def test_overwrite_replaces_only_what_layerprune_wrote(tmp_path, monkeypatch, na
 
 def test_a_second_writer_is_told_who_holds_the_destination(tmp_path):
     src = save_tiny(tiny_model("llama"), tmp_path / "src")
-    with _locked(tmp_path / "out"):
+    code = textwrap.dedent(f"""
+        import pathlib, time
+        from layerprune.destinations import hold
+        with hold(pathlib.Path({str(tmp_path / "out")!r})):
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         result = CliRunner().invoke(app, ["prune", str(src), "--out", str(tmp_path / "out"), "--layers", "2"])
+    finally:
+        holder.kill()
+        holder.wait()
     assert result.exit_code == 1
-    assert f"another layerprune (pid {os.getpid()}) is writing {tmp_path / 'out'}" in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert f"another layerprune (pid {holder.pid}) is writing {tmp_path / 'out'}" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "src"]  # the killed holder's
+    rerun = CliRunner().invoke(app, ["prune", str(src), "--out", str(tmp_path / "out"), "--layers", "2"])
+    assert rerun.exit_code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_concurrent_prunes_into_one_new_folder_give_one_result(tmp_path):
@@ -193,15 +199,15 @@ def test_a_prune_killed_mid_write_is_reclaimed_by_the_next_run(tmp_path):
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL
     left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-    assert any(name.startswith(".out.tmp.") for name in left), left
+    assert any(name.startswith(".out.tmp.") and name.endswith(".writer") for name in left), left
     rerun = CliRunner().invoke(app, ["prune", str(src), "--out", str(out), "--layers", "1"])
     assert rerun.exit_code == 0, rerun.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_a_failed_write_removes_the_parents_it_made(tmp_path):
-    with pytest.raises(RuntimeError), staged_output(tmp_path / "a" / "b" / "out") as tmp:
-        assert (tmp / WRITER_NAME).is_file()
+    with pytest.raises(RuntimeError), staged(tmp_path / "a" / "b" / "out") as tmp:
+        assert tmp.with_name(tmp.name + WRITER_SUFFIX).is_file()
         raise RuntimeError("the work failed")
     assert list(tmp_path.iterdir()) == []
 
@@ -245,11 +251,11 @@ def test_not_enough_space_is_said_before_writing(tmp_path, mounted):
 
 
 def test_a_disk_that_fills_up_mid_write_leaves_nothing(tmp_path, mounted, monkeypatch):
-    import layerprune.checkpoint as checkpoint
+    import layerprune.destinations as destinations
 
     src = save_tiny(tiny_model("llama"), tmp_path / "src", shard_size="60KB")
     small = mounted("size=256k")
-    monkeypatch.setattr(checkpoint, "_free_bytes", lambda folder: 2**40)  # as if space ran out after the check
+    monkeypatch.setattr(destinations, "_free_bytes", lambda folder: 2**40)  # as if space ran out after the check
     before = folder_digest(src)
     result = CliRunner().invoke(app, ["prune", str(src), "--out", str(small / "deep" / "out"), "--layers", "1"])
     assert result.exit_code == 1, result.output

@@ -207,7 +207,7 @@ def test_an_existing_output_is_replaced_only_if_layerprune_wrote_it(tmp_path):
     assert runner.invoke(app, ["prune", str(good), "--layers", "1", "--out", str(out), "--overwrite"]).exit_code == 0
     other = tiny_gguf(tmp_path / "other.gguf")
     refused(tmp_path, ["prune", str(good), "--layers", "1", "--out", str(other), "--overwrite"],
-            "is a GGUF layerprune did not write", good)  # fmt: skip
+            "is a file layerprune did not write", good)  # fmt: skip
 
 
 @pytest.mark.real

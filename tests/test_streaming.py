@@ -11,9 +11,10 @@ import pytest
 from conftest import save_tiny, tiny_model, tiny_tokenizer
 from reference import assert_same_tables
 
+import layerprune.streaming as streaming
 from layerprune.analysis import analyze, measure
-from layerprune.checkpoint import WRITER_NAME, scratch_folder
 from layerprune.data import token_batches
+from layerprune.destinations import WRITER_SUFFIX, scratch_folder
 from layerprune.errors import LayerpruneError
 from layerprune.streaming import SPILL_PREFIX, measure_streaming, remove_stale_spills
 
@@ -36,12 +37,12 @@ def test_states_spill_to_disk_past_the_budget_and_are_cleaned_up(tmp_path, monke
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "spill-root"))
     (tmp_path / "spill-root").mkdir()
     made = []
-    real_mkdtemp = tempfile.mkdtemp
-    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(real_mkdtemp(**kw)) or made[-1])
+    real = streaming.scratch_folder
+    monkeypatch.setattr(streaming, "scratch_folder", lambda parent, prefix: made.append(real(parent, prefix)) or made[-1])  # noqa: E501
     layer_mib = 0.15  # one tiny layer is about 0.14 MiB in fp32: almost no room for states
     angular, _ = measure_streaming(src, batches, memory_budget=layer_mib * 2**20, progress=False)
     assert angular[1] == pytest.approx(measure(model, batches, progress=False)[0][1], abs=1e-6)
-    assert len(made) == 1 and "layerprune-spill-" in made[0], "the states should have spilled to disk"
+    assert len(made) == 1 and made[0].name.startswith("layerprune-spill-"), "the states should have spilled to disk"
     assert glob.glob(str(tmp_path / "spill-root" / "layerprune-spill-*")) == []
 
 
@@ -77,7 +78,7 @@ calls, real = [], streaming.run_layers
 def run(*args):
     calls.append(1)
     if len(calls) == 8:  # mid-analysis, with states spilled
-        print("spilled", len(glob.glob(tempfile.gettempdir() + "/{SPILL_PREFIX}*")))
+        print("spilled", len([p for p in glob.glob(tempfile.gettempdir() + "/{SPILL_PREFIX}*") if os.path.isdir(p)]))
         os.kill(os.getpid(), signal.SIGTERM)
     return real(*args)
 streaming.run_layers = run
@@ -100,8 +101,8 @@ def test_spills_of_killed_runs_are_removed_by_the_next_run(tmp_path, monkeypatch
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     alive = scratch_folder(tmp_path, SPILL_PREFIX)  # a run still going: this one
     dead = scratch_folder(tmp_path, SPILL_PREFIX)
-    record = json.loads((dead / WRITER_NAME).read_text())
-    (dead / WRITER_NAME).write_text(json.dumps({**record, "pid": 999999999}))  # no such process: killed with SIGKILL
+    writer = dead.with_name(dead.name + WRITER_SUFFIX)
+    writer.write_text(json.dumps({**json.loads(writer.read_text()), "pid": 999999999}))  # no such process
     for folder in (dead, alive):
         (folder / "0.pt").write_bytes(b"state")
     assert remove_stale_spills() == [dead]
