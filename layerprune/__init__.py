@@ -7,6 +7,9 @@ as that config's fields by keyword):
     prune_and_heal(model, out, ..) -> HealResult      the same, healed
     heal(model, out, ...)          -> HealResult      (Q)LoRA healing, merged
     prune_model(model, layers)     -> model           the same surgery on a loaded model
+    repair_model(model, batches, layers, method) -> list[Fit]  fit and fold a training-free repair
+                                                      into a loaded model (then prune_model it);
+                                                      prune(..., repair="linear") does both on disk
     select_layers(num_layers, ...) -> list[int]       a strategy's choice, without a model
     evaluate(model, tasks, ...)    -> dict            lm-eval QA accuracy, held-out loss, KL from a reference
     sensitivity(model, tok, cfg)   -> SensitivityResult  each single layer's effect on each task
@@ -22,6 +25,7 @@ from .evaluation import EvalConfig, evaluate
 from .healing import HealConfig, HealResult, heal
 from .models import load_model, resolve_model
 from .pipeline import PruneConfig, PruneResult, prune, prune_and_heal
+from .repair import repair_model
 from .sensitivity import SensitivityResult, sensitivity
 from .strategies import STRATEGIES, select_layers
 from .surgery import prune_model
@@ -47,6 +51,7 @@ __all__ = [
     "prune",
     "prune_and_heal",
     "prune_model",
+    "repair_model",
     "resolve_model",
     "run_sweep",
     "select_layers",

@@ -36,10 +36,15 @@ class Architecture:
     layer_key_template: str  # state-dict prefix of one layer, with ${layer_index}
     per_layer_config_lists: tuple[str, ...]  # config lists indexed by layer
     mlp_modules: tuple[str, ...]  # MLP linear module names (LoRA targets for healing)
+    mlp_term: str  # module, inside one layer, whose output is the MLP's term in the residual add
+    repair_fold: str  # module, inside one layer, that takes a repair's map (see `repair`)
+    repair_fold_kind: str  # linear (weight [out, in]), conv1d (weight [in, out]) or norm (a diagonal only)
 
     def __post_init__(self) -> None:
         if self.layer_key_template.count(LAYER_INDEX) != 1:
             raise ValueError(f"{self.name}: layer_key_template needs one {LAYER_INDEX}")
+        if self.repair_fold_kind not in ("linear", "conv1d", "norm"):
+            raise ValueError(f"{self.name}: repair_fold_kind must be linear, conv1d or norm")
 
     def num_layers(self, config: Any) -> int:
         """The layer count from a config object or a config dict."""

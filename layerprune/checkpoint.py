@@ -20,6 +20,7 @@ import errno
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import IO, Any
 
 from .architectures import Architecture, find_architecture
 from .destinations import write_atomically
-from .errors import LayerpruneError
+from .errors import LayerpruneError, describe_os_error
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -43,8 +44,19 @@ DTYPE_SIZES = {
 }  # fmt: skip
 
 
+def regular_file(path: Path, what: str) -> None:
+    """Refuse, in one line, a path that is not a regular file (a FIFO would block the read forever)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise LayerpruneError(f"{what} {path}: {describe_os_error(err)}") from err
+    if not stat.S_ISREG(mode):
+        raise LayerpruneError(f"{what} {path} is not a regular file (a FIFO, socket, device or folder)")
+
+
 def read_json(path: Path, what: str = "JSON file") -> Any:
     """A JSON file's content, or a one-line error naming the file."""
+    regular_file(path, what)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -67,6 +79,7 @@ class TensorEntry:
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """The tensors of one safetensors file, fully validated against the file, and its metadata."""
+    regular_file(path, "safetensors file")
     size = path.stat().st_size
     try:
         with open(path, "rb") as handle:

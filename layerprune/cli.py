@@ -8,6 +8,7 @@ option with the field's help, default and choices, and hands the command the bui
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import signal
 import sys
@@ -102,8 +103,6 @@ LIBRARY_LOGGERS = ("transformers", "bitsandbytes", "peft", "lm_eval", "lm-eval",
 def quiet_libraries() -> None:
     """Success is quiet: the libraries' warnings and log lines are shown only with --verbose or
     LAYERPRUNE_DEBUG=1 (their errors still reach the user, as our one-line errors)."""
-    import logging
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers configures its logger
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for name in LIBRARY_LOGGERS:
@@ -258,6 +257,10 @@ def _output(out: Path, form: str | None) -> tuple[Path, str]:
     """The output path and its format: `--format gguf` names a .gguf file."""
     if form not in (None, "folder", "gguf"):
         raise LayerpruneError(f"--format must be folder or gguf, got {form!r}")
+    if out.name in ("", ".", ".."):
+        raise LayerpruneError(
+            f"--out {out} names a folder that exists already; give a new name such as {out / 'model'}"
+        )
     if form == "gguf" and out.suffix.lower() != ".gguf":
         out = out.with_name(out.name + ".gguf")
     return out, output_format(out)

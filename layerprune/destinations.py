@@ -32,6 +32,7 @@ every step this way.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -77,8 +78,6 @@ def step(name: str) -> None:
 def die_with_parent() -> None:
     """For `subprocess.Popen(preexec_fn=...)`: the child is killed when its parent dies, however."""
     with suppress(OSError, AttributeError):
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
@@ -440,8 +439,6 @@ def publish(new: Path, out: Path, overwrite: bool) -> None:
 def _exchange(first: Path, second: Path) -> bool:
     """Swap two paths in one step (Linux's renameat2 with RENAME_EXCHANGE); False where the system
     or the file system cannot, and the journal does it in steps."""
-    import ctypes
-
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):

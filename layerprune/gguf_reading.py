@@ -4,7 +4,7 @@ The reader takes each metadata array as one view instead of one per element (a 2
 vocabulary parses in milliseconds, not seconds). Everything a damaged file could hold is refused
 in one line before any output is written or any weight converted: every count and length is
 bounded by the file's size, every tensor name is one llama.cpp knows, every layer holds the same
-tensors with the same types and shapes, every tensor's bytes lie inside the file without
+tensors with the same shapes, every tensor's bytes lie inside the file without
 overlapping, and the block count agrees with the `blk.N` tensors.
 """
 
@@ -51,10 +51,11 @@ def _tensor_name() -> re.Pattern[str]:
 
 def check_tensors(reader: Any, path: Path) -> None:
     """Refuse a tensor table a pruned output could not be trusted from: a name llama.cpp does not
-    know, a layer whose tensors differ from the other layers' in name, type or shape, or a tensor
-    whose bytes lie outside the file or overlap another's."""
+    know, a layer whose tensors differ from the other layers' in name or shape (their types may
+    differ: a k-quant mix such as Q4_K_M stores some layers' tensors in Q6_K), or a tensor whose
+    bytes lie outside the file or overlap another's."""
     size = len(reader.data)
-    layers: dict[int, dict[str, tuple[int, tuple[int, ...]]]] = {}
+    layers: dict[int, dict[str, tuple[int, ...]]] = {}
     spans = []
     for tensor in reader.tensors:
         name = tensor.name
@@ -62,7 +63,7 @@ def check_tensors(reader: Any, path: Path) -> None:
             raise LayerpruneError(f"{path}: tensor name {name!r} is not one llama.cpp knows: the file is damaged")
         spans.append((int(tensor.data_offset), int(tensor.n_bytes), name))
         if match := BLOCK.match(name):
-            kind = (int(tensor.tensor_type), tuple(int(d) for d in tensor.shape))
+            kind = tuple(int(d) for d in tensor.shape)  # not the type: k-quant mixes differ by layer
             layers.setdefault(int(match.group(1)), {})[match.group(2)] = kind
     at = 0
     for offset, length, name in sorted(spans):
@@ -75,8 +76,8 @@ def check_tensors(reader: Any, path: Path) -> None:
             if tensors != first:
                 odd = sorted(set(tensors.items()) ^ set(first.items()))[0][0]
                 raise LayerpruneError(
-                    f"{path}: layer {index} differs from layer {min(layers)} in tensor {odd} (its name, type or "
-                    "shape): the file is damaged"
+                    f"{path}: layer {index} differs from layer {min(layers)} in tensor {odd} (its name or shape): "
+                    "the file is damaged"
                 )
 
 

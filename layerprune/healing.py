@@ -629,6 +629,12 @@ def _heal(
         "base": str(base),
         "config": asdict(config),
         "method": "QLoRA (NF4, double quantization)" if config.quant else "LoRA",
+        "schedule": {
+            "scheduler": "cosine",
+            "peak_lr": config.lr,
+            "warmup_steps": config.warmup,
+            "steps": config.steps,
+        },  # fmt: skip
         "objective": config.objective,
         "teacher": str(teacher) if teacher else None,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),

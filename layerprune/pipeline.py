@@ -41,6 +41,8 @@ from .gguf_surgery import check_gguf_destination, gguf_layers, prune_gguf, read_
 from .healing import HealConfig, HealResult, heal, heal_work_dir
 from .memory import memory_available
 from .models import ModelSpec, check_quantization, gguf_file, load_model, model_inputs, resolve_model
+from .repair import METHODS as REPAIR_METHODS
+from .repair import repaired_weights
 from .scoring import calibration_batches
 from .strategies import ANALYSIS, MODEL, Request, get_strategy, layer_count, strategy_names
 from .surgery import check_removal, parse_layers, prune_checkpoint
@@ -64,6 +66,12 @@ class PruneConfig:
     candidates: int = field(default=5, metadata={"help": "angular-rerank: blocks re-scored by loss."})
     seed: int = field(default=0, metadata={"help": "Seed of strategies that draw at random."})
     allow_final: bool = field(default=False, metadata={"help": "Allow removing the final layer."})
+    repair: str = field(
+        default="none",
+        metadata={"help": "Repair the cut without training: a map per removed block, fitted on the calibration "
+                  "data and folded into the layer before it (linear: least squares; cosine: then refined to "
+                  "minimize cosine distance).", "choices": REPAIR_METHODS},
+    )  # fmt: skip
     calibration: Calibration = field(default_factory=Calibration)
     placement: Placement = field(default_factory=Placement)
 
@@ -158,11 +166,18 @@ def prune(
         analysis = AnalysisResult.load(analysis)
     if output_format(out) == "gguf":
         return _prune_gguf(model, out, config, analysis, overwrite, progress, outtype)
-    check_destination(out, inputs, overwrite)  # before any long work; checked again when written
-    src = resolve_model(model)
-    raw, arch = read_config(src)
-    removed, selection = choose_layers(arch.num_layers(raw), lambda: src, config, analysis, progress)
-    written = prune_checkpoint(src, out, removed, _record(model, src, config, selection), overwrite, inputs=inputs)
+    inputs += config.calibration.inputs() if config.repair != "none" else []
+    with claimed(out, partial(check_destination, out, inputs, overwrite)):  # held from before any long work
+        src = resolve_model(model)
+        raw, arch = read_config(src)
+        removed, selection = choose_layers(arch.num_layers(raw), lambda: src, config, analysis, progress)
+        record = _record(model, src, config, selection)
+        if config.repair == "none":
+            return PruneResult(out, prune_checkpoint(src, out, removed, record, overwrite, inputs=inputs))
+        repair = repaired_weights(src, removed, config.repair, config.calibration, config.placement, progress)
+        with repair as (replaced, repair_record):
+            record["repair"] = repair_record
+            written = prune_checkpoint(src, out, removed, record, overwrite, inputs=inputs, replaced=replaced)
     return PruneResult(out, written)
 
 
@@ -193,17 +208,17 @@ def _prune_gguf(
     """A GGUF input pruned into a GGUF file, still quantized: `deepest` and `--layers` read only its
     header; strategies that read the model analyze its converted checkpoint, then cut the GGUF."""
     source = gguf_file(model)
-    if source is None:  # a checkpoint: pruned to a folder, then converted by llama.cpp's converter
+    if source is None or config.repair != "none":  # pruned to a folder, then converted by llama.cpp's converter
         written = then_gguf(out, outtype, lambda staging: prune(model, staging, config, analysis=analysis,
                                                               progress=progress), overwrite)  # fmt: skip
         return PruneResult(written.path, written.record)
     inputs = model_inputs(model)
-    check_gguf_destination(out, [source, *inputs], overwrite)
-    reader = read_gguf(source)  # parsing a GGUF's metadata takes seconds: once
-    _, num_layers = gguf_layers(reader, source)
-    removed, selection = choose_layers(num_layers, lambda: resolve_model(model), config, analysis, progress)
-    record = prune_gguf(source, out, removed, _record(model, source, config, selection), overwrite, inputs, reader)
-    return PruneResult(out, record)
+    with claimed(out, partial(check_gguf_destination, out, [source, *inputs], overwrite)):  # held throughout
+        reader = read_gguf(source)  # parsing a GGUF's metadata takes seconds: once
+        _, num_layers = gguf_layers(reader, source)
+        removed, selection = choose_layers(num_layers, lambda: resolve_model(model), config, analysis, progress)
+        record = _record(model, source, config, selection)
+        return PruneResult(out, prune_gguf(source, out, removed, record, overwrite, inputs, reader))
 
 
 def _record(model: ModelSpec, src: Path, config: PruneConfig, selection: dict[str, Any]) -> dict[str, Any]:

@@ -166,14 +166,17 @@ def _check_output(arch: Architecture, folder: Path, expected: dict[str, tuple[st
         raise RuntimeError("pruned checkpoint self-check failed: layers are not numbered 0..L'-1 with equal tensors")
 
 
-def _plan(src: Path, arch: Architecture, removed: set[int]) -> tuple[list[list[tuple[str, TensorEntry]]], dict]:
-    """The kept tensors of every input shard, renamed (one output shard each), and the metadata."""
+def _plan(
+    src: Path, arch: Architecture, removed: set[int], replaced: dict[str, TensorEntry]
+) -> tuple[list[list[tuple[str, TensorEntry]]], dict]:
+    """The kept tensors of every input shard, renamed (one output shard each), each read from
+    `replaced` where it names the key, and the metadata."""
     plans: list[list[tuple[str, TensorEntry]]] = []
     metadata: dict[str, str] = {}
     for shard in shard_files(src):
         entries, metadata = read_header(shard)
         rename = _rename_map(arch, list(entries), removed)
-        plan = [(new, entry) for key, entry in entries.items() if (new := rename[key])]
+        plan = [(new, replaced.get(key, entry)) for key, entry in entries.items() if (new := rename[key])]
         if plan:
             plans.append(plan)
     return plans, metadata
@@ -232,10 +235,13 @@ def prune_checkpoint(
     record: dict[str, Any],
     overwrite: bool = False,
     inputs: Iterable[Path] = (),
+    replaced: dict[str, TensorEntry] | None = None,
 ) -> dict[str, Any]:
     """Write `src` without the `removed` layers to `out`: streamed safetensors, sliced config, side
     files, and `layerprune.json` (`record` plus the layers removed and kept, and `src`'s history),
-    which it returns."""
+    which it returns. `replaced`: tensors (by source key) read from elsewhere, of the same dtype and
+    shape (a repair's folded weights)."""
+    replaced = replaced or {}
     config, arch = read_config(src)
     num_layers = arch.num_layers(config)
     entries = tensor_entries(src)  # every header validated before anything is written
@@ -243,7 +249,10 @@ def prune_checkpoint(
         check_layers(src, arch, num_layers, entries)
     removed = check_removal(num_layers, removed, allow_final=True)
     keep = [i for i in range(num_layers) if i not in set(removed)]
-    plans, metadata = _plan(src, arch, set(removed))
+    for key, entry in replaced.items():
+        if key not in entries or (entries[key].dtype, entries[key].shape) != (entry.dtype, entry.shape):
+            raise RuntimeError(f"a replacement for {key} does not match the checkpoint's tensor")
+    plans, metadata = _plan(src, arch, set(removed), replaced)
     needed = sum(entry.length for plan in plans for _, entry in plan)
     with staged(out, overwrite=overwrite, inputs=[src, *inputs], needed_bytes=needed) as tmp:
         if entries:

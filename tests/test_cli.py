@@ -68,7 +68,7 @@ def test_prune_refuses_an_existing_output(checkpoint, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     result = run("prune", checkpoint, "--out", tmp_path / "out", "--n", 1, "--strategy", "deepest")
-    assert_one_line_error(result, "already exists", "--overwrite")
+    assert_one_line_error(result, "holds files that layerprune did not write", "--overwrite")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 

@@ -140,7 +140,7 @@ def damage(model: Path, kind: str, draw) -> None:
         if change == "count":
             config["num_hidden_layers"] = draw(st.integers(-5, 10**9).filter(lambda n: n != LAYERS))
         elif change == "count type":
-            config["num_hidden_layers"] = draw(st.sampled_from(["6", 6.5, None, [6], {"n": 6}]))
+            config["num_hidden_layers"] = draw(st.sampled_from(["6", 6.5, None, [6], {"n": 6}, True, False, 0]))
         elif change == "family":
             config["architectures"] = [draw(st.text(min_size=1, max_size=12))]
             config["model_type"] = draw(st.text(min_size=1, max_size=12).filter(lambda t: t != "llama"))

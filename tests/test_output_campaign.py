@@ -26,8 +26,10 @@ from typer.testing import CliRunner
 from layerprune.cli import app
 from layerprune.gguf_reading import RECORD_KEY, read_gguf
 
-CAMPAIGN = settings(
-    max_examples=int(os.environ.get("CAMPAIGN_EXAMPLES", 1000)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+CAMPAIGN = settings(  # CAMPAIGN_EXAMPLES: fewer examples for a quick look
+    max_examples=int(os.environ.get("CAMPAIGN_EXAMPLES", 1000)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 KINDS = ["absent", "foreign file", "foreign folder", "empty folder", "own output", "own output as input",
          "symlink to an input file", "symlink to an input folder", "hard link to an input file", "symlink loop",
@@ -175,8 +177,9 @@ def corrupt(data: bytearray, draw, where: str) -> None:
     """Change the bytes of one region of a GGUF as a disk or a hand would."""
     header_end = 24
     info_end = data.find(b"output_norm.weight") + 40  # past the tensor-info table of the tiny GGUF
-    span = {"header": (0, header_end), "metadata": (header_end, data.find(b"blk.0.attn_q")),
-            "tensor info": (data.find(b"token_embd.weight") - 8, info_end), "data": (info_end, len(data))}[where]  # fmt: skip
+    spans = {"header": (0, header_end), "metadata": (header_end, data.find(b"blk.0.attn_q")),
+             "tensor info": (data.find(b"token_embd.weight") - 8, info_end), "data": (info_end, len(data))}  # fmt: skip
+    span = spans[where]
     how = draw(st.sampled_from(["flip", "byte", "truncate"]))
     if how == "truncate":
         del data[draw(st.integers(span[0], span[1] - 1)) :]

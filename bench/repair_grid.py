@@ -1,0 +1,156 @@
+"""Training-free repair against LoRA healing, on the same cut and the same documents.
+
+python bench/repair_grid.py run --model smollm2-135m --strategy angular --n 8 --out /tmp/repair/smollm2-angular-8 \
+    --variants none,linear,cosine,lora20,linear+lora20 --limit 100
+python bench/repair_grid.py report /tmp/repair/*        # the markdown table of docs/results/repair.md
+
+For one cut of one model: the cut unrepaired (`none`), repaired by `linear` or `cosine` (calibrated
+on CoQA, the analysis's default text, never the evaluation's), healed by plain LoRA for N steps
+(`loraN`: the batch of docs/results/healing.md, 4 x 128 tokens, fp32 LoRA, healing text
+SlimPajama-style passages of the default `heal` data), and repaired then healed (`linear+loraN`).
+Each is evaluated against the full model on the same first `--limit` documents: LAMBADA loss and
+KL divergence to the full model, PIQA and SciQ (pooled for the table). Wall times of
+the repair (calibration pass and fit) and of the heal (training steps, validation and merge) are
+recorded. A finished variant is read back, not redone, when the script reruns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+QA = ("piqa", "sciq")  # two-choice and four-choice; ARC-Easy left out for time on this CPU
+HEAL = dict(batch_size=4, grad_accum=1, seq_len=128, quant=False, save_every=1000, validation_sequences=16)
+
+
+def build(variant: str, model: str, strategy: str, n: int, out: Path) -> tuple[Path, dict[str, float]]:
+    """The checkpoint of one variant (made once), and its wall times by phase."""
+    from layerprune import prune
+    from layerprune.healing import HealConfig, heal
+
+    folder = out / variant
+    times_file = out / f"{variant}.times.json"
+    if times_file.is_file():
+        return folder, json.loads(times_file.read_text())
+    repair, _, lora = variant.partition("+lora") if "+" in variant else (variant, "", "")
+    if variant.startswith("lora"):
+        repair, lora = "none", variant.removeprefix("lora")
+    times: dict[str, float] = {}
+    started = time.perf_counter()
+    base = prune(model, out / f"cut-{repair}" if lora else folder, n=n, strategy=strategy, repair=repair,
+                 overwrite=True, progress=False)  # fmt: skip
+    times["prune_and_repair"] = time.perf_counter() - started
+    times["repair"] = base.record.get("repair", {}).get("seconds", 0.0)
+    if lora:
+        started = time.perf_counter()
+        heal(base.path, folder, HealConfig(steps=int(lora), eval_every=int(lora), **HEAL), overwrite=True)
+        times["heal"] = time.perf_counter() - started
+    times_file.write_text(json.dumps(times))
+    return folder, times
+
+
+def evaluate_variant(folder: Path, model: str, limit: int, out: Path, name: str) -> dict[str, Any]:
+    from layerprune.evaluation import evaluate
+    from layerprune.models import resolve_model
+
+    results = out / f"{name}.results.json"
+    if not results.is_file():
+        tasks = ["loss", *QA] + (["kld"] if name != "full" else [])
+        evaluate(folder, tasks=tasks, limit=limit, reference=str(resolve_model(model)), out=results, overwrite=True)
+    return json.loads(results.read_text())
+
+
+def run(args: argparse.Namespace) -> None:
+    from layerprune.models import resolve_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "case.json").write_text(json.dumps(vars(args) | {"func": None}))
+    evaluate_variant(resolve_model(args.model), args.model, args.limit, out, "full")
+    for variant in args.variants.split(","):
+        folder, times = build(variant, args.model, args.strategy, args.n, out)
+        evaluate_variant(folder, args.model, args.limit, out, variant)
+        print(variant, times, flush=True)
+
+
+def _documents(result: dict[str, Any], task: str) -> Any:
+    from layerprune.uncertainty import Documents
+
+    stored = result["tasks"][task]["documents"]
+    if task in ("loss", "kld"):
+        return Documents.of(stored, "loss" if task == "loss" else "kl", "tokens")
+    return Documents.of(stored, "correct")
+
+
+def _pooled(result: dict[str, Any]) -> Any:
+    from layerprune.uncertainty import Documents
+
+    parts = [_documents(result, task) for task in QA]
+    return Documents(sum((p.ids for p in parts), ()), sum((p.num for p in parts), ()), sum((p.den for p in parts), ()))
+
+
+def report(args: argparse.Namespace) -> None:
+    from layerprune.uncertainty import compare
+
+    for case in map(Path, args.cases):
+        setting = json.loads((case / "case.json").read_text())
+        full = json.loads((case / "full.results.json").read_text())
+        cut = json.loads((case / "none.results.json").read_text())
+        lost_loss = cut["tasks"]["loss"]["loss"] - full["tasks"]["loss"]["loss"]
+        full_qa, cut_qa = _pooled(full), _pooled(cut)
+        lost_qa = full_qa.estimate() - cut_qa.estimate()
+        print(f"\n### {setting['model']}, {setting['strategy']}, {setting['n']} layers removed "
+              f"(layers {cut['layers_removed']})\n")  # fmt: skip
+        print(f"Full model: LAMBADA loss {full['tasks']['loss']['loss']:.3f}, pooled QA accuracy "
+              f"{full_qa.estimate():.3f} ({len(full_qa.ids)} documents).\n")  # fmt: skip
+        print("| variant | LAMBADA loss | vs cut, paired 95% CI | loss recovered | KL to full | pooled QA | vs cut, "
+              "paired 95% CI | QA recovered | repair s | heal s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for variant in ["none", *[v for v in setting["variants"].split(",") if v != "none"]]:
+            path = case / f"{variant}.results.json"
+            if not path.is_file():
+                continue
+            result = json.loads(path.read_text())
+            times = json.loads((case / f"{variant}.times.json").read_text())
+            loss = result["tasks"]["loss"]["loss"]
+            loss_cmp = compare(_documents(cut, "loss"), _documents(result, "loss"), higher_is_better=False)
+            qa_cmp = compare(cut_qa, _pooled(result), higher_is_better=True)
+            qa = _pooled(result).estimate()
+            cells = [
+                variant, f"{loss:.3f}", _ci(loss_cmp) if variant != "none" else "-",
+                f"{(cut['tasks']['loss']['loss'] - loss) / lost_loss:.0%}" if variant != "none" else "-",
+                f"{result['tasks']['kld']['kld']:.3f}", f"{qa:.3f}", _ci(qa_cmp) if variant != "none" else "-",
+                f"{(qa - cut_qa.estimate()) / lost_qa:.0%}" if variant != "none" and lost_qa else "-",
+                f"{times.get('repair', 0):.0f}", f"{times.get('heal', 0):.0f}",
+            ]  # fmt: skip
+            print("| " + " | ".join(cells) + " |")
+
+
+def _ci(comparison: Any) -> str:
+    low, high = comparison.change_interval
+    return f"{comparison.change:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(required=True)
+    go = commands.add_parser("run")
+    go.add_argument("--model", default="smollm2-135m")
+    go.add_argument("--strategy", default="angular")
+    go.add_argument("--n", type=int, default=8)
+    go.add_argument("--variants", default="none,linear,cosine,lora20,linear+lora20")
+    go.add_argument("--limit", type=int, default=100)
+    go.add_argument("--out", required=True)
+    go.set_defaults(func=run)
+    table = commands.add_parser("report")
+    table.add_argument("cases", nargs="+")
+    table.set_defaults(func=report)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

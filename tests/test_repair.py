@@ -1,0 +1,127 @@
+"""Repair without training: the fitted map recovers a block that is linear in the MLP's term, the
+folded checkpoint computes what the mapped model computes, statistics add up batch by batch, and
+bad requests are one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import HEAL_TEXT, save_tiny, tiny_model, tiny_tokenizer
+
+import layerprune.repair as repair
+from layerprune.architectures import find_architecture
+from layerprune.data import token_batches
+from layerprune.errors import LayerpruneError
+from layerprune.surgery import prune_model
+
+DOCS = [f"Story {i}. The little cat sat on the warm mat while the old dog slept by the door." for i in range(24)]
+
+
+def batches(count: int = 24, seq_len: int = 24):
+    return token_batches(tiny_tokenizer(), DOCS, count, seq_len, 6)
+
+
+class LinearInTheMlpTerm(torch.nn.Module):
+    """A stand-in for a removed layer that adds A (T - I) to the stream: exactly what a map T on
+    the previous layer's MLP term A does, so a repair can recover it to float tolerance."""
+
+    def __init__(self, cell: dict, t: torch.Tensor) -> None:
+        super().__init__()
+        self.cell, self.t = cell, t
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states + self.cell["A"] @ (self.t - torch.eye(len(self.t)))
+
+
+def test_a_block_linear_in_the_mlp_term_is_recovered_exactly(monkeypatch):
+    model = tiny_model("llama")
+    arch = find_architecture(model.config)
+    layers = arch.layer_list(model)
+    d = model.config.hidden_size
+    torch.manual_seed(1)
+    t = torch.eye(d) + 0.3 * torch.randn(d, d) / d**0.5
+    cell: dict = {}
+    layers[2].mlp.register_forward_hook(lambda module, args, output: cell.update(A=output))
+    layers[3] = LinearInTheMlpTerm(cell, t)
+    ids = batches()[0]
+    with torch.no_grad():
+        expected = model(**ids).logits
+    monkeypatch.setattr(repair, "RIDGE", 1e-12)
+    fits = repair.repair_model(model, batches(), [3], "linear", progress=False)
+    assert fits[0].residual < 1e-8 and torch.allclose(fits[0].map.float(), t, atol=1e-4)
+    prune_model(model, [3])
+    with torch.no_grad():
+        assert torch.allclose(model(**ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("method", ["linear", "cosine"])
+def test_the_folded_checkpoint_computes_what_the_mapped_model_computes(tmp_path, family, method):
+    """The checkpoint written by `prune --repair` against the pruned model with A -> A T applied
+    by a hook; Gemma 3 takes a diagonal map, into its post-feed-forward norm."""
+    from layerprune import load_model, prune
+
+    src = save_tiny(tiny_model(family, seed=2), tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text(HEAL_TEXT)
+    done = prune(src, tmp_path / "out", layers=[2, 3], repair=method, data=str(text), samples=24, seq_len=24,
+                 batch_size=6, progress=False)  # fmt: skip
+    record = json.loads((tmp_path / "out" / "layerprune.json").read_text())["repair"]
+    assert record["method"] == method and [b["block"] for b in record["blocks"]] == [[2, 3]]
+    assert record["blocks"][0]["diagonal"] == (family == "gemma3_text") and record["blocks"][0]["fit_residual"] < 1
+    model, tokenizer = load_model(src)
+    fits = repair.repair_model(model, token_batches(tokenizer, text.read_text().split("\n\n"), 24, 24, 6), [2, 3],
+                               method, progress=False)  # fmt: skip
+    model, _ = load_model(src)  # unfolded, and pruned; the map applied by a hook instead
+    arch = find_architecture(model.config)
+    term = arch.layer_list(model)[1].get_submodule(arch.mlp_term)
+    mapped = fits[0].map.float()
+    term.register_forward_hook(lambda module, args, out: out * mapped if fits[0].diagonal else out @ mapped)
+    prune_model(model, [2, 3])
+    folded, _ = load_model(done.path)
+    ids = batches()[0]
+    with torch.no_grad():
+        assert torch.allclose(folded(**ids).logits, model(**ids).logits, atol=2e-4, rtol=1e-4)
+
+
+def test_statistics_summed_batch_by_batch_equal_one_batch():
+    torch.manual_seed(0)
+    a, h, x = (torch.randn(300, 16) for _ in range(3))
+    whole, parts = repair.BlockStatistics(1, 2), repair.BlockStatistics(1, 2)
+    whole.add(a, h, x, keep_samples=0)
+    for chunk in range(0, 300, 70):
+        parts.add(a[chunk : chunk + 70], h[chunk : chunk + 70], x[chunk : chunk + 70], keep_samples=0)
+    assert torch.allclose(whole.aa, parts.aa) and torch.allclose(whole.ar, parts.ar)
+    assert whole.rr == pytest.approx(parts.rr) and whole.tokens == parts.tokens == 300
+
+
+def test_bad_repairs_are_one_line():
+    model = tiny_model("llama")
+    with pytest.raises(LayerpruneError, match="starts at layer 0"):
+        repair.repair_model(model, batches(), [0, 1], "linear", progress=False)
+    with pytest.raises(LayerpruneError, match="--repair must be one of"):
+        repair.repair_model(model, batches(), [2], "magic", progress=False)
+    few = repair.BlockStatistics(2, 3)
+    few.add(*(torch.randn(5, model.config.hidden_size) for _ in range(3)), keep_samples=0)
+    with pytest.raises(LayerpruneError, match=f"at least {model.config.hidden_size} calibration tokens, got 5"):
+        repair.fit(few, diagonal=False)
+    zero = repair.BlockStatistics(2, 3)
+    zero.add(torch.zeros(40, 8), torch.randn(40, 8), torch.randn(40, 8), keep_samples=0)
+    with pytest.raises(LayerpruneError, match="MLP output is all zero"):
+        repair.fit(zero, diagonal=False)
+
+
+def test_prune_with_repair_from_the_command_line_is_quiet_and_recorded(tmp_path):
+    from typer.testing import CliRunner
+
+    from layerprune.cli import app
+
+    src = save_tiny(tiny_model("qwen3", seed=3), tmp_path / "model")
+    (tmp_path / "text.txt").write_text(HEAL_TEXT)
+    done = CliRunner().invoke(app, ["prune", str(src), "--out", str(tmp_path / "out"), "--layers", "3-4", "--repair",
+                                    "linear", "--data", str(tmp_path / "text.txt"), "--samples", "24",
+                                    "--seq-len", "24"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "out" / "layerprune.json").read_text())["repair"]["blocks"][0]["after_layer"] == 2
