@@ -4,8 +4,8 @@ The reader takes each metadata array as one view instead of one per element (a 2
 vocabulary parses in milliseconds, not seconds). Everything a damaged file could hold is refused
 in one line before any output is written or any weight converted: every count and length is
 bounded by the file's size, every tensor name is one llama.cpp knows, every layer holds the same
-tensors with the same shapes, every tensor's bytes lie inside the file without
-overlapping, and the block count agrees with the `blk.N` tensors.
+tensors with the same shapes, the tensors' bytes lie end to end inside the file (so a damaged
+offset, or a type or shape that changes a tensor's size, is seen), and the block count agrees with the `blk.N` tensors.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def _tensor_name() -> re.Pattern[str]:
 def check_tensors(reader: Any, path: Path) -> None:
     """Refuse a tensor table a pruned output could not be trusted from: a name llama.cpp does not
     know, a layer whose tensors differ from the other layers' in name or shape (their types may
-    differ: a k-quant mix such as Q4_K_M stores some layers' tensors in Q6_K), or a tensor whose
-    bytes lie outside the file or overlap another's."""
+    differ: a k-quant mix such as Q4_K_M stores some layers' tensors in Q6_K), or tensor data that
+    is not laid end to end from the data section's start, each padded to the alignment, as every
+    writer lays it (a damaged offset, or a type or shape that changes a tensor's size, breaks it)."""
     size = len(reader.data)
     layers: dict[int, dict[str, tuple[int, ...]]] = {}
     spans = []
@@ -65,11 +66,14 @@ def check_tensors(reader: Any, path: Path) -> None:
         if match := BLOCK.match(name):
             kind = tuple(int(d) for d in tensor.shape)  # not the type: k-quant mixes differ by layer
             layers.setdefault(int(match.group(1)), {})[match.group(2)] = kind
-    at = 0
-    for offset, length, name in sorted(spans):
-        if offset < at or offset + length > size:
-            raise LayerpruneError(f"{path}: tensor {name}'s data lies outside the file or overlaps another's")
-        at = offset + length
+    at, align = int(reader.data_offset), int(reader.alignment)
+    for offset, length, name in sorted(spans):  # laid end to end, each padded to the alignment, as writers do
+        if offset != at or offset + length > size:
+            raise LayerpruneError(
+                f"{path}: tensor {name}'s data does not start where the previous one ends (or lies past the end "
+                "of the file): its offset, type or shape is damaged"
+            )
+        at = offset + length + (-(offset + length - int(reader.data_offset)) % align)
     if layers:
         first = layers[min(layers)]
         for index, tensors in sorted(layers.items()):
