@@ -202,3 +202,22 @@ main()
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 130 and done.stderr.strip().endswith("interrupted"), done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_successful_heal_prints_only_its_own_lines_and_progress(tmp_path):
+    """Success is quiet: the libraries' warnings (transformers, peft, bitsandbytes) appear only
+    with --verbose."""
+    from conftest import HEAL_TEXT
+
+    src = save_tiny(tiny_model("llama", seed=1), tmp_path / "base")
+    (tmp_path / "heal.txt").write_text(HEAL_TEXT)
+    command = [sys.executable, "-m", "layerprune", "heal", str(src), "--data", str(tmp_path / "heal.txt"),
+               "--no-quant", "--steps", "2", "--batch-size", "2", "--seq-len", "32"]  # fmt: skip
+    quiet = subprocess.run([*command, "--out", str(tmp_path / "a")], capture_output=True, text=True)
+    assert quiet.returncode == 0, quiet.stderr
+    lines = [line for line in quiet.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert all("%|" in line for line in lines), lines  # progress bars only
+    assert quiet.stdout.splitlines()[-1] == f"wrote {tmp_path / 'a'}"
+    verbose = [sys.executable, "-m", "layerprune", "--verbose", *command[3:], "--out", str(tmp_path / "b")]
+    loud = subprocess.run(verbose, capture_output=True, text=True)
+    assert loud.returncode == 0 and any("%|" not in line for line in loud.stderr.splitlines() if line.strip())
