@@ -136,7 +136,7 @@ def config_options(cls: type, prefix: str = "", name: str = "config") -> Callabl
     def option(field: Any) -> inspect.Parameter:
         flag = f"--{field.flag}"
         annotation, default = field.annotation, field.default
-        if annotation is bool:
+        if annotation in (bool, bool | None):  # --x/--no-x; None: neither given
             bare = field.flag.removeprefix(field.prefix.replace("_", "-"))
             flag = f"{flag}/--{field.prefix.replace('_', '-')}no-{bare}"
         elif typing.get_origin(annotation) is tuple:  # a list setting: comma-separated on the command line

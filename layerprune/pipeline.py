@@ -72,6 +72,10 @@ class PruneConfig:
                   "data and folded into the layer before it (linear: least squares; cosine: then refined to "
                   "minimize cosine distance).", "choices": REPAIR_METHODS},
     )  # fmt: skip
+    offload: bool | None = field(
+        default=None,
+        metadata={"help": "Analyze and repair one layer in memory at a time (default: when the model would not fit)."},
+    )
     calibration: Calibration = field(default_factory=Calibration)
     placement: Placement = field(default_factory=Placement)
 
@@ -109,7 +113,9 @@ def choose_layers(
     count = layer_count(num_layers, config.n, config.fraction)  # refuse a bad n before any long work
     strategy = get_strategy(config.strategy)
     if ANALYSIS in strategy.needs and analysis is None:
-        analysis = analyze(source(), config.calibration, placement=config.placement, progress=progress)
+        analysis = analyze(
+            source(), config.calibration, placement=config.placement, offload=config.offload, progress=progress
+        )
     model = batches = None
     if MODEL in strategy.needs:
         src = source()
@@ -174,7 +180,9 @@ def prune(
         record = _record(model, src, config, selection)
         if config.repair == "none":
             return PruneResult(out, prune_checkpoint(src, out, removed, record, overwrite, inputs=inputs))
-        repair = repaired_weights(src, removed, config.repair, config.calibration, config.placement, progress)
+        repair = repaired_weights(
+            src, removed, config.repair, config.calibration, config.placement, progress, config.offload
+        )
         with repair as (replaced, repair_record):
             record["repair"] = repair_record
             written = prune_checkpoint(src, out, removed, record, overwrite, inputs=inputs, replaced=replaced)

@@ -62,21 +62,34 @@ def loss_curves(curve: dict[str, list[tuple[int, float]]], path: str | Path) -> 
     return Path(path)
 
 
-def _series(rows: list[dict], value: Any) -> dict[str, list[tuple[float, Any]]]:
-    """One line per (strategy, healed): the full model at fraction 0, then each pruned point, as
-    (fraction, value) pairs; points without a value are left out."""
-    full = [r for r in rows if r["n"] == 0]
-    lines: dict[str, list[tuple[float, Any]]] = {}
-    for strategy in sorted({r["strategy"] for r in rows if r["n"]}):
-        for healed in (False, True):
-            points = [r for r in rows if r["strategy"] == strategy and r["healed"] == healed and r["n"]]
-            if not points:
-                continue
-            points = full[:1] + sorted(points, key=lambda r: r["n"])
-            lines[f"{strategy}{' + healing' if healed else ''}"] = [
-                (r["fraction"], value(r)) for r in points if value(r) is not None
-            ]
+def series_label(row: dict) -> str:
+    """The curve a sweep point belongs to: its strategy, repair and healing."""
+    repair = row.get("repair", "none")
+    return (
+        row["strategy"] + (f" + {repair} repair" if repair != "none" else "") + (" + healing" if row["healed"] else "")
+    )
+
+
+def series(rows: list[dict]) -> dict[str, list[dict]]:
+    """The pruned points of each curve (strategy, then unrepaired first, then unhealed first), in
+    order of n."""
+    lines: dict[str, list[dict]] = {}
+
+    def order(row: dict) -> tuple:
+        repair = row.get("repair", "none")
+        return row["strategy"], repair != "none", repair, row["healed"], row["n"]
+
+    for row in sorted((r for r in rows if r["n"]), key=order):
+        lines.setdefault(series_label(row), []).append(row)
     return lines
+
+
+def _series(rows: list[dict], value: Any) -> dict[str, list[tuple[float, Any]]]:
+    """Each curve as (fraction, value) pairs, from the full model at fraction 0; points without a
+    value are left out."""
+    full = [r for r in rows if r["n"] == 0][:1]
+    lines = {label: [(r["fraction"], value(r)) for r in full + points] for label, points in series(rows).items()}
+    return {label: [(x, y) for x, y in pairs if y is not None] for label, pairs in lines.items()}
 
 
 def metric_by_fraction(

@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,10 @@ from .architectures import Architecture, find_architecture
 from .checkpoint import TensorEntry, read_config, read_header, tensor_entries
 from .data import Calibration
 from .destinations import reclaim_stale, remove_scratch, scratch_folder
-from .devices import Placement, plan_placement
+from .devices import Placement, fits_on_device, plan_placement
 from .errors import LayerpruneError
-from .models import load_model
+from .models import load_model, load_tokenizer
+from .streaming import LayerStream
 
 RIDGE = 1e-3  # share of the mean eigenvalue of A^T A: keeps the solve well posed, changes a well-fed fit little
 COSINE_STEPS = 200
@@ -147,6 +148,37 @@ def collect(model: Any, batches: list[dict], blocks: list[tuple[int, int]], keep
     finally:
         for handle in handles:
             handle.remove()
+    return stats
+
+
+def collect_streaming(stream: LayerStream, batches: list[dict], blocks: list[tuple[int, int]], keep_samples: int = 0,
+                      progress: bool = True) -> list[BlockStatistics]:  # fmt: skip
+    """`collect` for a model larger than memory: the same sums from one pass of `stream`, one layer
+    in memory at a time. Each block's MLP term and leaving stream (its real tokens' rows) are held
+    on the device from the layer before the block to the block's last layer."""
+    arch = stream.arch
+    stats = [BlockStatistics(start, end) for start, end in blocks]
+    term: list[Any] = []
+    held: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+    def watch(layer: int, module: Any) -> list[Any]:
+        if all(block.start - 1 != layer for block in stats):
+            return []
+        store = lambda _m, _a, out: term.append((out[0] if isinstance(out, tuple) else out).detach())  # noqa: E731
+        return [module.get_submodule(arch.mlp_term).register_forward_hook(store)]
+
+    def visit(layer: int, b: int, batch: dict, _previous: Any, resid: Any) -> None:
+        real = batch["attention_mask"].bool()
+        for i, block in enumerate(stats):
+            if layer == block.start - 1:
+                held[(i, b)] = (term[-1][real], resid[real])
+            if layer == block.end - 1:
+                a, h = held.pop((i, b))
+                block.add(a, h, resid[real], keep_samples)
+        term.clear()
+
+    stream.run(batches, visit, last_layer=max(end for _, end in blocks) - 1, watch=watch,
+               desc="repair statistics (offload)", progress=progress)  # fmt: skip
     return stats
 
 
@@ -279,6 +311,31 @@ def _norm_weight(module: Any, scale: Any) -> Any:
     return (scale - float(offset[0])).to(module.weight.dtype)
 
 
+def _blocks(removed: list[int]) -> list[tuple[int, int]]:
+    """The blocks of a cut that can be repaired, or a one-line error."""
+    blocks = removed_blocks(removed)
+    if blocks and blocks[0][0] == 0:
+        raise LayerpruneError(
+            "repair folds its map into the layer before the cut, and this cut starts at layer 0; remove other layers "
+            "or prune without --repair"
+        )
+    return blocks
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS[1:]:
+        raise LayerpruneError(f"--repair must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+def fit_all(stats: list[BlockStatistics], method: str, diagonal: bool) -> list[Fit]:
+    """Every block's map: the least-squares fit, refined for `cosine`."""
+    fits = []
+    for block in stats:
+        result = fit(block, diagonal)
+        fits.append(refine_cosine(block, result) if method == "cosine" else result)
+    return fits
+
+
 def repair_model(
     model: Any,
     batches: list[dict],
@@ -288,22 +345,11 @@ def repair_model(
 ) -> list[Fit]:
     """Fit a map for every block of `removed` on `batches` and fold it into the unpruned `model`,
     in place (prune it afterwards); returns the fits."""
-    if method not in METHODS[1:]:
-        raise LayerpruneError(f"--repair must be one of {', '.join(METHODS)}, got {method!r}")
+    _check_method(method)
     arch = find_architecture(model.config)
-    blocks = removed_blocks(removed)
-    if blocks and blocks[0][0] == 0:
-        raise LayerpruneError(
-            "repair folds its map into the layer before the cut, and this cut starts at layer 0; remove other layers "
-            "or prune without --repair"
-        )
-    diagonal = arch.repair_fold_kind == "norm"
     keep = COSINE_TOKENS if method == "cosine" else 0
-    stats = collect(model, batches, blocks, keep_samples=keep, progress=progress)
-    fits = []
-    for block in stats:
-        result = fit(block, diagonal)
-        fits.append(refine_cosine(block, result) if method == "cosine" else result)
+    stats = collect(model, batches, _blocks(removed), keep_samples=keep, progress=progress)
+    fits = fit_all(stats, method, arch.repair_fold_kind == "norm")
     for result in fits:
         fold(model, arch, result.start - 1, result)
     return fits
@@ -331,32 +377,55 @@ TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
 
 @contextmanager
 def repaired_weights(
-    src: Path, removed: list[int], method: str, calibration: Calibration, placement: Placement, progress: bool = True
+    src: Path,
+    removed: list[int],
+    method: str,
+    calibration: Calibration,
+    placement: Placement,
+    progress: bool = True,
+    offload: bool | None = None,
 ) -> Iterator[tuple[dict[str, TensorEntry], dict[str, Any]]]:
     """The checkpoint `src` repaired for the cut `removed`: the folded tensors (by source key, of
     their stored dtype and shape, in a scratch file that lasts as long as the block) and the
-    record of the repair. `surgery.prune_checkpoint` then writes the pruned checkpoint with them."""
+    record of the repair. `surgery.prune_checkpoint` then writes the pruned checkpoint with them.
+    `offload` collects the statistics one layer at a time (`streaming`); by default it is chosen
+    when the model would not fit in the memory of its device."""
     import torch
     from safetensors.torch import save_file
 
+    _check_method(method)
     _, arch = read_config(src)
     entries = tensor_entries(src)
     if not entries:
         raise LayerpruneError(f"--repair needs a safetensors checkpoint; {src} has none")
+    blocks = _blocks(removed)
+    keep = COSINE_TOKENS if method == "cosine" else 0
     started = time.perf_counter()
     plan = plan_placement(placement, src)
-    model, tokenizer = load_model(src, plan)
-    batches = calibration.batches(tokenizer)
-    fits = repair_model(model, batches, removed, method, progress)
+    offload = not fits_on_device(plan, src) if offload is None else offload
+    if offload:
+        stream = LayerStream(src, replace(plan, device_map=None, max_memory=None))
+        stats = collect_streaming(stream, calibration.batches(load_tokenizer(src)), blocks, keep, progress)
+        model = stream.model  # on the meta device but for the modules the maps fold into, loaded below
+        for start, _ in blocks:
+            keys = [k for k in stream.layer_keys(start - 1) if f".{arch.repair_fold}." in f".{k}"]
+            stream.place({name: t.float() for name, t in stream.read(keys).items()}, "cpu")
+        plan = stream.plan
+    else:
+        model, tokenizer = load_model(src, plan)
+        stats = collect(model, calibration.batches(tokenizer), blocks, keep_samples=keep, progress=progress)
+    fits = fit_all(stats, method, arch.repair_fold_kind == "norm")
     tensors = {}
     for result in fits:
+        fold(model, arch, result.start - 1, result)
         module = arch.layer_list(model)[result.start - 1].get_submodule(arch.repair_fold)
         for name, value in module.named_parameters(recurse=False):
             key = _checkpoint_key(arch, entries, result.start - 1, f"{arch.repair_fold}.{name}")
             tensors[key] = value.detach().to(getattr(torch, TORCH_DTYPES[entries[key].dtype])).cpu()
     del model
-    record = repair_record(method, fits, arch, asdict(calibration), time.perf_counter() - started,
-                           fits[0].tokens if fits else 0) | {"placement": plan.record()}  # fmt: skip
+    seconds, tokens = time.perf_counter() - started, fits[0].tokens if fits else 0
+    record = repair_record(method, fits, arch, asdict(calibration), seconds, tokens) | {
+        "placement": plan.record(), "offload": offload}  # fmt: skip
     reclaim_stale(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
     folder = scratch_folder(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
     try:

@@ -15,12 +15,10 @@ from typing import Any
 from .checkpoint import read_json
 from .destinations import write_atomically
 from .errors import LayerpruneError
-from .evaluation import KLD_TASK, LOSS_TASK, TEXT_TASKS, Judgement, Tolerance, judge
-from .plots import metric_by_fraction
+from .evaluation import KLD_TASK, LOSS_TASK, TEXT_TASKS, Judgement, Tolerance, documents_of, judge
+from .plots import metric_by_fraction, series, series_label
 from .strategies import STRATEGIES
-from .uncertainty import METHOD, break_point
-
-SERIES_ORDER = (False, True)  # unhealed, then healed
+from .uncertainty import METHOD, break_point, compare
 
 
 def _image(path: Path) -> str:
@@ -37,18 +35,6 @@ def _measured(rows: list[dict]) -> list[str]:
     return _qa_tasks(rows) + [t for t in TEXT_TASKS if any(t in r["tasks"] for r in rows)]
 
 
-def _series(rows: list[dict]) -> dict[str, list[dict]]:
-    """The pruned points of each strategy and healed state, in order of n."""
-    lines = {}
-    for strategy in sorted({r["strategy"] for r in rows if r["n"]}):
-        for healed in SERIES_ORDER:
-            points = sorted((r for r in rows if r["n"] and r["strategy"] == strategy and r["healed"] == healed),
-                            key=lambda r: r["n"])  # fmt: skip
-            if points:
-                lines[f"{strategy}{' + healing' if healed else ''}"] = points
-    return lines
-
-
 def _full(rows: list[dict]) -> dict:
     return next(r for r in rows if r["n"] == 0)
 
@@ -57,7 +43,7 @@ def judgements(rows: list[dict], task: str, limits: Tolerance) -> dict[str, list
     """Per series, each point's judgement on `task` (see `evaluation.judge`)."""
     full = _full(rows)["tasks"].get(task)
     return {
-        label: [judge(task, full, r["tasks"][task], limits) for r in points] for label, points in _series(rows).items()
+        label: [judge(task, full, r["tasks"][task], limits) for r in points] for label, points in series(rows).items()
     }
 
 
@@ -87,7 +73,7 @@ def how_far(rows: list[dict], task: str, limits: Tolerance) -> dict[str, Answer]
     within the tolerance (kld: of the KL divergence, within the threshold), with every smaller
     fraction within it too. An undecided point stops the walk, and the answer says so."""
     answers = {}
-    for (label, points), found in zip(_series(rows).items(), judgements(rows, task, limits).values(),
+    for (label, points), found in zip(series(rows).items(), judgements(rows, task, limits).values(),
                                       strict=True):  # fmt: skip
         best = 0.0
         answer = None
@@ -113,7 +99,7 @@ def break_points(rows: list[dict], task: str) -> dict[str, float | None]:
     full = _full(rows)["tasks"].get(task)
     start = 0.0 if task == KLD_TASK else (_value(task, full) if full else None)  # the full model's KL from itself: 0
     found = {}
-    for label, points in _series(rows).items():
+    for label, points in series(rows).items():
         pairs = ([(0.0, start)] if start is not None else []) + [(r["fraction"], _value(task, r["tasks"][task]))
                                                                  for r in points]  # fmt: skip
         found[label] = break_point([x for x, _ in pairs], [y for _, y in pairs])
@@ -121,7 +107,17 @@ def break_points(rows: list[dict], task: str) -> dict[str, float | None]:
 
 
 def _table(rows: list[dict], tasks: list[str]) -> str:
-    head = ["strategy", "n", "fraction", "healed", "layers removed", "params (M)", "size (MB)", "decode tok/s"]
+    head = [
+        "strategy",
+        "n",
+        "fraction",
+        "repair",
+        "healed",
+        "layers removed",
+        "params (M)",
+        "size (MB)",
+        "decode tok/s",
+    ]
     head += [f"{t} acc" for t in tasks] + ["loss", "loss / ln V", "kld", "top-1 agree", "seconds"]
     lines = ["<table id=numbers><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
@@ -130,6 +126,7 @@ def _table(rows: list[dict], tasks: list[str]) -> str:
             r["strategy"],
             r["n"],
             f"{r['fraction']:.2f}",
+            r.get("repair", "none"),
             "yes" if r["healed"] else "no",
             " ".join(map(str, r["layers_removed"])) or "–",
             f"{r['parameters'] / 1e6:.1f}",
@@ -156,10 +153,10 @@ def _comparisons(rows: list[dict], tasks: list[str], limits: Tolerance) -> str:
     head = ["series", "n", "fraction", "task", "documents", "full", "pruned", "change", "paired 95% CI",
             "unpaired 95% CI", "harm bounds (95%, one-sided)", "verdict"]  # fmt: skip
     lines = ["<table id=comparisons><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
-    series = _series(rows)
+    curves = series(rows)
     for task in tasks:
         for label, found in judgements(rows, task, limits).items():
-            for row, judgement in zip(series[label], found, strict=True):
+            for row, judgement in zip(curves[label], found, strict=True):
                 c = judgement.comparison
                 result = row["tasks"][task]
                 cells = [label, row["n"], f"{row['fraction']:.2f}", task, result["n"]]
@@ -172,6 +169,36 @@ def _comparisons(rows: list[dict], tasks: list[str], limits: Tolerance) -> str:
                 cells += ["[{:.3f}, {:.3f}]".format(*judgement.bounds), _verdict_text(judgement)]
                 lines.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
     return "\n".join(lines + ["</table>"])
+
+
+def _repair_comparisons(rows: list[dict], tasks: list[str]) -> str:
+    """One row per repaired point and task: its paired change from the same cut unrepaired (same
+    strategy, n and healing), on the documents both evaluated."""
+    plain = {(r["strategy"], r["n"], r["healed"]): r for r in rows if r["n"] and r.get("repair", "none") == "none"}
+    head = ["series", "n", "task", "documents", "unrepaired", "repaired", "change", "paired 95% CI"]
+    lines = ["<table id=repairs><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for row in (r for r in rows if r["n"] and r.get("repair", "none") != "none"):
+        other = plain.get((row["strategy"], row["n"], row["healed"]))
+        for task in tasks:
+            if other is None or task not in row["tasks"] or task not in other["tasks"]:
+                continue
+            c = compare(documents_of(task, other["tasks"][task]), documents_of(task, row["tasks"][task]),
+                        higher_is_better=task not in TEXT_TASKS)  # fmt: skip
+            cells = [series_label(row), row["n"], task, c.documents, f"{c.reference:.4f}", f"{c.candidate:.4f}",
+                     f"{c.change:+.4f}", "[{:+.4f}, {:+.4f}]".format(*c.change_interval)]  # fmt: skip
+            lines.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
+    return "\n".join(lines + ["</table>"])
+
+
+def _repair_section(rows: list[dict], tasks: list[str]) -> str:
+    if all(r.get("repair", "none") == "none" for r in rows):
+        return ""
+    return f"""<h2>Repair against the same cut unrepaired</h2>
+<p>Each repaired point against the point that removed the same layers by the same strategy without
+repair (and healed alike), on the documents both evaluated: the change (accuracy: higher is better;
+loss and kld: lower is better) with its paired 95% interval. An interval that includes zero
+does not decide.</p>
+{_repair_comparisons(rows, tasks)}"""
 
 
 def _verdict_text(judgement: Judgement) -> str:
@@ -238,7 +265,7 @@ def _plots(rows: list[dict], tasks: list[str], figures: Path, limits: Tolerance,
         if not paired:
             continue
         changes = {id(r): j.comparison for label, found in judgements(rows, task, limits).items()
-                   for r, j in zip(_series(rows)[label], found, strict=True)}  # fmt: skip
+                   for r, j in zip(series(rows)[label], found, strict=True)}  # fmt: skip
 
         def change(r: dict, c: dict = changes) -> Any:
             found = c.get(id(r))
@@ -262,17 +289,17 @@ def _how_far_section(rows: list[dict], tasks: list[str], limits: Tolerance) -> s
 
 def _breaks_section(rows: list[dict], tasks: list[str]) -> str:
     found = {task: break_points(rows, task) for task in tasks}
-    series = list(_series(rows))
+    labels = list(series(rows))
     head = "<tr><th>series</th>" + "".join(f"<th>{html.escape(t)}</th>" for t in tasks) + "</tr>"
     body = "".join(
         f"<tr><td>{html.escape(label)}</td>"
         + "".join(f"<td>{'–' if found[t][label] is None else f'{found[t][label]:.2f}'}</td>" for t in tasks)
         + "</tr>"
-        for label in series
+        for label in labels
     )
     sentences = []
     qa = [t for t in tasks if t not in TEXT_TASKS]
-    for label in series:
+    for label in labels:
         loss_break = found.get(LOSS_TASK, {}).get(label)
         qa_breaks = [f"{t} at {found[t][label]:.2f}" for t in qa if found[t][label] is not None]
         if loss_break is not None and qa_breaks:
@@ -367,6 +394,7 @@ only to within their spacing; it describes the curve and is not a test.</p>
 {_image(heatmap) if heatmap.is_file() else "<p>(no analysis stored)</p>"}
 <h2>Paired comparisons with the full model</h2>
 {_comparisons(rows, tasks, limits) if paired else OLD_RESULTS}
+{_repair_section(rows, tasks) if paired else ""}
 <h2>All numbers</h2>
 {_table(rows, _qa_tasks(rows))}
 <h2>Settings and versions</h2>

@@ -5,6 +5,10 @@ it directly (beyond Gromov et al. 2024), for the strategies of the same names:
 
 - `loss`: exact search over every contiguous block of n layers for the lowest calibration loss.
 - `angular-rerank`: the k blocks of smallest angular distance, re-ranked by calibration loss.
+- `loss-repair`: the same exact search, each block scored after the repair `prune --repair
+  linear` would make (`repair`): one pass sums every candidate's statistics, each map is fitted
+  in closed form, and a second pass scores each block with its map applied to the stream it
+  hands on. The maps are fitted and scored on the same calibration tokens.
 - `iterative`: SLEB-style greedy removal (Song et al. 2024, arXiv:2402.09025), one layer at a
   time, each time the one whose removal raises the loss least; removed layers need not be
   contiguous.
@@ -13,7 +17,8 @@ Efficiency: the residual stream entering layer l is the same for every candidate
 layers 0..l-1, so each batch is run once with hooks recording resid[0..L], and each candidate
 runs only the layers after its cut, starting from the recorded state (a pre-hook swaps it in).
 For the block search that is about (L-n)/2 full-pass equivalents instead of L-n+1. Memory:
-the L+1 residual states of one calibration batch.
+the L+1 residual states of one calibration batch; `loss-repair` adds two d x d float64 sums per
+candidate (for many candidates of a large model, in groups that fit, one more pass per group).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Any
 from .architectures import find_architecture
 from .data import Calibration
 from .errors import LayerpruneError
+from .memory import FIT_SHARE, memory_available
+from .repair import BlockStatistics, Fit, fit
 from .residual import layers_swapped, next_token_losses, running_from, stream_modules, watching
 
 
@@ -86,6 +93,22 @@ class Scorer:
         sums, counts = self.document_losses(batch, start_state, suffix)
         return sum(sums), sum(counts)
 
+    def resid_and_terms(self, batch: dict, layers: Sequence[int]) -> tuple[list[Any], dict[int, Any]]:
+        """resid entering every layer (and the final norm), and the MLP term of each of `layers`
+        (what it adds to the stream; see `repair`), from one pass of the whole model."""
+        terms: dict[int, Any] = {}
+
+        def store(index: int) -> Any:
+            return lambda _m, _a, out: terms.__setitem__(index, out[0] if isinstance(out, tuple) else out)
+
+        modules = self.arch.layer_list(self.model)
+        handles = [modules[i].get_submodule(self.arch.mlp_term).register_forward_hook(store(i)) for i in layers]
+        try:
+            return self.resid(batch, list(range(self.num_layers))), terms
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _on_device(self, batch: dict) -> dict:
         """The model's inputs where its embeddings are (a dispatched model moves them on from there)."""
         device = self.model.get_input_embeddings().weight.device
@@ -142,15 +165,58 @@ def select_by_loss(
         if analysis is None:
             raise LayerpruneError("angular-rerank needs an analysis")
         pool = sorted(pool, key=lambda block: analysis.angular[n][block[0]])[:candidates]
+    elif strategy == "loss-repair":
+        pool = [block for block in _blocks(num_layers, n, allow_final) if block[0] > 0]  # repair needs a layer before
     elif strategy == "iterative":
         removed, rounds = _iterative(scorer, n, allow_final, started)
         return Selection(removed, rounds, scorer.forward_passes, round(time.perf_counter() - started, 2))
     else:
-        raise LayerpruneError(f"unknown loss search {strategy!r}; choose from loss, angular-rerank, iterative")
-    losses = scorer.score(every, pool)
-    scored: list[dict[str, Any]] = [{"layers": block, "loss": loss} for block, loss in zip(pool, losses, strict=True)]
+        raise LayerpruneError(
+            f"unknown loss search {strategy!r}; choose from loss, loss-repair, angular-rerank, iterative"
+        )
+    if strategy == "loss-repair":
+        losses, fits = _repaired_losses(scorer, pool)
+        extra: list[dict[str, Any]] = [{"fit_residual": round(f.residual, 6)} for f in fits]
+    else:
+        losses, extra = scorer.score(every, pool), [{} for _ in pool]
+    scored: list[dict[str, Any]] = [{"layers": block, "loss": loss, **more}
+                                    for block, loss, more in zip(pool, losses, extra, strict=True)]  # fmt: skip
     best = min(scored, key=lambda c: c["loss"])
     return Selection(best["layers"], scored, scorer.forward_passes, round(time.perf_counter() - started, 2))
+
+
+def _repaired_losses(scorer: Scorer, pool: list[list[int]]) -> tuple[list[float], list[Fit]]:
+    """Each block's calibration loss after its linear repair, and its fit."""
+    import torch
+
+    diagonal = scorer.arch.repair_fold_kind == "norm"
+    d = scorer.model.config.get_text_config().hidden_size
+    if scorer.model.get_input_embeddings().weight.device.type == "cuda":
+        room = FIT_SHARE * torch.cuda.mem_get_info(scorer.model.get_input_embeddings().weight.device)[0]
+    else:
+        room = FIT_SHARE * memory_available()
+    group = max(1, int(room // (2 * d * d * 8)))  # two float64 d x d sums per candidate
+    fits: list[Fit] = []
+    for first in range(0, len(pool), group):
+        stats = [BlockStatistics(block[0], block[-1] + 1) for block in pool[first : first + group]]
+        for batch in scorer.batches:
+            resid, terms = scorer.resid_and_terms(batch, sorted({s.start - 1 for s in stats}))
+            real = batch["attention_mask"].bool().to(resid[0].device)
+            for block in stats:
+                block.add(terms[block.start - 1][real], resid[block.start][real], resid[block.end][real], 0)
+        fits += [fit(block, diagonal) for block in stats]
+    totals, tokens = [0.0] * len(pool), 0
+    for batch in scorer.batches:
+        resid, terms = scorer.resid_and_terms(batch, sorted({f.start - 1 for f in fits}))
+        for c, result in enumerate(fits):
+            a = terms[result.start - 1]
+            t = result.map.to(a)
+            change = a * (t - 1) if result.diagonal else a @ t - a  # the stream handed on: (H - A) + A T
+            suffix = list(range(result.end, scorer.num_layers))
+            loss, count = scorer._suffix_loss(batch, resid[result.start] + change, suffix)
+            totals[c] += loss
+        tokens += count
+    return [t / tokens for t in totals], fits
 
 
 def _iterative(scorer: Scorer, n: int, allow_final: bool, started: float) -> tuple[list[int], list[dict]]:

@@ -159,6 +159,13 @@ def _loss(request: Request) -> Choice:
     return _chosen(_by_loss(request, "loss"))
 
 
+@strategy("loss-repair", needs=[MODEL], cost="2 passes, plus about (L-n)/2 passes of the layers and a head per block")
+def _loss_repair(request: Request) -> Choice:
+    """the contiguous block whose removal, then repair by a linear map (prune --repair linear), gives the lowest
+    calibration loss"""
+    return _chosen(_by_loss(request, "loss-repair"))
+
+
 @strategy("angular-rerank", needs=[ANALYSIS, MODEL], cost="1 + about k/2 passes of the layers, plus k heads")
 def _angular_rerank(request: Request) -> Choice:
     """of the --candidates k best angular blocks, the one of lowest calibration loss"""

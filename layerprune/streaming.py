@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,120 @@ def _layer_bytes(entries: dict[str, TensorEntry], arch: Architecture, index: int
     return total
 
 
+Visit = Callable[[int, int, dict, Any, Any], None]  # (layer, batch index, batch, resid in, resid out)
+Watch = Callable[[int, Any], list[Any]]  # (layer, its module) -> hook handles, removed after the layer
+
+
+class LayerStream:
+    """A checkpoint run one layer at a time on the plan's device and in its dtype (the CPU in fp32
+    by default).
+
+    `memory_budget` (bytes) bounds the weights and states kept on that device: by default, for a
+    GPU, its free memory, and for the CPU, no bound. When the budget holds two layers, the next
+    layer is read from disk on a second thread while the current one computes.
+    """
+
+    def __init__(self, path: Path, plan: Plan | None = None, memory_budget: float | None = None) -> None:
+        import torch
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.plan = plan or Plan("cpu", "float32")
+        self.device = torch.device(self.plan.device)
+        config = AutoConfig.from_pretrained(str(path))
+        self.arch = find_architecture(config)
+        self.num_layers = self.arch.num_layers(config)
+        self.entries = tensor_entries(path)
+        if not self.entries:
+            raise LayerpruneError(f"{path} has no safetensors weights to stream")
+        check_layers(path, self.arch, self.num_layers, self.entries)
+        sizes = [_layer_bytes(self.entries, self.arch, i, self.plan.dtype) for i in range(self.num_layers)]
+        self.largest_layer = max(sizes)
+        if memory_budget is None and self.device.type == "cuda":
+            memory_budget = FIT_SHARE * torch.cuda.mem_get_info(self.device)[0]
+        if memory_budget is not None and memory_budget < self.largest_layer:
+            raise LayerpruneError(
+                f"memory budget {memory_budget / 2**20:.1f} MiB is smaller than one layer: at least "
+                f"{self.largest_layer / 2**20:.1f} MiB is needed"
+            )
+        self.memory_budget = memory_budget
+        with init_empty_weights():
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.plan.torch_dtype)
+        self.model.eval()
+        self.names = set(dict(self.model.named_parameters())) | set(dict(self.model.named_buffers()))
+
+    def read(self, keys: list[str]) -> dict[str, Any]:
+        """The tensors of `keys`, by module name, read in the plan's dtype (pinned for a GPU)."""
+        from safetensors import safe_open
+
+        tensors = {}
+        for key in keys:
+            split = self.arch.split_layer_key(key)
+            name = f"{self.arch.layer_key(split[1])}{split[2]}" if split else key
+            if name in self.names:
+                with safe_open(self.entries[key].file, framework="pt") as handle:
+                    tensor = handle.get_tensor(key).to(self.plan.torch_dtype)
+                tensors[name] = tensor.pin_memory() if self.device.type == "cuda" else tensor
+        return tensors
+
+    def place(self, tensors: dict[str, Any], device: Any = None) -> None:
+        """Put `tensors` (by module name) into the model, on `device` (the plan's by default)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, tensor in tensors.items():
+            set_module_tensor_to_device(self.model, name, device or self.device, value=tensor)
+
+    def layer_keys(self, layer: int) -> list[str]:
+        return [k for k in self.entries if (s := self.arch.split_layer_key(k)) and s[1] == layer]
+
+    def run(self, batches: list[dict], visit: Visit, last_layer: int | None = None, watch: Watch | None = None,
+            desc: str = "analyze (offload)", progress: bool = True) -> None:  # fmt: skip
+        """Run `batches` through the layers up to `last_layer` (all by default), one layer in memory
+        at a time, calling `visit` for each batch after each layer (layer -1: the embeddings, whose
+        resid in is None) and `watch` on each layer before its batches run."""
+        from tqdm.auto import tqdm
+
+        arch, model, device = self.arch, self.model, self.device
+        last_layer = self.num_layers - 1 if last_layer is None else last_layer
+        prefetch = self.memory_budget is None or self.memory_budget >= 2 * self.largest_layer
+        batches, loaded = _used_embeddings(model, self.entries, batches, self.plan.torch_dtype)
+        outside = [k for k in self.entries if arch.split_layer_key(k) is None and not k.startswith("lm_head.")]
+        self.place(self.read([k for k in outside if k not in loaded]))
+        model.get_input_embeddings().to(device)
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        weights = (2 if prefetch else 1) * self.largest_layer
+        on_device = self.memory_budget - weights if self.memory_budget is not None else float("inf")
+        states = _States(device, on_device, FIT_SHARE * memory_available())
+        reader = ThreadPoolExecutor(max_workers=1) if prefetch else None
+        try:
+            for b, batch in enumerate(batches):
+                resid = run_layers(model, arch, batch, None, [])  # the embeddings, resid[0]
+                visit(-1, b, batch, None, resid)
+                states.put(b, resid)
+            upcoming = reader.submit(self.read, self.layer_keys(0)) if reader else None
+            for layer in tqdm(range(last_layer + 1), desc=desc, unit="layer", disable=not progress):
+                self.place(upcoming.result() if upcoming else self.read(self.layer_keys(layer)))
+                if reader and layer < last_layer:
+                    upcoming = reader.submit(self.read, self.layer_keys(layer + 1))  # read while this layer computes
+                module = arch.layer_list(model)[layer]
+                handles = watch(layer, module) if watch else []
+                try:
+                    for b, batch in enumerate(batches):
+                        previous = states.get(b)
+                        resid = run_layers(model, arch, batch, previous, [layer])
+                        visit(layer, b, batch, previous, resid)
+                        states.put(b, resid)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                module.to("meta")  # free this layer's weights
+                return_freed_memory()
+        finally:
+            if reader:
+                reader.shutdown(cancel_futures=True)
+            states.close()
+
+
 def measure_streaming(
     path: Path,
     batches: list[dict],
@@ -135,97 +250,19 @@ def measure_streaming(
     plan: Plan | None = None,
     progress: bool = True,
 ) -> tuple[dict[int, list[float]], list[float]]:
-    """The angular table and Block Influence of the checkpoint at `path`, one layer at a time on
-    the plan's device and in its dtype (the CPU in fp32 by default).
-
-    `memory_budget` (bytes) bounds the weights and states kept on that device: by default, for a
-    GPU, its free memory, and for the CPU, no bound. When the budget holds two layers, the next
-    layer is read from disk on a second thread while the current one computes.
-    """
-    import torch
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    plan = plan or Plan("cpu", "float32")
-    device, dtype = torch.device(plan.device), plan.torch_dtype
-    config = AutoConfig.from_pretrained(str(path))
-    arch = find_architecture(config)
-    num_layers = arch.num_layers(config)
-    entries = tensor_entries(path)
-    if not entries:
-        raise LayerpruneError(f"{path} has no safetensors weights to stream")
-    check_layers(path, arch, num_layers, entries)
-    largest_layer = max(_layer_bytes(entries, arch, i, plan.dtype) for i in range(num_layers))
-    if memory_budget is None and device.type == "cuda":
-        memory_budget = FIT_SHARE * torch.cuda.mem_get_info(device)[0]
-    if memory_budget is not None and memory_budget < largest_layer:
-        raise LayerpruneError(
-            f"memory budget {memory_budget / 2**20:.1f} MiB is smaller than one layer: at least "
-            f"{largest_layer / 2**20:.1f} MiB is needed"
-        )
-    prefetch = memory_budget is None or memory_budget >= 2 * largest_layer
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
-    names = set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
-
-    def read(keys: list[str]) -> dict[str, Any]:
-        """The tensors of `keys`, by module name, read in the plan's dtype (pinned for a GPU)."""
-        tensors = {}
-        for key in keys:
-            split = arch.split_layer_key(key)
-            name = f"{arch.layer_key(split[1])}{split[2]}" if split else key
-            if name in names:
-                with safe_open(entries[key].file, framework="pt") as handle:
-                    tensor = handle.get_tensor(key).to(dtype)
-                tensors[name] = tensor.pin_memory() if device.type == "cuda" else tensor
-        return tensors
-
-    def place(tensors: dict[str, Any]) -> None:
-        for name, tensor in tensors.items():
-            set_module_tensor_to_device(model, name, device, value=tensor)
-
-    def layer_keys(layer: int) -> list[str]:
-        return [k for k in entries if (s := arch.split_layer_key(k)) and s[1] == layer]
-
-    batches, loaded = _used_embeddings(model, entries, batches, dtype)
-    outside = [k for k in entries if arch.split_layer_key(k) is None and not k.startswith("lm_head.")]
-    place(read([k for k in outside if k not in loaded]))
-    model.get_input_embeddings().to(device)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    weights = (2 if prefetch else 1) * largest_layer
-    host = FIT_SHARE * memory_available()
-    states = _States(device, (memory_budget - weights) if memory_budget is not None else float("inf"), host)
-    sums = AngularSums(num_layers)
+    """The angular table and Block Influence of the checkpoint at `path`, one layer at a time (see
+    `LayerStream` for the device, dtype and `memory_budget`)."""
+    stream = LayerStream(path, plan, memory_budget)
+    sums = AngularSums(stream.num_layers)
     last_rows: list[list[Any]] = [[] for _ in batches]
-    masks = [b["attention_mask"].bool() for b in batches]
-    last_index = [last_token_index(m) for m in masks]
-    reader = ThreadPoolExecutor(max_workers=1) if prefetch else None
-    try:
-        for b, batch in enumerate(batches):
-            resid = run_layers(model, arch, batch, None, [])  # the embeddings, resid[0]
-            last_rows[b].append(final_rows(resid, last_index[b]))
-            states.put(b, resid)
-        upcoming = reader.submit(read, layer_keys(0)) if reader else None
-        for layer in tqdm(range(num_layers), desc="analyze (offload)", unit="layer", disable=not progress):
-            place(upcoming.result() if upcoming else read(layer_keys(layer)))
-            if reader and layer + 1 < num_layers:
-                upcoming = reader.submit(read, layer_keys(layer + 1))  # read while this layer computes
-            for b, batch in enumerate(batches):
-                previous = states.get(b)
-                resid = run_layers(model, arch, batch, previous, [layer])
-                sums.add_neighbours(layer, previous, resid, masks[b])
-                last_rows[b].append(final_rows(resid, last_index[b]))
-                states.put(b, resid)
-            arch.layer_list(model)[layer].to("meta")  # free this layer's weights
-            return_freed_memory()
-    finally:
-        if reader:
-            reader.shutdown(cancel_futures=True)
-        states.close()
-    for rows, mask in zip(last_rows, masks, strict=True):
-        sums.add_samples(rows, int(mask.sum()))
+    last_index = [last_token_index(b["attention_mask"].bool().to(stream.device)) for b in batches]
+
+    def visit(layer: int, b: int, batch: dict, previous: Any, resid: Any) -> None:
+        if previous is not None:
+            sums.add_neighbours(layer, previous, resid, batch["attention_mask"].bool())
+        last_rows[b].append(final_rows(resid, last_index[b]))
+
+    stream.run(batches, visit, progress=progress)
+    for rows, batch in zip(last_rows, batches, strict=True):
+        sums.add_samples(rows, int(batch["attention_mask"].sum()))
     return sums.result()

@@ -1,7 +1,8 @@
-"""The paper's experiment: vary the fraction of layers removed, prune by each strategy, with and
-without healing, and evaluate every point.
+"""The paper's experiment: vary the fraction of layers removed, prune by each strategy, repair
+each cut as asked (`--repairs`), with and without healing, and evaluate every point.
 
-    analyze once -> for each (n, strategy): prune, evaluate; heal, evaluate -> results + report
+    analyze once -> for each (n, strategy, repair): prune (repair), evaluate; heal, evaluate
+                 -> results + report
 
 Each point's result is written to `DIR/points/<key>.json` the moment it is done (atomically),
 so the same command run again after an interruption, or with more points, computes only what
@@ -15,7 +16,8 @@ tolerance question or its documents run out; the full model is evaluated on what
 the points need. The `kld` task compares each point with the base model, side by side.
 
 Cost: one analysis pass, one sensitivity map (about L/2 passes per task); per point one
-evaluation, plus for healed points one on-disk prune (streamed), one QLoRA run and a merge.
+evaluation, plus for healed or repaired points one on-disk prune (streamed; a repair adds its
+calibration pass), and for healed points one QLoRA run and a merge.
 Memory: the base model once (unhealed points prune it in place and restore it; healed points
 load their own checkpoint beside it).
 """
@@ -66,6 +68,7 @@ from .gguf_surgery import prune_gguf
 from .healing import HealConfig, heal
 from .models import gguf_file, load_model, model_inputs, resolve_model
 from .pipeline import prune
+from .repair import METHODS as REPAIR_METHODS
 from .report import write_report
 from .scoring import calibration_batches
 from .sensitivity import RESULT_FILE as SENSITIVITY_FILE
@@ -82,6 +85,7 @@ RESULT_FIELDS = (
     "strategy",
     "n",
     "fraction",
+    "repair",
     "healed",
     "layers_removed",
     "num_layers",
@@ -111,6 +115,11 @@ class SweepConfig:
             "choices": strategy_names,
         },
     )
+    repairs: tuple[str, ...] = field(
+        default=("none",),
+        metadata={"help": "Repairs of each cut, comma-separated: none, linear, cosine (see `prune --repair`); each "
+                  "is a point of its own, healed from the repaired weights with --heal.", "choices": REPAIR_METHODS},
+    )  # fmt: skip
     heal: bool = field(default=True, metadata={"help": "Also heal every pruned point."})
     heal_config: HealConfig = field(default_factory=HealConfig, metadata={"prefix": "heal_"})
     tasks: tuple[str, ...] = field(default=DEFAULT_TASKS, metadata={"help": "Tasks, as in `evaluate`."})
@@ -145,6 +154,9 @@ class SweepConfig:
             raise LayerpruneError(f"no strategy given; choose from {', '.join(STRATEGIES)}")
         for strategy in self.strategies:
             get_strategy(strategy)
+        bad_repairs = [r for r in self.repairs if r not in REPAIR_METHODS]
+        if bad_repairs or not self.repairs:
+            raise LayerpruneError(f"--repairs takes {', '.join(REPAIR_METHODS)}, got {','.join(self.repairs)!r}")
         if isinstance(self.limit, str) and not self.adaptive:
             if not self.limit.isdigit():
                 raise LayerpruneError(f"--limit must be a whole number, auto or auto:N, got {self.limit!r}")
@@ -185,7 +197,14 @@ class SweepConfig:
         """The settings that must match for results to be comparable (the points may grow)."""
         raw = {k: v for k, v in flatten(self).items() if not k.startswith("heal_")}
         raw["heal_config"] = asdict(self.heal_config)
-        for key in ("ns", "fractions", "strategies", "device", "export"):  # they change no number (beyond rounding)
+        for key in (
+            "ns",
+            "fractions",
+            "strategies",
+            "repairs",
+            "device",
+            "export",
+        ):  # they change no number (beyond rounding)
             raw.pop(key)
         raw["tasks"] = sorted(raw["tasks"])
         return raw
@@ -196,10 +215,12 @@ class Point:
     strategy: str  # "full" for n = 0
     n: int
     healed: bool
+    repair: str = "none"
 
     @property
     def key(self) -> str:
-        return f"{self.strategy}-n{self.n}" + ("-healed" if self.healed else "")
+        return f"{self.strategy}-n{self.n}" + (f"-{self.repair}" if self.repair != "none" else "") + (
+            "-healed" if self.healed else "")  # fmt: skip
 
 
 def plan(config: SweepConfig, num_layers: int) -> list[Point]:
@@ -207,9 +228,10 @@ def plan(config: SweepConfig, num_layers: int) -> list[Point]:
     for n in config.counts(num_layers):
         if n:
             for strategy in config.strategies:
-                points.append(Point(strategy, n, False))
-                if config.heal:
-                    points.append(Point(strategy, n, True))
+                for repair in config.repairs:
+                    points.append(Point(strategy, n, False, repair))
+                    if config.heal:
+                        points.append(Point(strategy, n, True, repair))
     return points
 
 
@@ -248,7 +270,8 @@ def _open_sweep(out: Path, model: str, config: SweepConfig) -> None:
 
 
 def _points_settings(config: SweepConfig) -> dict[str, Any]:
-    return {"ns": list(config.ns), "fractions": list(config.fractions), "strategies": list(config.strategies)}
+    return {"ns": list(config.ns), "fractions": list(config.fractions), "strategies": list(config.strategies),
+            "repairs": list(config.repairs)}  # fmt: skip
 
 
 def _eval_config(config: SweepConfig) -> EvalConfig:
@@ -366,27 +389,36 @@ def _removed_layers(point: Point, base: tuple[Any, Any], analysis: AnalysisResul
 
 def _twin(out: Path, point: Point, removed: list[int]) -> dict[str, Any] | None:
     """A stored point of another strategy that removed the same layers: its numbers are this point's."""
-    for path in sorted((out / "points").glob(f"*-n{point.n}{'-healed' if point.healed else ''}.json")):
+    for path in sorted((out / "points").glob(f"*-n{point.n}*.json")):
         row = json.loads(path.read_text())
-        if row["healed"] == point.healed and row["layers_removed"] == removed and "same_as" not in row:
+        same = (row["healed"], row.get("repair", "none"), row["layers_removed"]) == (
+            point.healed,
+            point.repair,
+            removed,
+        )
+        if same and "same_as" not in row:
             return {**row, "strategy": point.strategy, "same_as": row["strategy"], "seconds": 0.0}
     return None
 
 
 def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config: SweepConfig, work: Path,
                orders: dict[str, list[str]] | None, full: Callable | None) -> dict:  # fmt: skip
-    """One point: the base pruned in place (restored after) and evaluated, or pruned on disk,
-    healed, loaded and evaluated (beside the base, for kld). With `orders`, in rounds (`_adaptive`)."""
+    """One point: the base pruned in place (restored after) and evaluated, or pruned (and repaired)
+    on disk, healed if asked, loaded and evaluated (beside the base, for kld). With `orders`, in
+    rounds (`_adaptive`)."""
     model, tokenizer = base
     num_layers = find_architecture(model.config).num_layers(model.config)
     started = time.perf_counter()
-    healing = None
+    healing = repair = None
     candidate = None
-    if point.healed:
-        pruned = prune(src, work / "pruned", layers=removed, overwrite=True)
-        healed = heal(pruned.path, work / "healed", config.heal_config)  # resumes if a killed run left checkpoints
-        candidate, _ = load_model(healed.path, config.placement)
-        healing = {k: v for k, v in healed.healing.items() if k != "curve"}
+    if point.healed or point.repair != "none":
+        pruned = prune(src, work / "pruned", layers=removed, repair=point.repair, calibration=config.calibration,
+                       placement=config.placement, overwrite=True)  # fmt: skip
+        repair, checkpoint = pruned.record.get("repair"), pruned.path
+        if point.healed:  # resumes if a killed run left checkpoints
+            healed = heal(pruned.path, work / "healed", config.heal_config)
+            healing, checkpoint = {k: v for k, v in healed.healing.items() if k != "curve"}, healed.path
+        candidate, _ = load_model(checkpoint, config.placement)
     if orders is None:
         evaluated = _measure(base, removed, candidate, config)
     else:
@@ -395,6 +427,8 @@ def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config:
         )
     if healing:
         evaluated["healing"] = healing
+    if repair:
+        evaluated["repair_record"] = {k: v for k, v in repair.items() if k != "calibration"}
     with pruned_in_place(model, removed) if candidate is None and removed else nullcontext():
         return _row(point, removed, num_layers, candidate or model, evaluated, started)
 
@@ -402,8 +436,8 @@ def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config:
 def _export_point(
     model: str | Path, src: Path, point: Point, removed: list[int], work: Path, folder: Path, twin: Point | None
 ) -> None:
-    """A point as `folder/<point>.gguf`: a healed one converted from its checkpoint (still in
-    `work`); an unhealed one cut from the source GGUF, bytes unchanged, or else converted from a
+    """A point as `folder/<point>.gguf`: a healed or repaired one converted from its checkpoint
+    (still in `work`); an unhealed one cut from the source GGUF, bytes unchanged, or else converted from a
     pruned copy; a point that removed the same layers as an earlier one (`twin`), a copy of its file."""
     path = folder / f"{point.key}.gguf"
     record = {"source": str(model), "strategy": point.strategy, "sweep_point": point.key}
@@ -411,8 +445,8 @@ def _export_point(
     folder.mkdir(parents=True, exist_ok=True)
     if twin is not None:
         shutil.copyfile(folder / f"{twin.key}.gguf", path)
-    elif point.healed:
-        export_gguf(work / "healed", path, overwrite=True)
+    elif point.healed or point.repair != "none":  # a checkpoint of this point's own is in `work`
+        export_gguf(work / ("healed" if point.healed else "pruned"), path, overwrite=True)
     else:
         try:
             if source is None:
@@ -446,6 +480,7 @@ def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluate
         "strategy": point.strategy,
         "n": point.n,
         "fraction": point.n / num_layers,
+        "repair": point.repair,
         "healed": point.healed,
         "layers_removed": removed,
         "num_layers": num_layers - len(removed),
@@ -544,7 +579,7 @@ def _run_sweep(model: str | Path, out: Path, config: SweepConfig, progress: bool
         removed = _removed_layers(point, base, analysis, config, out) if point.n else []
         result = _twin(out, point, removed) or _run_point(point, base, src, removed, config, work, orders, full)
         if config.export and point.n:
-            twin = Point(result["same_as"], point.n, point.healed) if "same_as" in result else None
+            twin = Point(result["same_as"], point.n, point.healed, point.repair) if "same_as" in result else None
             _export_point(model, src, point, removed, work, out / "gguf", twin)
         _write_json(out / "points" / f"{point.key}.json", result)
         shutil.rmtree(work, ignore_errors=True)
@@ -595,7 +630,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
     rows = [json.loads(p.read_text()) for p in sorted((out / "points").glob("*.json"))]
     if not rows:
         raise LayerpruneError(f"{out} holds no sweep results")
-    rows.sort(key=lambda r: (r["n"], r["strategy"], r["healed"]))
+    rows.sort(key=lambda r: (r["n"], r["strategy"], REPAIR_METHODS.index(r.get("repair", "none")), r["healed"]))
     _write_json(out / "results.json", rows)
     tasks = sorted({t for r in rows for t in r["tasks"]})
     columns = list(RESULT_FIELDS)

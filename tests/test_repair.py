@@ -125,3 +125,39 @@ def test_prune_with_repair_from_the_command_line_is_quiet_and_recorded(tmp_path)
                                     "--seq-len", "24"])  # fmt: skip
     assert done.exit_code == 0, done.output
     assert json.loads((tmp_path / "out" / "layerprune.json").read_text())["repair"]["blocks"][0]["after_layer"] == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_the_streamed_path_equals_the_in_memory_one(tmp_path, family):
+    """`--offload` sums the same statistics one layer at a time, and writes the same checkpoint."""
+    from safetensors.torch import load_file
+
+    from layerprune import load_model, prune
+    from layerprune.streaming import LayerStream
+
+    src = save_tiny(tiny_model(family, seed=4), tmp_path / "model")
+    model, tokenizer = load_model(src)
+    data = token_batches(tokenizer, DOCS, 24, 24, 6)
+    blocks = [(2, 3), (4, 6)]
+    in_memory = repair.collect(model, data, blocks, keep_samples=50, progress=False)
+    streamed = repair.collect_streaming(LayerStream(src), data, blocks, keep_samples=50, progress=False)
+    for one, other in zip(in_memory, streamed, strict=True):
+        assert (one.start, one.end, one.tokens) == (other.start, other.end, other.tokens)
+        assert one.tokens > 0
+        assert torch.allclose(one.aa, other.aa, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(one.ar, other.ar, rtol=1e-5, atol=1e-6)
+        assert one.rr == pytest.approx(other.rr, rel=1e-5)
+        assert all(torch.allclose(s, t, atol=1e-5) for s, t in zip(one.samples[0], other.samples[0], strict=True))
+    text = tmp_path / "text.txt"
+    text.write_text(HEAL_TEXT)
+    settings = dict(layers=[1, 3, 4], repair="linear", data=str(text), samples=24, seq_len=24, progress=False)
+    plain = prune(src, tmp_path / "plain", offload=False, **settings)
+    offloaded = prune(src, tmp_path / "offloaded", offload=True, **settings)
+    assert offloaded.record["repair"]["offload"] and not plain.record["repair"]["offload"]
+    a, b = load_file(plain.path / "model.safetensors"), load_file(offloaded.path / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert [b["block"] for b in offloaded.record["repair"]["blocks"]] == [[1, 1], [3, 4]]
+    assert offloaded.record["repair"]["blocks"] == plain.record["repair"]["blocks"] or all(
+        x["fit_residual"] == pytest.approx(y["fit_residual"], rel=1e-4)
+        for x, y in zip(offloaded.record["repair"]["blocks"], plain.record["repair"]["blocks"], strict=True)
+    )

@@ -52,6 +52,24 @@ def test_loss_search_equals_brute_force(family):
     assert selection.forward_passes < len(expected)  # cheaper than pruning and evaluating each block
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_loss_repair_scores_each_block_as_the_repaired_checkpoint_computes(family):
+    """Each candidate's loss is the calibration loss of the model repaired for it (`repair_model`,
+    the maps `prune --repair linear` folds) and pruned; the block at layer 0 has no layer to fold into."""
+    from layerprune.repair import repair_model
+
+    model = tiny_model(family, seed=4)
+    batches = token_batches(tiny_tokenizer(), DOCS * 8, 48, 40, 8)  # more tokens than hidden units
+    selection = select_by_loss(model, batches, n=2, strategy="loss-repair")
+    assert [c["layers"] for c in selection.candidates] == [[1, 2], [2, 3], [3, 4]]
+    for candidate in selection.candidates:
+        repaired = copy.deepcopy(model)
+        fits = repair_model(repaired, batches, candidate["layers"], "linear", progress=False)
+        assert candidate["fit_residual"] == pytest.approx(fits[0].residual, abs=1e-6)
+        assert candidate["loss"] == pytest.approx(brute_force_loss(repaired, batches, candidate["layers"]), rel=1e-5)
+    assert selection.removed == min(selection.candidates, key=lambda c: c["loss"])["layers"]
+
+
 def test_angular_rerank_scores_the_k_most_similar_blocks():
     model = tiny_model("qwen3", seed=5)
     batches = token_batches(tiny_tokenizer(), DOCS, 6, 40, 3)

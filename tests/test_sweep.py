@@ -71,6 +71,35 @@ def test_points_that_remove_the_same_layers_are_computed_once(setup, tmp_path, m
     assert rows["bi", True]["same_as"] == "deepest" and rows["bi", True]["tasks"] == rows["deepest", True]["tasks"]
 
 
+def test_repairs_are_an_axis_of_points_compared_with_their_unrepaired_cut(setup, finished, tmp_path, monkeypatch):
+    """Adding --repairs none,linear to a stored sweep computes only the repaired points (healed from
+    the repaired weights), and the report draws them and compares each with its cut unrepaired."""
+    base, text = setup
+    out = tmp_path / "sweep"
+    shutil.copytree(finished, out)
+    calls = []
+    real = sweep_module._run_point
+    monkeypatch.setattr(sweep_module, "_run_point", lambda point, *a: calls.append(point.key) or real(point, *a))
+    run_sweep(base, out, config(text, strategies=("deepest",), repairs=("none", "linear")), progress=False)
+    assert sorted(calls) == ["deepest-n1-linear", "deepest-n1-linear-healed", "deepest-n2-linear",
+                             "deepest-n2-linear-healed"]  # fmt: skip
+    stored = json.loads((out / "results.json").read_text())
+    rows = {(r["strategy"], r["n"], r["repair"], r["healed"]): r for r in stored}
+    for n, healed in ((1, False), (1, True), (2, False), (2, True)):
+        repaired, plain = rows["deepest", n, "linear", healed], rows["deepest", n, "none", healed]
+        assert repaired["layers_removed"] == plain["layers_removed"]
+        assert [b["block"] for b in repaired["repair_record"]["blocks"]] == [[6 - n - 1, 6 - 2]]
+        assert repaired["repair_record"]["blocks"][0]["fit_residual"] < 1
+        assert ("healing" in repaired) == healed
+        assert repaired["tasks"]["loss"]["loss"] != plain["tasks"]["loss"]["loss"], "the repair changed the model"
+    assert "repair" in (out / "results.csv").read_text().splitlines()[0].split(",")
+    report = (out / "report.html").read_text()
+    table = report[report.index("<table id=repairs>") :]
+    table = table[: table.index("</table>")]
+    assert table.count("<tr>") == 1 + 4 * 3  # a head, then 4 repaired points x (arc_easy, loss, kld)
+    assert "deepest + linear repair + healing" in table and "deepest + linear repair" in report
+
+
 def test_changed_settings_are_refused(setup, finished):
     base, text = setup
     before = (finished / "results.json").read_text()
@@ -86,6 +115,7 @@ def test_changed_settings_are_refused(setup, finished):
         ({"ns": (0, 5)}, "cannot be removed"),
         ({"strategies": ("nope",)}, "unknown strategy"),
         ({"limit": 0}, "at least 1"),
+        ({"repairs": ("magic",)}, "--repairs takes none, linear, cosine"),
     ],
 )
 def test_bad_sweeps_are_refused(setup, tmp_path, changes, fragment):

@@ -1,0 +1,98 @@
+"""Does a repair-aware choice of the block pick other layers, and are they better once repaired?
+
+python bench/repair_search.py --model smollm2-135m --n 8 --samples 16 --limit 100 --out /tmp/repair-search/smollm2-8
+
+The `loss` and `loss-repair` searches run on the same calibration batches (`--samples` CoQA
+documents of 256 tokens, the analysis's default text). Every distinct block they and `angular`
+choose is then pruned with `--repair linear` (default calibration, 64 documents) and evaluated on
+the first `--limit` LAMBADA passages (loss, and KL divergence to the full model), each compared
+with the `loss-repair` block on the same passages (paired bootstrap). Finished steps are read back
+when the script reruns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def searches(model: str, n: int, samples: int, out: Path) -> dict[str, dict]:
+    """The `loss` and `loss-repair` selections, with every candidate's score and their wall times."""
+    path = out / "searches.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from layerprune.data import Calibration
+    from layerprune.models import load_model, resolve_model
+    from layerprune.scoring import calibration_batches, select_by_loss
+
+    loaded, tokenizer = load_model(resolve_model(model))
+    batches = calibration_batches(Calibration(samples=samples), tokenizer)
+    found = {}
+    for search in ("loss", "loss-repair"):
+        started = time.perf_counter()
+        selection = select_by_loss(loaded, batches, n, search)
+        found[search] = {"removed": selection.removed, "candidates": selection.candidates,
+                         "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        print(search, selection.removed, found[search]["seconds"], "s", flush=True)
+    path.write_text(json.dumps(found, indent=1))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    from layerprune import prune
+    from layerprune.evaluation import evaluate
+    from layerprune.models import resolve_model
+    from layerprune.uncertainty import Documents, compare
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    found = searches(args.model, args.n, args.samples, out)
+    blocks = {name: found[name]["removed"] for name in found}
+    if not (out / "angular.json").is_file():
+        chosen = prune(args.model, out / "angular-cut", n=args.n, strategy="angular", progress=False).removed
+        (out / "angular.json").write_text(json.dumps(chosen))
+    blocks["angular"] = json.loads((out / "angular.json").read_text())
+    results = {}
+    for name, layers in blocks.items():
+        path = out / f"{name}.results.json"
+        if not path.is_file():
+            pruned = prune(args.model, out / f"{name}-linear", layers=layers, repair="linear", overwrite=True,
+                           progress=False)  # fmt: skip
+            evaluate(pruned.path, tasks=["loss", "kld"], limit=args.limit, reference=str(resolve_model(args.model)),
+                     out=path, overwrite=True)  # fmt: skip
+        results[name] = json.loads(path.read_text())
+
+    def documents(name: str, task: str) -> Documents:
+        stored = results[name]["tasks"][task]["documents"]
+        return Documents.of(stored, "loss" if task == "loss" else "kl", "tokens")
+
+    scored = {name: {tuple(c["layers"]): c["loss"] for c in found[name]["candidates"]} for name in found}
+    print("\n| block chosen by | layers | calibration loss, unrepaired | calibration loss, repaired | LAMBADA loss "
+          "(repaired) | minus loss-repair's, paired 95% CI | KL to full | minus loss-repair's |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, layers in blocks.items():
+        key = tuple(layers)
+        cells = [name, f"{layers[0]}–{layers[-1]}", f"{scored['loss'].get(key, float('nan')):.3f}",
+                 f"{scored['loss-repair'].get(key, float('nan')):.3f}"]  # fmt: skip
+        for task in ("loss", "kld"):
+            cells.append(f"{results[name]['tasks'][task][task]:.3f}")
+            if name == "loss-repair":
+                cells.append("-")
+                continue
+            c = compare(documents("loss-repair", task), documents(name, task), higher_is_better=False)
+            cells.append(f"{c.change:+.3f} [{c.change_interval[0]:+.3f}, {c.change_interval[1]:+.3f}]")
+        print("| " + " | ".join(cells) + " |")
+    print(f"\nsearch seconds: loss {found['loss']['seconds']}, loss-repair {found['loss-repair']['seconds']}")
+
+
+if __name__ == "__main__":
+    main()
