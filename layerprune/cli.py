@@ -14,19 +14,26 @@ import signal
 import sys
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial, wraps
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
+try:
+    from typer._click import exceptions as click_errors  # typer vendors its own click from 0.2x
+except ImportError:  # pragma: no cover - an older typer on click itself
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
+from ._version import __version__
 from .analysis import analyze as run_analysis
 from .config import build, flat_fields
 from .data import Calibration
 from .deployment import InferenceSettings, benchmark, export_gguf, export_quantized
 from .devices import Placement, end_processes, is_main_process
-from .errors import LayerpruneError, LayerpruneWarning, describe
+from .errors import USER_ERROR, LayerpruneError, LayerpruneWarning, describe, one_line
 from .evaluation import EvalConfig, Tolerance
 from .evaluation import evaluate as run_evaluation
 from .healing import HealConfig
@@ -39,11 +46,42 @@ from .sensitivity import run_sensitivity
 from .strategies import STRATEGIES
 from .sweep import Shard, SweepConfig, collect, run_sweep
 
+
+class _Commands(TyperGroup):
+    """The command group, with option errors (an unknown option, a bad value, a missing argument)
+    as one line and exit 1, like every other user error, instead of click's box and exit 2."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:  # fmt: skip
+        given: dict[str, Any] = dict(args=args, prog_name=prog_name, complete_var=complete_var,
+                                     windows_expand_args=windows_expand_args)  # fmt: skip
+        if not standalone_mode:
+            return super().main(**given, standalone_mode=False, **extra)
+        try:
+            code = super().main(**given, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as err:
+            typer.echo(err.ctx.get_help() if err.ctx else err.format_message())
+            sys.exit(0)
+        except click_errors.UsageError as err:
+            where = f"; see `{err.ctx.command_path} --help`" if err.ctx else ""
+            typer.echo(f"error: {one_line(err.format_message()).rstrip('.')}{where}", err=True)
+            sys.exit(USER_ERROR)
+        except click_errors.ClickException as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except typer.Abort:  # Ctrl-C before a command started
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if type(code) is int else 0)  # an exit code (typer.Exit), or a command's return value
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="Measure which transformer layers are redundant, remove them, heal and evaluate.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, .gguf file, built-in name or hub id.")]
@@ -111,9 +149,18 @@ def quiet_libraries() -> None:
         sys.modules["transformers"].logging.set_verbosity_error()
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        typer.echo(f"layerprune {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def options(
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the libraries' warnings and logs.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
 ) -> None:
     """Measure which transformer layers are redundant, remove them, heal and evaluate."""
     if verbose:

@@ -18,7 +18,7 @@ def checkpoint(tmp_path_factory):
 
 
 def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return CliRunner().invoke(app, [str(a) for a in args], prog_name="layerprune")
 
 
 def assert_one_line_error(result, *fragments):
@@ -221,3 +221,29 @@ def test_a_successful_heal_prints_only_its_own_lines_and_progress(tmp_path):
     verbose = [sys.executable, "-m", "layerprune", "--verbose", *command[3:], "--out", str(tmp_path / "b")]
     loud = subprocess.run(verbose, capture_output=True, text=True)
     assert loud.returncode == 0 and any("%|" not in line for line in loud.stderr.splitlines() if line.strip())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prune", "model", "--nn", "3"], "No such option: --nn (Possible options: --n); see `layerprune prune --help`"),
+        (["prune"], "Missing argument 'model'; see `layerprune prune --help`"),
+        (["prune", "model", "--out", "x", "--n", "abc"], "Invalid value for '--n' / '--count'"),
+        (["no-such-command"], "No such command 'no-such-command'; see `layerprune --help`"),
+    ],
+)
+def test_option_errors_are_one_line_and_exit_1_like_every_user_error(args, message):
+    result = run(*args)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
+
+
+def test_version_and_short_help():
+    from layerprune import __version__
+
+    version = run("--version")
+    assert version.exit_code == 0 and version.stdout.strip() == f"layerprune {__version__}"
+    for args in (["-h"], ["prune", "-h"], []):
+        shown = run(*args)
+        assert shown.exit_code == 0 and "Usage: layerprune" in shown.stdout
+    assert "--repair" in run("prune", "-h").stdout
