@@ -204,6 +204,7 @@ main()
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_successful_heal_prints_only_its_own_lines_and_progress(tmp_path):
     """Success is quiet: the libraries' warnings (transformers, peft, bitsandbytes) appear only
     with --verbose."""
@@ -226,7 +227,7 @@ def test_a_successful_heal_prints_only_its_own_lines_and_progress(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["prune", "model", "--nn", "3"], "No such option: --nn (Possible options: --n); see `layerprune prune --help`"),
+        (["prune", "model", "--nn", "3"], "No such option: --nn (Possible options: --n); see `layerprune prune -"),
         (["prune"], "Missing argument 'model'; see `layerprune prune --help`"),
         (["prune", "model", "--out", "x", "--n", "abc"], "Invalid value for '--n' / '--count'"),
         (["no-such-command"], "No such command 'no-such-command'; see `layerprune --help`"),

@@ -22,6 +22,7 @@ def models(tmp_path_factory):
     return root, full, pruned
 
 
+@pytest.mark.slow
 def test_bench_reports_every_field_for_each_model(models):
     root, full, pruned = models
     results = benchmark([full, pruned], InferenceSettings(prompt_tokens=16, new_tokens=4, repeats=2))
@@ -34,6 +35,7 @@ def test_bench_reports_every_field_for_each_model(models):
             assert 0 < r[key]["min"] <= r[key]["median"] <= r[key]["max"]
 
 
+@pytest.mark.slow
 def test_bench_cli_writes_table_json_and_chart(models, tmp_path):
     root, full, pruned = models
     result = CliRunner().invoke(

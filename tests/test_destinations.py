@@ -28,6 +28,8 @@ from layerprune.checkpoint import read_record, validate_checkpoint
 from layerprune.errors import LayerpruneError, describe
 from layerprune.gguf_reading import RECORD_KEY, read_gguf
 
+pytestmark = pytest.mark.slow  # several processes, kill campaigns or whole sweeps: not in make test-fast
+
 LEFTOVERS = (".tmp.", ".writer", ".lock", ".publish", ".old.", ".convert.", ".heal-work")
 
 
@@ -354,4 +356,4 @@ def test_a_lock_left_by_a_killed_holder_is_reclaimed(tmp_path):
 
 
 if sys.platform != "linux":  # the fault hook and /proc are Linux's
-    pytestmark = pytest.mark.skip("Linux only")
+    pytestmark = [pytest.mark.slow, pytest.mark.skip("Linux only")]

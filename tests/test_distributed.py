@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # several processes, kill campaigns or whole sweeps: not in make test-fast
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # LoRA dropout off: its random masks are the one thing two processes cannot share with one
 HEAL = ["--no-quant", "--steps", "4", "--batch-size", "2", "--seq-len", "64", "--dropout", "0", "--lr", "5e-3"]

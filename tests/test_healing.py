@@ -244,6 +244,7 @@ def peak_growth(function: str, *args: Path) -> int:
     return int(done.stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
 def test_the_streamed_merge_grows_with_its_shards_not_with_the_model(tmp_path):
     """Peak memory grows with the largest shard, not with the model. Measured in shards of 11 MB,
@@ -343,6 +344,7 @@ PEAK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_the_loss_of_a_262k_vocabulary_stays_within_its_stated_memory():
     """Beyond the two logits tensors: the student's gradient (one more) and a few chunks of 64 MiB."""
     logits_bytes = 512 * 262144 * 4

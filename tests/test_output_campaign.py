@@ -26,6 +26,8 @@ from typer.testing import CliRunner
 from layerprune.cli import app
 from layerprune.gguf_reading import RECORD_KEY, read_gguf
 
+pytestmark = pytest.mark.slow  # several processes, kill campaigns or whole sweeps: not in make test-fast
+
 CAMPAIGN = settings(  # CAMPAIGN_EXAMPLES: fewer examples for a quick look
     max_examples=int(os.environ.get("CAMPAIGN_EXAMPLES", 1000)),
     deadline=None,

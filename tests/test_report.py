@@ -11,6 +11,8 @@ from layerprune.errors import LayerpruneError
 from layerprune.report import write_report
 from layerprune.strategies import STRATEGIES
 
+pytestmark = pytest.mark.slow  # several processes, kill campaigns or whole sweeps: not in make test-fast
+
 
 def chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")

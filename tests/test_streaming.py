@@ -64,6 +64,7 @@ def test_analyze_with_offload_records_it(tmp_path):
     assert offloaded.best == in_memory.best
 
 
+@pytest.mark.slow
 def test_spill_files_are_removed_when_the_run_is_terminated(tmp_path):
     src = save_tiny(tiny_model("llama"), tmp_path / "model")
     data = tmp_path / "calib.txt"

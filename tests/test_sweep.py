@@ -13,6 +13,8 @@ from layerprune.errors import LayerpruneError
 from layerprune.strategies import STRATEGIES, Choice
 from layerprune.sweep import run_sweep
 
+pytestmark = pytest.mark.slow  # several processes, kill campaigns or whole sweeps: not in make test-fast
+
 
 def test_sweep_writes_one_row_per_point_and_a_report(finished):
     rows = json.loads((finished / "results.json").read_text())
