@@ -130,7 +130,8 @@ def choose_layers(
         documents = config.calibration.documents()
         model, tokenizer = load_model(src, plan)
         batches = calibration_batches(config.calibration, tokenizer, documents)
-    request = Request(num_layers, count, config.allow_final, analysis, model, batches, config.candidates, config.seed)
+    request = Request(num_layers, count, config.allow_final, analysis, model, batches, config.candidates, config.seed,
+                      progress)  # fmt: skip
     choice = strategy.choose(request)
     selection = dict(choice.provenance)
     if MODEL in strategy.needs:

@@ -49,8 +49,9 @@ class Selection:
 class Scorer:
     """Calibration loss of the model with some layers removed, reusing recorded residual states."""
 
-    def __init__(self, model: Any, batches: list[dict]) -> None:
+    def __init__(self, model: Any, batches: list[dict], bar: Any = None) -> None:
         self.model = model
+        self.bar = bar  # a progress bar counting calibration batches run, or None
         self.arch = find_architecture(model.config)
         self.num_layers = self.arch.num_layers(model.config)
         self.batches = batches
@@ -126,7 +127,13 @@ class Scorer:
                 loss, count = self._suffix_loss(batch, resid[position], suffix)
                 totals[c] += loss
             tokens += count
+            self.advance()
         return [t / tokens for t in totals]
+
+    def advance(self) -> None:
+        """One more calibration batch done."""
+        if self.bar is not None:
+            self.bar.update()
 
     @property
     def forward_passes(self) -> float:
@@ -147,11 +154,19 @@ def select_by_loss(
     analysis: Any = None,
     candidates: int = 5,
     allow_final: bool = False,
+    progress: bool = True,
 ) -> Selection:
     """Choose n layers by calibration loss with `strategy` (see the module docstring)."""
+    from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    scorer = Scorer(model, batches)
+    rounds = {"loss-repair": 2, "iterative": n}.get(strategy, 1)  # passes over the calibration batches
+    with tqdm(total=rounds * len(batches), desc=f"{strategy} search", unit="batch", disable=not progress) as bar:
+        return _select(Scorer(model, batches, bar), n, strategy, analysis, candidates, allow_final, started)
+
+
+def _select(scorer: Scorer, n: int, strategy: str, analysis: Any, candidates: int, allow_final: bool,
+            started: float) -> Selection:  # fmt: skip
     num_layers = scorer.num_layers
     if not 1 <= n < num_layers - (0 if allow_final else 1):
         raise LayerpruneError(f"n must be between 1 and {num_layers - 2} to keep the final layer, got {n}")
@@ -204,6 +219,8 @@ def _repaired_losses(scorer: Scorer, pool: list[list[int]]) -> tuple[list[float]
             real = batch["attention_mask"].bool().to(resid[0].device)
             for block in stats:
                 block.add(terms[block.start - 1][real], resid[block.start][real], resid[block.end][real], 0)
+            if first == 0:  # the bar counts the first group's pass and the scoring pass
+                scorer.advance()
         fits += [fit(block, diagonal) for block in stats]
     totals, tokens = [0.0] * len(pool), 0
     for batch in scorer.batches:
@@ -216,6 +233,7 @@ def _repaired_losses(scorer: Scorer, pool: list[list[int]]) -> tuple[list[float]
             loss, count = scorer._suffix_loss(batch, resid[result.start] + change, suffix)
             totals[c] += loss
         tokens += count
+        scorer.advance()
     return [t / tokens for t in totals], fits
 
 

@@ -35,6 +35,7 @@ class Request:
     batches: list[dict] | None = None  # its calibration batches
     candidates: int = 5
     seed: int = 0
+    progress: bool = True
 
     @property
     def final(self) -> int:
@@ -121,6 +122,7 @@ def _by_loss(request: Request, search: str) -> Selection:
         request.analysis,
         request.candidates,
         request.allow_final,
+        request.progress,
     )
 
 

@@ -128,3 +128,14 @@ def test_bf16_loss_search_agrees_with_fp32(family):
         assert ours["layers"] == theirs["layers"] and ours["loss"] == pytest.approx(theirs["loss"], abs=LOSS_TOLERANCE)
     near = losses[tuple(half.removed)] - losses[tuple(full.removed)] <= 2 * LOSS_TOLERANCE
     assert near, "the same block, or one whose fp32 loss is within the tolerance of the best"
+
+
+@pytest.mark.parametrize(("strategy", "n", "passes"), [("loss", 2, 1), ("loss-repair", 2, 2), ("iterative", 3, 3)])
+def test_a_search_shows_its_progress_in_calibration_batches(capsys, strategy, n, passes):
+    model = tiny_model("llama", seed=4)
+    batches = token_batches(tiny_tokenizer(), DOCS * 8, 48, 40, 8)
+    select_by_loss(model, batches, n=n, strategy=strategy, progress=True)
+    shown = capsys.readouterr().err
+    assert f"{strategy} search" in shown and f"{passes * len(batches)}/{passes * len(batches)}" in shown
+    select_by_loss(model, batches, n=n, strategy=strategy, progress=False)
+    assert capsys.readouterr().err == ""
