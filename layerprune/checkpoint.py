@@ -30,6 +30,7 @@ from typing import IO, Any
 from .architectures import Architecture, find_architecture
 from .destinations import write_atomically
 from .errors import LayerpruneError, describe_os_error
+from .model_card import CARD_NAME, model_card
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -273,7 +274,10 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 
 
 def write_record(folder: Path, record: dict[str, Any]) -> None:
+    """The checkpoint's `layerprune.json`, and its model card (`README.md`) made from it, replacing
+    any card copied from the source, which would describe the model before the change."""
     write_atomically(folder / RECORD_NAME, json.dumps(record, indent=1) + "\n")
+    write_atomically(folder / CARD_NAME, model_card(record))
 
 
 def extend_record(source: Path, section: str, value: dict[str, Any], source_name: str) -> dict[str, Any]:

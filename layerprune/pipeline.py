@@ -40,7 +40,7 @@ from .errors import LayerpruneError
 from .gguf_surgery import check_gguf_destination, gguf_layers, prune_gguf, read_gguf
 from .healing import HealConfig, HealResult, heal, heal_work_dir
 from .memory import memory_available
-from .models import ModelSpec, check_quantization, gguf_file, load_model, model_inputs, resolve_model
+from .models import BUILTIN_MODELS, ModelSpec, check_quantization, gguf_file, load_model, model_inputs, resolve_model
 from .repair import METHODS as REPAIR_METHODS
 from .repair import repaired_weights
 from .scoring import calibration_batches
@@ -238,6 +238,9 @@ def _record(model: ModelSpec, src: Path, config: PruneConfig, selection: dict[st
         "source_path": str(src),
         "strategy": "explicit" if config.layers is not None else config.strategy,
     }
+    builtin = BUILTIN_MODELS.get(str(model))
+    if builtin is not None:  # for the model card: what the packaged model was made from
+        record.update(base_model=builtin.hub_id, license=builtin.license)
     if selection:
         record["selection"] = selection
     return record
