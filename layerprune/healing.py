@@ -353,14 +353,16 @@ def _distillation_trainer(teacher: Any, config: HealConfig, **kwargs: Any) -> An
     return trainer
 
 
-def _progress_callback(tokens_per_step: int) -> Any:
-    """A Trainer callback: one progress bar with loss, live tokens/s and ETA."""
+def _progress_callback(tokens_per_step: int, validation_blocks: int) -> Any:
+    """A Trainer callback: one progress bar with loss, live tokens/s and ETA, and one for each
+    validation (one block a step on each process)."""
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
     class HealProgress(TrainerCallback):
         def __init__(self) -> None:
             self.bar: Any = None
+            self.validating: Any = None
             self.started, self.first_step = 0.0, 0
 
         def rate(self, step: int) -> float:
@@ -377,6 +379,19 @@ def _progress_callback(tokens_per_step: int) -> Any:
             self.bar.update(state.global_step - self.bar.n)
             if "loss" in logs:
                 self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{self.rate(state.global_step):.0f}")
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            if self.validating is None:
+                total = math.ceil(validation_blocks / max(args.world_size, 1))
+                self.validating = tqdm(total=total, desc="validating", unit="block", leave=False)
+            self.validating.update()
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if self.validating is not None:
+                self.validating.close()
+                self.validating = None
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
@@ -474,16 +489,17 @@ def _last_checkpoint(work: Path) -> str | None:
     return get_last_checkpoint(str(work / "checkpoints")) if (work / "checkpoints").is_dir() else None
 
 
-def validation_loss(model: Any, blocks: list[list[int]]) -> float:
+def validation_loss(model: Any, blocks: list[list[int]], progress: bool = False) -> float:
     """Mean next-token loss over every predicted token of the validation blocks (no gradients)."""
     import torch
+    from tqdm.auto import tqdm
 
     training = model.training
     model.eval()
     total, count = 0.0, 0
     device = model.get_input_embeddings().weight.device
     with torch.no_grad():
-        for block in blocks:
+        for block in tqdm(blocks, desc="validating", unit="block", leave=False, disable=not progress):
             ids = torch.tensor([block], device=device)
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             losses, mask = next_token_losses(model(**batch).logits, batch)
@@ -492,7 +508,7 @@ def validation_loss(model: Any, blocks: list[list[int]]) -> float:
     return total / count
 
 
-def merge_adapter(base: Path, adapter: Path, target: Path) -> None:
+def merge_adapter(base: Path, adapter: Path, target: Path, progress: bool = False) -> None:
     """Merge a LoRA adapter into the base's original unquantized weights, in their own dtype.
 
     Streamed: one safetensors shard of the base at a time, each target weight W becoming
@@ -507,6 +523,7 @@ def merge_adapter(base: Path, adapter: Path, target: Path) -> None:
         return
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
 
     scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
     lora = load_file(adapter / "adapter_model.safetensors")
@@ -519,7 +536,7 @@ def merge_adapter(base: Path, adapter: Path, target: Path) -> None:
         if ".lora_A." in key
     }
     merged = set()
-    for shard in shard_files(base):
+    for shard in tqdm(shard_files(base), desc="merging", unit="shard", disable=not progress):
         with safe_open(shard, framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
             metadata = handle.metadata() or {"format": "pt"}
@@ -610,12 +627,13 @@ def _heal(
     restart = overwrite if restart is None else restart
     on_main_process(lambda: _start_or_resume(work, settings, restart))  # one process writes, the others wait
     resume = _last_checkpoint(work)
-    progress = _progress_callback(config.batch_size * config.grad_accum * config.seq_len)
+    progress = _progress_callback(config.batch_size * config.grad_accum * config.seq_len, len(validation))
     trainer = _trainer(base, tokenizer, train, validation, config, work, progress, teacher)
     started = time.perf_counter()
     before = work / "validation_loss_before.json"
     if resume is None:  # the pruned model's own validation loss, kept across a resume
-        loss = validation_loss(trainer.model, validation)  # not Trainer.evaluate: under DDP it shifts the data order
+        # not Trainer.evaluate: under DDP it shifts the data order
+        loss = validation_loss(trainer.model, validation, progress=is_main_process())
         on_main_process(lambda: before.write_text(json.dumps(loss)))
     runtime = trainer.train(resume_from_checkpoint=resume).metrics["train_runtime"]
     trained_steps = config.steps - progress.first_step  # the steps this run did, after any resume
@@ -656,7 +674,7 @@ def _heal(
         """The adapter merged into the base's unquantized weights, with the tokenizer, the record
         and the curve; then the work folder is removed."""
         with staged(out, overwrite=overwrite, inputs=[*inputs, base]) as tmp:
-            merge_adapter(base, adapter, tmp)
+            merge_adapter(base, adapter, tmp, progress=True)
             tokenizer.save_pretrained(tmp)
             if (base / "generation_config.json").is_file():
                 shutil.copy2(base / "generation_config.json", tmp / "generation_config.json")

@@ -216,8 +216,10 @@ def test_a_successful_heal_prints_only_its_own_lines_and_progress(tmp_path):
                "--no-quant", "--steps", "2", "--batch-size", "2", "--seq-len", "32"]  # fmt: skip
     quiet = subprocess.run([*command, "--out", str(tmp_path / "a")], capture_output=True, text=True)
     assert quiet.returncode == 0, quiet.stderr
-    lines = [line for line in quiet.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    lines = [line for line in quiet.stderr.replace("\r", "\n").splitlines() if line.replace("\x1b[A", "").strip()]
     assert all("%|" in line for line in lines), lines  # progress bars only
+    for phase in ("validating", "heal", "merging"):  # no silent phase
+        assert any(line.startswith(f"{phase}:") for line in lines), (phase, lines)
     assert quiet.stdout.splitlines()[-1] == f"wrote {tmp_path / 'a'}"
     verbose = [sys.executable, "-m", "layerprune", "--verbose", *command[3:], "--out", str(tmp_path / "b")]
     loud = subprocess.run(verbose, capture_output=True, text=True)
