@@ -100,6 +100,7 @@ def _scores(scorer: Scorer, batches: list[dict], ids: list[str], higher_is_bette
         full_counts += counts
         for layer in layers:
             removed[layer] += scorer.document_losses(batch, resid[layer], list(layers)[layer + 1 :])[0]
+        scorer.advance()
     sign = -1.0 if higher_is_better else 1.0  # a log-likelihood is minus the summed loss
     den = [1.0] * len(ids) if higher_is_better else [float(c) for c in full_counts]
     full = Documents(tuple(ids), tuple(sign * s for s in full_sums), tuple(den))
@@ -121,6 +122,17 @@ def _check(config: EvalConfig) -> None:
         raise LayerpruneError("sensitivity measures QA tasks and loss; kld is not one of them")
 
 
+def _task_batches(task: str, tokenizer: Any, config: EvalConfig) -> tuple[list[str], list[dict]]:
+    """A task's document ids and batches: held-out passages for `loss`, else each question's prompt
+    and correct answer."""
+    if task == LOSS_TASK:
+        samples = min(config.loss_samples, config.limit or config.loss_samples)
+        ids, texts = text_documents(config.loss_data, samples)
+        return ids, token_batches(tokenizer, texts, len(texts), config.seq_len, config.loss_batch_size)
+    requests = answer_requests(task, config.limit, config.num_fewshot)
+    return [r[0] for r in requests], _answer_batches(tokenizer, requests, config.loss_batch_size)
+
+
 def sensitivity(model: Any, tokenizer: Any, config: EvalConfig) -> SensitivityResult:
     """Remove each layer of a loaded model in turn and measure every task of `config` (QA tasks
     and `loss`; `config.limit` documents each)."""
@@ -130,18 +142,14 @@ def sensitivity(model: Any, tokenizer: Any, config: EvalConfig) -> SensitivityRe
     started = time.perf_counter()
     tasks: dict[str, dict[str, Any]] = {}
     work = 0.0
-    for task in tqdm(config.tasks, desc="sensitivity", unit="task"):
-        if task == LOSS_TASK:
-            samples = min(config.loss_samples, config.limit or config.loss_samples)
-            ids, texts = text_documents(config.loss_data, samples)
-            batches = token_batches(tokenizer, texts, len(texts), config.seq_len, config.loss_batch_size)
-        else:
-            requests = answer_requests(task, config.limit, config.num_fewshot)
-            ids = [r[0] for r in requests]
-            batches = _answer_batches(tokenizer, requests, config.loss_batch_size)
-        scorer = Scorer(model, batches)
-        tasks[task] = _scores(scorer, batches, ids, higher_is_better=task != LOSS_TASK)
-        work += scorer.forward_passes
+    prepared = {task: _task_batches(task, tokenizer, config) for task in config.tasks}
+    total = sum(len(batches) for _, batches in prepared.values())
+    with tqdm(total=total, desc="sensitivity", unit="batch") as bar:  # each batch: about L/2 passes
+        for task, (ids, batches) in prepared.items():
+            bar.set_postfix_str(task)
+            scorer = Scorer(model, batches, bar)
+            tasks[task] = _scores(scorer, batches, ids, higher_is_better=task != LOSS_TASK)
+            work += scorer.forward_passes
     name = getattr(model, "name_or_path", "") or type(model).__name__
     return SensitivityResult(str(name), len(tasks[config.tasks[0]]["layers"]), tasks, work / len(tasks),
                              round(time.perf_counter() - started, 2))  # fmt: skip

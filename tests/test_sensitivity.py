@@ -67,6 +67,9 @@ def test_the_command_writes_the_map_and_refuses_kld(tiny, tmp_path, calibration_
     assert set(record["tasks"]) == {"arc_easy", "loss"} and record["num_layers"] == 6
     assert (tmp_path / "map" / "sensitivity.png").stat().st_size > 1000
     assert "most harmful to remove" in done.stdout
+    done = runner.invoke(app, [*args, "--batch-size", "3", "--out", str(tmp_path / "map3")])
+    batches = 3 + 3  # 8 documents a task, in batches of 3
+    assert f"{batches}/{batches} [" in done.stderr.replace("\r", "\n"), "progress counts batches, not tasks"
     refused = runner.invoke(app, ["sensitivity", str(folder), "--tasks", "kld", "--out", str(tmp_path / "other")])
     assert (
         refused.exit_code == 1
