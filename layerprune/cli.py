@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import signal
 import sys
 import typing
@@ -53,6 +54,7 @@ class _Commands(TyperGroup):
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:  # fmt: skip
+        args = _dashed(sys.argv[1:] if args is None else list(args))
         given: dict[str, Any] = dict(args=args, prog_name=prog_name, complete_var=complete_var,
                                      windows_expand_args=windows_expand_args)  # fmt: skip
         if not standalone_mode:
@@ -73,6 +75,17 @@ class _Commands(TyperGroup):
             typer.echo("interrupted", err=True)
             sys.exit(130)
         sys.exit(code if type(code) is int else 0)  # an exit code (typer.Exit), or a command's return value
+
+
+def _dashed(args: list[str]) -> list[str]:
+    """Options as lm-eval and transformers users type them: `--batch_size` is `--batch-size`."""
+    dashed: list[str] = []
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return dashed + args[index:]
+        name, equals, value = arg.partition("=")
+        dashed.append(name.replace("_", "-") + equals + value if re.fullmatch(r"--[a-z][a-z0-9_-]*", name) else arg)
+    return dashed
 
 
 app = typer.Typer(
@@ -400,7 +413,7 @@ def heal(
 @command(config=EvalConfig)
 def evaluate(
     model: ModelArg,
-    out: Annotated[Path | None, typer.Option("--out", help="Write results.json here.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "--output-path", help="Write results.json here.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a results file layerprune wrote.")] = False,
     config: EvalConfig | None = None,
 ) -> None:

@@ -693,10 +693,13 @@ def evaluate(
     metrics, chance levels, settings, layers removed and versions. `out` is checked and locked
     before any work, and replaces only a results file layerprune wrote, with `overwrite`.
 
-    `kld` compares with `reference`: a loaded model, or any model argument (as `config.reference`).
+    `kld` compares with `reference`: a loaded model, or any model argument (as `config.reference`);
+    by default, for a model layerprune wrote, the source its record names (as heal's teacher).
     `documents` names, per task, which documents to evaluate.
     """
     config = config or build(EvalConfig, {**settings, **({"tasks": tasks} if tasks is not None else {})})
+    if KLD_TASK in config.tasks and reference is None and config.reference is None:
+        config = replace(config, reference=_recorded_source(model))
     if out is None:
         return _evaluate(model, config, tokenizer, reference, documents)
     out = Path(out)
@@ -706,6 +709,21 @@ def evaluate(
         record = {"layerprune_version": __version__, **_evaluate(model, config, tokenizer, reference, documents)}
         on_main_process(lambda: _write_results(out, record, overwrite, inputs))
     return record
+
+
+def _recorded_source(model: Any) -> str | None:
+    """The model a checkpoint layerprune wrote was made from (its record's source), if it is found."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    record = read_record(resolve_model(model)) or {}
+    for name in (record.get("source_path"), record.get("source")):
+        if name and (Path(name).exists() or not Path(name).is_absolute()):
+            try:
+                resolve_model(name)
+            except LayerpruneError:
+                continue
+            return str(name)
+    return None
 
 
 def _model_paths(model: Any) -> list[Path]:
@@ -721,7 +739,10 @@ def _evaluate(
         config, reference = replace(config, reference=str(reference)), None
     check_tasks(list(config.tasks))
     if KLD_TASK in config.tasks and reference is None and config.reference is None:
-        raise LayerpruneError("the kld task needs --reference MODEL: the model to compare with")
+        raise LayerpruneError(
+            "the kld task needs --reference MODEL: the model to compare with (a model layerprune wrote defaults to "
+            "the source its layerprune.json names, when that is found)"
+        )
     reference_path = None
     if KLD_TASK in config.tasks and reference is None and config.reference is not None:
         reference_path = resolve_model(config.reference)

@@ -250,3 +250,17 @@ def test_version_and_short_help():
         shown = run(*args)
         assert shown.exit_code == 0 and "Usage: layerprune" in shown.stdout
     assert "--repair" in run("prune", "-h").stdout
+
+
+def test_options_as_lm_eval_users_type_them(checkpoint, tmp_path):
+    """`--seq_len` is `--seq-len`, and evaluate's `--output-path` is its `--out`; values are left alone."""
+    done = run("prune", checkpoint, "--out", tmp_path / "out_folder", "--n", 1, "--strategy", "deepest",
+               "--allow_final")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "out_folder" / "layerprune.json").read_text())["removed_layers"] == [4]
+    text = tmp_path / "some_text.txt"
+    text.write_text("\n\n".join(f"Passage {i} about the river and the mill." for i in range(6)))
+    done = run("evaluate", tmp_path / "out_folder", "--tasks", "loss", "--loss_data", text, "--limit", 4,
+               "--output-path", tmp_path / "results.json")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "results.json").read_text())["tasks"]["loss"]["n"] == 4

@@ -272,3 +272,16 @@ def test_a_reference_with_another_tokenizer_or_none_is_refused(tmp_path, tiny):
     ):
         result = runner.invoke(app, ["evaluate", str(folder), "--tasks", "kld", "--loss-data", str(text), *args])
         assert result.exit_code == 1 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_kld_of_a_pruned_checkpoint_compares_with_its_recorded_source_by_default(tiny, tmp_path):
+    from layerprune import prune
+
+    model, _ = tiny
+    src = save_tiny(model, tmp_path / "model")
+    pruned = prune(src, tmp_path / "pruned", layers=[2], progress=False).path
+    text = heldout(tmp_path)
+    found = evaluate(pruned, ["kld"], loss_data=str(text), limit=4)
+    given = evaluate(pruned, ["kld"], loss_data=str(text), limit=4, reference=str(src))
+    assert found["reference"] == str(src) and found["tasks"]["kld"]["kld"] > 0
+    assert found["tasks"]["kld"]["documents"] == given["tasks"]["kld"]["documents"]
