@@ -53,19 +53,28 @@ class Answer:
     tell beyond it (`undecided_at`, and the documents that would likely decide)."""
 
     fraction: float
+    layers: int  # the full model's
     undecided_at: float | None = None
     documents_to_decide: int | None = None
     every_point_within: bool = False
     available: int | None = None  # the task's documents
 
+    def cut(self, fraction: float) -> str:
+        return f"{round(fraction * self.layers)} of {self.layers} layers ({fraction:.0%})"
+
     def text(self) -> str:
+        shown = f"up to {self.cut(self.fraction)}" if self.fraction else "no cut"
         if self.undecided_at is None:
-            return f"{self.fraction:.2f}" + (" (every fraction tried)" if self.every_point_within else "")
-        need = f"about {self.documents_to_decide} documents" if self.documents_to_decide else "far more documents"
+            return shown + (" (every cut tried)" if self.every_point_within else "")
+        return f"{shown}; undecided at {self.cut(self.undecided_at)}: {self.need()}"
+
+    def need(self) -> str:
+        """What would decide an undecided point: documents, capped at what the task has."""
         if self.documents_to_decide and self.available and self.documents_to_decide > self.available:
-            need += f", more than the task's {self.available},"
-        return (f"at least {self.fraction:.2f}; undecided at {self.undecided_at:.2f} "
-                f"({need} would likely decide)")  # fmt: skip
+            return f"the task's {self.available} documents are too few to decide"
+        if self.documents_to_decide:
+            return f"about {self.documents_to_decide} documents would likely decide"
+        return "far more documents would be needed"
 
 
 def how_far(rows: list[dict], task: str, limits: Tolerance) -> dict[str, Answer]:
@@ -73,6 +82,7 @@ def how_far(rows: list[dict], task: str, limits: Tolerance) -> dict[str, Answer]
     within the tolerance (kld: of the KL divergence, within the threshold), with every smaller
     fraction within it too. An undecided point stops the walk, and the answer says so."""
     answers = {}
+    layers = _full(rows).get("num_layers") or round(next(r["n"] / r["fraction"] for r in rows if r["n"]))
     for (label, points), found in zip(series(rows).items(), judgements(rows, task, limits).values(),
                                       strict=True):  # fmt: skip
         best = 0.0
@@ -83,9 +93,10 @@ def how_far(rows: list[dict], task: str, limits: Tolerance) -> dict[str, Answer]
                 continue
             if judgement.verdict.state == "undecided":
                 available = row["tasks"][task].get("available")
-                answer = Answer(best, row["fraction"], judgement.verdict.documents_to_decide, available=available)
+                answer = Answer(best, layers, row["fraction"], judgement.verdict.documents_to_decide,
+                                available=available)  # fmt: skip
             break
-        answers[label] = answer or Answer(best, every_point_within=best == points[-1]["fraction"])
+        answers[label] = answer or Answer(best, layers, every_point_within=best == points[-1]["fraction"])
     return answers
 
 
@@ -223,9 +234,13 @@ def _strategy_items(rows: list[dict]) -> str:
     )
 
 
-def _healing_method(sweep: dict) -> str:
+def _healing_method(sweep: dict, rows: list[dict]) -> str:
+    """How the sweep's points were healed, in a sentence that fits the run."""
+    if not any(r["healed"] for r in rows):
+        return "No point was healed (the sweep ran with --no-heal)."
     heal = sweep.get("config", {}).get("heal_config") or sweep.get("settings", {}).get("heal_config") or {}
-    return "QLoRA: LoRA on the 4-bit NF4 model" if heal.get("quant", True) else "LoRA on the unquantized model"
+    method = "QLoRA: LoRA on the 4-bit NF4 model" if heal.get("quant", True) else "LoRA on the unquantized model"
+    return f"Healed points are fine-tuned after the cut ({method})."
 
 
 OLD_RESULTS = (
@@ -278,13 +293,35 @@ def _plots(rows: list[dict], tasks: list[str], figures: Path, limits: Tolerance,
     return plots
 
 
+def headline(rows: list[dict], task: str, limits: Tolerance) -> str:
+    """One sentence that answers how far the model can be pruned for `task`, by its best series."""
+    answers = how_far(rows, task, limits)
+    label, best = max(answers.items(), key=lambda item: item[1].fraction)
+    within = f"mean KL divergence within {limits.kl_threshold:g} nats" if task == KLD_TASK else (
+        f"{task} within {limits.tolerance:.0%} of the full model")  # fmt: skip
+    if best.fraction:
+        return f"You can remove up to {best.cut(best.fraction)} and keep {within}, with 95% confidence ({label})."
+    undecided = [a for a in answers.values() if a.undecided_at is not None]
+    if undecided:
+        return f"No cut is shown to keep {within}; for the smallest, {min(undecided, key=_need).need()}."
+    return f"No cut tried keeps {within}: the smallest is beyond it."
+
+
+def _need(answer: Answer) -> int:
+    return answer.documents_to_decide or 2**62
+
+
 def _how_far_section(rows: list[dict], tasks: list[str], limits: Tolerance) -> str:
+    sentences = "".join(f"<li><b>{html.escape(task)}</b>: {html.escape(headline(rows, task, limits))}</li>"
+                        for task in tasks)  # fmt: skip
+    labels = list(series(rows))
+    head = "<tr><th>task</th>" + "".join(f"<th>{html.escape(label)}</th>" for label in labels) + "</tr>"
     lines = []
     for task in tasks:
-        cells = "".join(f"<td>{html.escape(k)}: {html.escape(a.text())}</td>"
-                        for k, a in how_far(rows, task, limits).items())  # fmt: skip
+        answers = how_far(rows, task, limits)
+        cells = "".join(f"<td>{html.escape(answers[label].text())}</td>" for label in labels)
         lines.append(f"<tr><th>{html.escape(task)}</th>{cells}</tr>")
-    return "<table id=how-far>" + "".join(lines) + "</table>"
+    return f"<ul id=headline>{sentences}</ul><table id=how-far>{head}{''.join(lines)}</table>"
 
 
 def _breaks_section(rows: list[dict], tasks: list[str]) -> str:
@@ -329,9 +366,14 @@ def _sensitivity_section(out: Path) -> str:
 
 
 def _setting(value: Any) -> str:
+    """A setting as a person reads it: yes/no, "not set", lists and nested settings flattened."""
     if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items())
-    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        return ", ".join(f"{k}={_setting(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(map(_setting, value))
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "not set" if value is None else str(value)
 
 
 def _settings_table(sweep: dict, versions: dict | None) -> str:
@@ -366,9 +408,8 @@ def write_report(out: str | Path, limits: Tolerance | None = None) -> Path:
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>layerprune sweep: {name}</title>
 <style>{STYLE}</style></head><body>
 <h1>Layer pruning sweep: {name}</h1>
-<p>Each point removes n layers by a strategy, is evaluated, and with healing is fine-tuned first
-({html.escape(_healing_method(sweep))}). Accuracy should stay flat, then collapse to chance;
-healed loss should grow slowly. The strategies:</p>
+<p>Each point removes n layers by a strategy and is evaluated. {html.escape(_healing_method(sweep, rows))}
+Accuracy should stay flat, then collapse to chance; healed loss should grow slowly. The strategies:</p>
 <ul>{_strategy_items(rows)}</ul>
 <h2>How far can I prune?</h2>
 <p>For each task, the largest fraction of layers removed at which the one-sided 95% upper bound of

@@ -154,7 +154,51 @@ def test_how_far_walks_up_until_a_point_is_beyond_or_undecided():
     decided = how_far(synthetic_rows([0.0, 0.0, 0.5, 0.0]), "t", limits)["deepest"]
     assert decided.fraction == 0.2 and decided.undecided_at is None  # 0.4 would pass, but 0.3 did not
     everything = how_far(synthetic_rows([0.0, 0.0]), "t", limits)["deepest"]
-    assert everything.fraction == 0.2 and everything.every_point_within and "every fraction" in everything.text()
+    assert everything.fraction == 0.2 and everything.every_point_within
+    assert everything.text() == "up to 2 of 10 layers (20%) (every cut tried)"
     unsure = how_far(synthetic_rows([0.0, 0.06, 0.5]), "t", limits)["deepest"]
     assert unsure.fraction == 0.1 and unsure.undecided_at == 0.2 and unsure.documents_to_decide > 400
-    assert unsure.text().startswith("at least 0.10; undecided at 0.20 (about ")
+    assert unsure.text().startswith("up to 1 of 10 layers (10%); undecided at 2 of 10 layers (20%): about ")
+    assert unsure.text().endswith(" documents would likely decide")
+
+
+def test_the_headline_answers_in_layers_and_never_asks_for_more_documents_than_a_task_has():
+    from layerprune.evaluation import Tolerance
+    from layerprune.report import headline
+
+    limits = Tolerance(tolerance=0.05)
+    assert headline(synthetic_rows([0.0, 0.0, 0.5]), "t", limits) == (
+        "You can remove up to 2 of 10 layers (20%) and keep t within 5% of the full model, with 95% confidence "
+        "(deepest)."
+    )
+    rows = synthetic_rows([0.06, 0.5])
+    assert headline(rows, "t", limits).startswith("No cut is shown to keep t within 5% of the full model; for the ")
+    assert "about " in headline(rows, "t", limits)
+    for row in rows:
+        row["tasks"]["t"]["available"] = 450  # fewer than the comparison would need
+    assert headline(rows, "t", limits) == (
+        "No cut is shown to keep t within 5% of the full model; for the smallest, the task's 450 documents are too "
+        "few to decide."
+    )
+    assert headline(synthetic_rows([0.5]), "t", limits) == (
+        "No cut tried keeps t within 5% of the full model: the smallest is beyond it."
+    )
+
+
+def test_the_rendered_answer_is_one_sentence_per_task_then_a_table_with_headers(finished, tmp_path):
+    from layerprune.evaluation import Tolerance
+    from layerprune.report import headline, how_far
+
+    page = (finished / "report.html").read_text()
+    results = json.loads((finished / "results.json").read_text())
+    head, *rows = rendered_tables(page, tmp_path)["how-far"]
+    labels = ["angular", "angular + healing", "deepest", "deepest + healing"]
+    assert head == ["task", *labels] and [row[0] for row in rows] == ["arc_easy", "loss", "kld"]
+    for task, *cells in rows:
+        answers = how_far(results, task, Tolerance())
+        assert cells == [answers[label].text() for label in labels]
+        assert all(" layers (" in cell or cell.startswith("no cut") for cell in cells)
+    script = "document.getElementById('probe').textContent=document.getElementById('headline').innerText"
+    sentences = rendered(page, tmp_path, script).strip().splitlines()
+    assert sentences == [f"{task}: {headline(results, task, Tolerance())}" for task in ("arc_easy", "loss", "kld")]
+    assert "None" not in page.split("id=settings")[1] and "True" not in page.split("id=settings")[1]
