@@ -76,8 +76,8 @@ def test_a_rank_killed_mid_run_is_resumed_by_the_same_command(workdir):
         import os, signal, sys
         import layerprune.healing as healing
         real = healing._progress_callback
-        def progress(tokens):
-            callback = real(tokens)
+        def progress(*args):
+            callback = real(*args)
             def on_step_end(args, state, control, **kwargs):
                 if state.global_step == 3 and os.environ["RANK"] == "1":
                     os.kill(os.getpid(), signal.SIGKILL)  # as a lost node: no handler runs

@@ -118,8 +118,8 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(base, tex
         import layerprune.healing as healing
         from layerprune.healing import HealConfig, heal
         make = healing._progress_callback
-        def killing(tokens_per_step):
-            callback = make(tokens_per_step)
+        def killing(*args):
+            callback = make(*args)
             original = callback.on_step_end
             def on_step_end(args, state, control, **kwargs):
                 if state.global_step == 5:
