@@ -39,7 +39,7 @@ from .evaluation import EvalConfig, Tolerance
 from .evaluation import evaluate as run_evaluation
 from .healing import HealConfig
 from .healing import heal as run_heal
-from .models import BUILTIN_MODELS, builtin_cache_path
+from .models import BUILTIN_MODELS, builtin_cache_path, cache_dir, cache_entries, clear_cache
 from .pipeline import PruneConfig, output_format, prune_and_heal, then_gguf, then_quantize
 from .pipeline import prune as run_prune
 from .report import write_report
@@ -255,6 +255,24 @@ def models() -> None:
         path = builtin_cache_path(name)
         state = str(path) if (path / "config.json").is_file() else f"not converted yet (will be {path})"
         typer.echo(f"{name:14} {builtin.description}\n{'':14} package: {builtin.packages}\n{'':14} cache: {state}")
+
+
+@command()
+def cache(
+    clear: Annotated[bool, typer.Option("--clear", help="Remove the entries named, or every entry.")] = False,
+    names: Annotated[list[str] | None, typer.Argument(help="Entries to remove with --clear (default: all).")] = None,
+) -> None:
+    """List the cache (converted GGUF and built-in models) with sizes, or clear it."""
+    if names and not clear:
+        raise LayerpruneError("name cache entries only with --clear; `layerprune cache` lists them")
+    if clear:
+        removed = clear_cache(names)
+        typer.echo(f"removed {len(removed)} entries, {sum(e.size for e in removed) / 2**20:.1f} MiB")
+        return
+    entries = cache_entries()
+    for entry in entries:
+        typer.echo(f"{entry.size / 2**20:10.1f} MiB  {entry.name}")
+    typer.echo(f"{sum(e.size for e in entries) / 2**20:10.1f} MiB  in all, in {cache_dir()}")
 
 
 @command()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CONFIG_NAME, validate_checkpoint
-from .destinations import reclaim_stale, remove_scratch, scratch_folder, staged
+from .destinations import hold, reclaim_stale, remove_scratch, scratch_folder, staged
 from .devices import Placement, Plan, plan_placement
 from .errors import LayerpruneError
 from .gguf_reading import gguf_layers, read_gguf
@@ -32,6 +32,47 @@ ModelSpec = str | os.PathLike[str]
 def cache_dir() -> Path:
     """Where converted models live: $LAYERPRUNE_CACHE, else ~/.cache/layerprune."""
     return Path(os.environ.get("LAYERPRUNE_CACHE", "~/.cache/layerprune")).expanduser()
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One entry of the cache: a converted checkpoint or an assembled GGUF file, and its size."""
+
+    name: str  # e.g. converted/smollm2-135m
+    path: Path
+    size: int  # bytes
+
+
+def cache_entries() -> list[CacheEntry]:
+    """Every complete entry of the cache (a conversion in progress, hidden beside its target, is not one)."""
+    entries = []
+    for kind in ("converted", "gguf"):
+        folder = cache_dir() / kind
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.name.startswith("."):
+                continue
+            files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+            entries.append(CacheEntry(f"{kind}/{path.name}", path, sum(f.stat().st_size for f in files)))
+    return entries
+
+
+def clear_cache(names: list[str] | None = None) -> list[CacheEntry]:
+    """Remove the cache entries `names` (their names or last parts), or all of them; each is locked
+    first, so an entry another run is writing is refused in one line. A later run converts again."""
+    entries = cache_entries()
+    if names:
+        known = {e.name for e in entries} | {e.path.name for e in entries}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise LayerpruneError(f"no cache entry {unknown[0]!r}; `layerprune cache` lists them")
+        entries = [e for e in entries if e.name in names or e.path.name in names]
+    for entry in entries:
+        with hold(entry.path):
+            if entry.path.is_dir():
+                shutil.rmtree(entry.path)
+            else:
+                entry.path.unlink()
+    return entries
 
 
 def _smollm2_gguf() -> Path:
