@@ -19,6 +19,7 @@ hidden states. A model larger than memory is measured one layer at a time (`stre
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -115,6 +116,29 @@ class AnalysisResult:
         return out
 
 
+VOLATILE_CONFIG = ("name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "use_cache",
+                   "quantization_config", "output_attentions", "output_hidden_states", "return_dict")  # fmt: skip
+
+
+def model_fingerprint(config: Any) -> str:
+    """What identifies a model's shape for an analysis: a hash of its config, less the settings that
+    change no number (names, dtype, versions, caching)."""
+    kept = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG and not k.startswith("_")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_analysis(analysis: AnalysisResult, path: Path) -> None:
+    """Refuse an analysis computed for another model (by its fingerprint; older analyses have none)."""
+    from transformers import AutoConfig
+
+    stored = analysis.extra.get("fingerprint")
+    if stored and stored != model_fingerprint(AutoConfig.from_pretrained(str(path))):
+        raise LayerpruneError(
+            f"the analysis was computed for another model ({analysis.model}), not {path}; analyze this model, "
+            "or leave out --analysis"
+        )
+
+
 def measure(model: Any, batches: list[dict], progress: bool = True) -> tuple[dict[int, list[float]], list[float]]:
     """Angular table and Block Influence of a loaded model over token batches, in one pass."""
     import torch
@@ -199,6 +223,9 @@ def _analyze(
             print(f"{name} would not fit in the memory of {plan.device}: analyzing one layer at a time (--offload)")
             offload = True
         if offload:
+            from transformers import AutoConfig
+
+            fingerprint = model_fingerprint(AutoConfig.from_pretrained(str(path)))
             plan = replace(plan, device_map=None, max_memory=None)  # one layer at a time on the device
             batches = calibration.batches(load_tokenizer(path), documents)
             budget = memory_budget_mb * 2**20 if memory_budget_mb is not None else None
@@ -211,6 +238,7 @@ def _analyze(
         name = getattr(model, "name_or_path", type(model).__name__)
         plan = plan_of(model)
     if not offload:
+        fingerprint = model_fingerprint(model.config)
         batches = calibration.batches(tokenizer, documents)
         angular, block_influence = measure(model, batches, progress=progress)
     result = AnalysisResult(
@@ -221,6 +249,6 @@ def _analyze(
         data=str(calibration.data),
         samples=sum(len(b["input_ids"]) for b in batches),
         seq_len=calibration.seq_len,
-        extra={"offload": bool(offload), **plan.record()},
+        extra={"offload": bool(offload), **plan.record(), "fingerprint": fingerprint},
     )
     return result

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .analysis import AnalysisResult, analyze
+from .analysis import AnalysisResult, analyze, check_analysis
 from .checkpoint import Written, read_config, read_record, write_record
 from .config import build
 from .data import Calibration
@@ -177,6 +177,8 @@ def prune(
     with claimed(out, partial(check_destination, out, inputs, overwrite)):  # held from before any long work
         src = resolve_model(model)
         raw, arch = read_config(src)
+        if analysis is not None:
+            check_analysis(analysis, src)
         removed, selection = choose_layers(arch.num_layers(raw), lambda: src, config, analysis, progress)
         record = _record(model, src, config, selection)
         if config.repair == "none":

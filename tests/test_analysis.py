@@ -7,6 +7,7 @@ from reference import assert_same_tables, direct_tables
 
 from layerprune.analysis import AnalysisResult, analyze, measure
 from layerprune.data import token_batches
+from layerprune.errors import LayerpruneError
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -133,3 +134,19 @@ def test_a_model_dispatched_over_cpu_and_disk_gives_the_same_table(tmp_path):
     expected_angular, expected_bi = measure(model, batches, progress=False)
     angular, block_influence = measure(dispatched, batches, progress=False)
     assert_same_tables((angular, block_influence), (expected_angular, expected_bi), 1e-6)
+
+
+def test_an_analysis_of_another_model_is_refused_even_with_as_many_layers(tmp_path):
+    from layerprune import analyze, prune
+
+    ours = save_tiny(tiny_model("llama", seed=1), tmp_path / "ours")
+    other = save_tiny(tiny_model("qwen3", seed=1), tmp_path / "other")  # also 6 layers
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Line {i}: the cat sat on the mat by the door." for i in range(20)))
+    analysis = analyze(ours, data=str(text), samples=8, seq_len=24, out=tmp_path / "analysis", progress=False)
+    assert analysis.extra["fingerprint"]
+    with pytest.raises(LayerpruneError, match="the analysis was computed for another model"):
+        prune(other, tmp_path / "wrong", n=2, analysis=tmp_path / "analysis", progress=False)
+    assert not (tmp_path / "wrong").exists()
+    done = prune(ours, tmp_path / "right", n=2, analysis=tmp_path / "analysis", progress=False)
+    assert done.removed == list(range(analysis.best_start(2), analysis.best_start(2) + 2))
