@@ -46,6 +46,25 @@ def describe_os_error(err: OSError) -> str:
     return f"{where}: {what}" if where is not None else what
 
 
+# the libraries of the optional extras, and the extra that brings each
+EXTRAS = {"lm_eval": "eval", "datasets": "eval", "peft": "heal", "bitsandbytes": "heal"}
+
+
+def missing_extra(module: str) -> str:
+    return (
+        f"this needs {module}, which is not installed: pip install 'layerprune[{EXTRAS[module]}]' (or layerprune[all])"
+    )
+
+
+def require(*modules: str) -> None:
+    """Refuse, before any work, a command whose optional libraries are not installed."""
+    import importlib.util
+
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise LayerpruneError(missing_extra(module))
+
+
 def describe(err: BaseException) -> tuple[str, int]:
     """(one-line message, exit code) for an exception that reached the command line."""
     if isinstance(err, LayerpruneError):
@@ -58,6 +77,8 @@ def describe(err: BaseException) -> tuple[str, int]:
         message, code = f"refused to unpickle a checkpoint file: {err}", USER_ERROR
     elif isinstance(err, MemoryError):
         message, code = "out of memory: the request needs more memory than this machine has", USER_ERROR
+    elif isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in EXTRAS:
+        message, code = missing_extra((err.name or "").split(".")[0]), USER_ERROR
     elif type(err).__name__ == "SafetensorError":
         message, code = f"corrupted safetensors file: {err}", USER_ERROR
     else:

@@ -48,7 +48,7 @@ from .devices import (
     process_state,
     visible_gpus,
 )
-from .errors import LayerpruneError
+from .errors import LayerpruneError, require
 from .models import load_model, load_tokenizer, model_inputs, resolve_model
 from .packages import package_dir
 from .residual import next_token_losses
@@ -738,6 +738,8 @@ def _evaluate(
     if isinstance(reference, (str, os.PathLike)):  # a model argument, as --reference takes it
         config, reference = replace(config, reference=str(reference)), None
     check_tasks(list(config.tasks))
+    if any(task not in TEXT_TASKS for task in config.tasks):  # QA tasks run through lm-eval
+        require("lm_eval", "datasets")
     if KLD_TASK in config.tasks and reference is None and config.reference is None:
         raise LayerpruneError(
             "the kld task needs --reference MODEL: the model to compare with (a model layerprune wrote defaults to "

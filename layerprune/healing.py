@@ -49,7 +49,7 @@ from .checkpoint import (
 from .data import DEFAULT_CALIBRATION, load_documents
 from .destinations import check_destination, claimed, staged
 from .devices import is_main_process, on_main_process, training_plan
-from .errors import LayerpruneError
+from .errors import LayerpruneError, require
 from .models import check_quantization, load_tokenizer, model_inputs, quantization_config, resolve_model
 from .plots import loss_curves
 from .residual import next_token_losses
@@ -589,6 +589,7 @@ def heal(
     settings is resumed; `restart` (by default: `overwrite`) discards it instead.
     """
     config = config or HealConfig()
+    require("peft")
     if config.quant:
         check_quantization("nf4", "4-bit NF4 (QLoRA)", "; pass --no-quant for plain LoRA")
     out = Path(out)

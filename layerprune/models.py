@@ -21,7 +21,7 @@ from typing import Any
 from .checkpoint import CONFIG_NAME, validate_checkpoint
 from .destinations import hold, reclaim_stale, remove_scratch, scratch_folder, staged
 from .devices import Placement, Plan, plan_placement
-from .errors import LayerpruneError
+from .errors import LayerpruneError, require
 from .gguf_reading import gguf_layers, read_gguf
 from .packages import package_dir
 
@@ -292,6 +292,7 @@ def check_quantization(scheme: str, purpose: str = "quantized export", hint: str
 
     if scheme not in QUANTIZATION_SCHEMES:
         raise LayerpruneError(f"unknown quantization {scheme!r}; choose one of {', '.join(QUANTIZATION_SCHEMES)}")
+    require("bitsandbytes")
     if not is_bitsandbytes_available():
         raise LayerpruneError(
             f"{purpose} needs bitsandbytes, which cannot run here; it runs on CUDA GPUs (any recent NVIDIA "

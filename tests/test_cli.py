@@ -274,3 +274,53 @@ def test_the_cli_reference_is_generated_from_the_commands_and_has_not_drifted():
     written = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
     assert written == reference(), "docs/cli.md is out of date: run `make docs`"
     assert "| `--repair` | none |" in written and "## `layerprune cache`" in written
+
+
+WITHOUT_EXTRAS = """
+import importlib.metadata, importlib.util, sys
+from importlib.abc import MetaPathFinder
+
+EXTRAS = ("lm_eval", "lm-eval", "datasets", "peft", "bitsandbytes")
+
+class Missing(MetaPathFinder):  # as if layerprune were installed without its extras
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in EXTRAS:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+def hidden(real, missing):
+    def find(name, *args, **kwargs):
+        if str(name).split(".")[0] in EXTRAS:
+            return missing(name)
+        return real(name, *args, **kwargs)
+    return find
+
+def not_found(name):
+    raise importlib.metadata.PackageNotFoundError(name)
+
+sys.meta_path.insert(0, Missing())
+importlib.util.find_spec = hidden(importlib.util.find_spec, lambda name: None)  # what libraries probe with
+importlib.metadata.version = hidden(importlib.metadata.version, not_found)
+importlib.metadata.distribution = hidden(importlib.metadata.distribution, not_found)
+from layerprune.cli import main
+sys.argv = ["layerprune", *sys.argv[1:]]
+main()
+"""
+
+
+def test_the_core_runs_without_the_extras_and_a_command_that_needs_one_names_it(checkpoint, tmp_path):
+    def layerprune(*args):
+        return subprocess.run([sys.executable, "-c", WITHOUT_EXTRAS, *map(str, args)], capture_output=True, text=True)
+
+    done = layerprune("prune", checkpoint, "--out", tmp_path / "cut", "--n", 2, "--strategy", "deepest")
+    assert done.returncode == 0 and (tmp_path / "cut" / "model.safetensors").is_file(), done.stderr
+    analysis = layerprune("analyze", tmp_path / "cut", "--out", tmp_path / "analysis", "--samples", 4, "--seq-len", 16)
+    assert analysis.returncode == 0 and (tmp_path / "analysis" / "distances.json").is_file(), analysis.stderr
+    evaluated = layerprune("evaluate", tmp_path / "cut", "--tasks", "arc_easy", "--limit", 2)
+    assert evaluated.returncode == 1 and evaluated.stderr == (
+        "error: this needs lm_eval, which is not installed: pip install 'layerprune[eval]' (or layerprune[all])\n"
+    ), "refused before any model loads"
+    healed = layerprune("heal", tmp_path / "cut", "--out", tmp_path / "healed", "--no-quant", "--steps", 1)
+    assert healed.returncode == 1 and healed.stderr.startswith("error: this needs peft") and "[heal]" in healed.stderr
+    quantized = layerprune("export", tmp_path / "cut", "--quantize", "nf4", "--out", tmp_path / "q")
+    assert quantized.returncode == 1 and "this needs bitsandbytes" in quantized.stderr, quantized.stderr
+    assert not (tmp_path / "healed").exists() and not (tmp_path / "q").exists()
