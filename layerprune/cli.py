@@ -42,7 +42,7 @@ from .healing import heal as run_heal
 from .models import BUILTIN_MODELS, builtin_cache_path, cache_dir, cache_entries, clear_cache
 from .pipeline import PruneConfig, output_format, prune_and_heal, then_gguf, then_quantize
 from .pipeline import prune as run_prune
-from .report import write_report
+from .report import answers, write_report
 from .sensitivity import run_sensitivity
 from .strategies import STRATEGIES
 from .sweep import Shard, SweepConfig, collect, run_sweep
@@ -482,6 +482,8 @@ def sweep(
     assert config is not None
     done = run_sweep(model, out, config, shard=Shard.parse(shard) if shard else None)
     if done.complete:
+        for line in answers(out, config.limits):
+            typer.echo(line)
         typer.echo(f"wrote {out}/results.csv, results.json and {out / 'report.html'}")
     else:
         typer.echo(f"wrote this shard's points to {out}/points; the last shard to finish writes the report")
@@ -495,7 +497,10 @@ def report(
     """Rebuild report.html from a sweep's stored results (no model is run)."""
     if (folder / "points").is_dir():  # a published folder keeps only results.json
         collect(folder)
-    typer.echo(f"wrote {write_report(folder, limits)}")
+    written = write_report(folder, limits)
+    for line in answers(folder, limits):
+        typer.echo(line)
+    typer.echo(f"wrote {written}")
 
 
 @command(config=EvalConfig)

@@ -307,6 +307,14 @@ def headline(rows: list[dict], task: str, limits: Tolerance) -> str:
     return f"No cut tried keeps {within}: the smallest is beyond it."
 
 
+def answers(out: str | Path, limits: Tolerance | None = None) -> list[str]:
+    """A stored sweep's answer, one line per task ("how far can I prune"), for the terminal."""
+    rows = read_json(Path(out) / "results.json", "sweep results file")
+    if not all("documents" in result for r in rows for result in r["tasks"].values()):
+        return []  # a sweep older than 0.2 keeps no per-document figures: no paired answer
+    return [f"{task}: {headline(rows, task, limits or Tolerance())}" for task in _measured(rows)]
+
+
 def _need(answer: Answer) -> int:
     return answer.documents_to_decide or 2**62
 

@@ -197,14 +197,9 @@ class SweepConfig:
         """The settings that must match for results to be comparable (the points may grow)."""
         raw = {k: v for k, v in flatten(self).items() if not k.startswith("heal_")}
         raw["heal_config"] = asdict(self.heal_config)
-        for key in (
-            "ns",
-            "fractions",
-            "strategies",
-            "repairs",
-            "device",
-            "export",
-        ):  # they change no number (beyond rounding)
+        # they change no stored number (beyond rounding), only which points and maps are made
+        changeable = ("ns", "fractions", "strategies", "repairs", "device", "export", "sensitivity")
+        for key in changeable:
             raw.pop(key)
         raw["tasks"] = sorted(raw["tasks"])
         return raw
@@ -253,7 +248,8 @@ def _open_sweep(out: Path, model: str, config: SweepConfig) -> None:
     if record.is_file():
         stored = read_json(record, "sweep record")
         defaults = build(SweepConfig, {"ns": (0,)}).comparable()  # settings added since it was stored
-        stored["settings"] = {**defaults, **stored["settings"]}
+        # a setting that no longer has to match (as --sensitivity, stored by earlier versions) is left out
+        stored["settings"] = {**defaults, **{k: v for k, v in stored["settings"].items() if k in defaults}}
         if {"model": stored["model"], "settings": stored["settings"]} != settings:
             changed = sorted(k for k in settings["settings"] if stored["settings"].get(k) != settings["settings"][k])
             if stored["model"] != model:

@@ -202,3 +202,20 @@ def test_the_rendered_answer_is_one_sentence_per_task_then_a_table_with_headers(
     sentences = rendered(page, tmp_path, script).strip().splitlines()
     assert sentences == [f"{task}: {headline(results, task, Tolerance())}" for task in ("arc_easy", "loss", "kld")]
     assert "None" not in page.split("id=settings")[1] and "True" not in page.split("id=settings")[1]
+
+
+def test_the_report_command_prints_the_answer_per_task(finished, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from layerprune.cli import app
+    from layerprune.evaluation import Tolerance
+    from layerprune.report import headline
+
+    folder = tmp_path / "sweep"
+    shutil.copytree(finished, folder)
+    done = CliRunner().invoke(app, ["report", str(folder)])
+    results = json.loads((folder / "results.json").read_text())
+    expected = [f"{task}: {headline(results, task, Tolerance())}" for task in ("arc_easy", "loss", "kld")]
+    assert done.exit_code == 0 and done.stdout.splitlines() == [*expected, f"wrote {folder / 'report.html'}"]

@@ -102,6 +102,21 @@ def test_repairs_are_an_axis_of_points_compared_with_their_unrepaired_cut(setup,
     assert "deepest + linear repair + healing" in table and "deepest + linear repair" in report
 
 
+def test_a_rerun_without_the_sensitivity_map_reuses_every_stored_result(setup, finished, tmp_path, monkeypatch):
+    """--no-sensitivity (or an earlier version's record that stored it as a setting) is no reason to refuse."""
+    base, text = setup
+    out = tmp_path / "sweep"
+    shutil.copytree(finished, out)
+    record = json.loads((out / "sweep.json").read_text())
+    record["settings"]["sensitivity"] = True  # as versions before 0.2.1 stored it
+    (out / "sweep.json").write_text(json.dumps(record))
+    before = (out / "results.json").read_text()
+    calls = []
+    monkeypatch.setattr(sweep_module, "_run_point", lambda point, *a: calls.append(point.key))
+    run_sweep(base, out, config(text, sensitivity=False), progress=False)
+    assert calls == [] and (out / "results.json").read_text() == before
+
+
 def test_changed_settings_are_refused(setup, finished):
     base, text = setup
     before = (finished / "results.json").read_text()
