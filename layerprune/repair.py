@@ -22,7 +22,9 @@ as ReplaceMe's second variant does. T is folded into the module that makes A: th
 folded (into the norm's scale): it is fitted per channel in closed form, and the record says so.
 
 The statistics come from one pass of the unpruned model (every block's from the same pass), so a
-cut of several blocks is repaired block by block as if each were the only one.
+cut of several blocks is repaired block by block as if each were the only one. A model larger than
+memory makes that pass one layer at a time (`collect_streaming`, through `streaming.LayerStream`);
+then only the modules the maps fold into are loaded to fold them.
 """
 
 from __future__ import annotations
