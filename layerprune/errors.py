@@ -10,6 +10,7 @@ which shows every traceback.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import pickle
 
@@ -58,8 +59,6 @@ def missing_extra(module: str) -> str:
 
 def require(*modules: str) -> None:
     """Refuse, before any work, a command whose optional libraries are not installed."""
-    import importlib.util
-
     for module in modules:
         if importlib.util.find_spec(module) is None:
             raise LayerpruneError(missing_extra(module))
