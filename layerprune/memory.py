@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import os
 from pathlib import Path
+from typing import Any
 
 FIT_SHARE = 0.7  # a model "fits" when its weights take at most this share of the memory available
 
@@ -44,6 +45,16 @@ def memory_available() -> int:
     if available is None:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return min([available, *cgroup_limits()])
+
+
+def memory_free(device: Any) -> int:
+    """Bytes free now where `device` (a torch device) keeps its tensors: a GPU's free memory, or
+    the host's available memory for the CPU."""
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    return memory_available()
 
 
 def fits_in_memory(nbytes: int) -> bool:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .architectures import Architecture, find_architecture
-from .checkpoint import TensorEntry, read_config, read_header, tensor_entries
+from .checkpoint import TORCH_DTYPES, TensorEntry, read_config, read_header, tensor_entries
 from .data import Calibration
 from .destinations import reclaim_stale, remove_scratch, scratch_folder
 from .devices import Placement, fits_on_device, plan_placement
@@ -372,9 +372,6 @@ def repair_record(method: str, fits: list[Fit], arch: Architecture, calibration:
         "seconds": round(seconds, 2),
         "blocks": [f.record() for f in fits],
     }
-
-
-TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 @contextmanager

@@ -295,13 +295,17 @@ def _plots(rows: list[dict], tasks: list[str], figures: Path, limits: Tolerance,
 
 def headline(rows: list[dict], task: str, limits: Tolerance) -> str:
     """One sentence that answers how far the model can be pruned for `task`, by its best series."""
-    answers = how_far(rows, task, limits)
-    label, best = max(answers.items(), key=lambda item: item[1].fraction)
+    return _sentence(task, how_far(rows, task, limits), limits)
+
+
+def _sentence(task: str, found: dict[str, Answer], limits: Tolerance) -> str:
+    """`headline` from the task's answers per series (`how_far`)."""
+    label, best = max(found.items(), key=lambda item: item[1].fraction)
     within = f"mean KL divergence within {limits.kl_threshold:g} nats" if task == KLD_TASK else (
         f"{task} within {limits.tolerance:.0%} of the full model")  # fmt: skip
     if best.fraction:
         return f"You can remove up to {best.cut(best.fraction)} and keep {within}, with 95% confidence ({label})."
-    undecided = [a for a in answers.values() if a.undecided_at is not None]
+    undecided = [a for a in found.values() if a.undecided_at is not None]
     if undecided:
         return f"No cut is shown to keep {within}; for the smallest, {min(undecided, key=_need).need()}."
     return f"No cut tried keeps {within}: the smallest is beyond it."
@@ -320,14 +324,14 @@ def _need(answer: Answer) -> int:
 
 
 def _how_far_section(rows: list[dict], tasks: list[str], limits: Tolerance) -> str:
-    sentences = "".join(f"<li><b>{html.escape(task)}</b>: {html.escape(headline(rows, task, limits))}</li>"
+    found = {task: how_far(rows, task, limits) for task in tasks}  # each: a paired bootstrap per point
+    sentences = "".join(f"<li><b>{html.escape(task)}</b>: {html.escape(_sentence(task, found[task], limits))}</li>"
                         for task in tasks)  # fmt: skip
     labels = list(series(rows))
     head = "<tr><th>task</th>" + "".join(f"<th>{html.escape(label)}</th>" for label in labels) + "</tr>"
     lines = []
     for task in tasks:
-        answers = how_far(rows, task, limits)
-        cells = "".join(f"<td>{html.escape(answers[label].text())}</td>" for label in labels)
+        cells = "".join(f"<td>{html.escape(found[task][label].text())}</td>" for label in labels)
         lines.append(f"<tr><th>{html.escape(task)}</th>{cells}</tr>")
     return f"<ul id=headline>{sentences}</ul><table id=how-far>{head}{''.join(lines)}</table>"
 

@@ -31,7 +31,7 @@ from typing import Any
 from .architectures import find_architecture
 from .data import Calibration
 from .errors import LayerpruneError
-from .memory import FIT_SHARE, memory_available
+from .memory import FIT_SHARE, memory_free
 from .repair import BlockStatistics, Fit, fit
 from .residual import layers_swapped, next_token_losses, running_from, stream_modules, watching
 
@@ -202,14 +202,9 @@ def _select(scorer: Scorer, n: int, strategy: str, analysis: Any, candidates: in
 
 def _repaired_losses(scorer: Scorer, pool: list[list[int]]) -> tuple[list[float], list[Fit]]:
     """Each block's calibration loss after its linear repair, and its fit."""
-    import torch
-
     diagonal = scorer.arch.repair_fold_kind == "norm"
     d = scorer.model.config.get_text_config().hidden_size
-    if scorer.model.get_input_embeddings().weight.device.type == "cuda":
-        room = FIT_SHARE * torch.cuda.mem_get_info(scorer.model.get_input_embeddings().weight.device)[0]
-    else:
-        room = FIT_SHARE * memory_available()
+    room = FIT_SHARE * memory_free(scorer.model.get_input_embeddings().weight.device)
     group = max(1, int(room // (2 * d * d * 8)))  # two float64 d x d sums per candidate
     fits: list[Fit] = []
     for first in range(0, len(pool), group):

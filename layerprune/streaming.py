@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from .architectures import Architecture, find_architecture
-from .checkpoint import TensorEntry, check_layers, tensor_entries
+from .checkpoint import TORCH_DTYPES, TensorEntry, check_layers, tensor_entries
 from .destinations import reclaim_stale, remove_scratch, scratch_folder
 from .devices import DTYPE_BYTES, Plan
 from .errors import LayerpruneError
-from .memory import FIT_SHARE, memory_available, return_freed_memory
+from .memory import FIT_SHARE, memory_available, memory_free, return_freed_memory
 from .residual import AngularSums, final_rows, last_token_index, run_layers
 
 SPILL_PREFIX = "layerprune-spill-"
@@ -86,9 +86,6 @@ class _States:
             remove_scratch(self.folder)
 
 
-_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
 def _read_rows(entry: TensorEntry, rows: Any) -> Any:
     """Rows `rows` (sorted ids) of a 2-D float tensor in a safetensors file, as fp32, read through
     a memory map so that only their pages are touched."""
@@ -98,7 +95,7 @@ def _read_rows(entry: TensorEntry, rows: Any) -> Any:
     table = np.memmap(entry.file, dtype=np.uint8, mode="r", offset=entry.start, shape=(entry.length,))
     picked = table.reshape(entry.shape[0], -1)[rows.numpy()]  # a copy of those rows only
     del table
-    dtype = getattr(torch, _TORCH_DTYPES[entry.dtype])
+    dtype = getattr(torch, TORCH_DTYPES[entry.dtype])
     return torch.from_numpy(picked).view(dtype).to(torch.float32)
 
 
@@ -110,7 +107,7 @@ def _used_embeddings(model: Any, entries: dict, batches: list[dict], dtype: Any 
 
     embedding = model.get_input_embeddings()
     key = next((n for n, p in model.named_parameters() if p is embedding.weight), "")
-    if key not in entries or entries[key].dtype not in _TORCH_DTYPES or len(entries[key].shape) != 2:
+    if key not in entries or entries[key].dtype not in TORCH_DTYPES or len(entries[key].shape) != 2:
         return batches, []  # loaded whole, as any other tensor
     ids = torch.unique(torch.cat([b["input_ids"].flatten() for b in batches]))
     rows = _read_rows(entries[key], ids)
@@ -159,7 +156,7 @@ class LayerStream:
         sizes = [_layer_bytes(self.entries, self.arch, i, self.plan.dtype) for i in range(self.num_layers)]
         self.largest_layer = max(sizes)
         if memory_budget is None and self.device.type == "cuda":
-            memory_budget = FIT_SHARE * torch.cuda.mem_get_info(self.device)[0]
+            memory_budget = FIT_SHARE * memory_free(self.device)
         if memory_budget is not None and memory_budget < self.largest_layer:
             raise LayerpruneError(
                 f"memory budget {memory_budget / 2**20:.1f} MiB is smaller than one layer: at least "
