@@ -28,7 +28,7 @@ def accuracy(model: str, limit: int, out: Path, tasks: list[str]) -> None:
     for task in tasks:
         task_limit = max(1, limit // 50) if task == "mmlu" else limit
         start = time.perf_counter()
-        result = evaluate(model, [task], limit=task_limit, batch_size=8, loss_samples=limit)
+        result = evaluate(model, [task], limit=task_limit, batch_size=8)
         record["tasks"][task] = result["tasks"][task]
         record["limits"][task] = task_limit
         record["seconds"][task] = round(time.perf_counter() - start, 1)

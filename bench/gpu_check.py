@@ -355,7 +355,7 @@ def main() -> None:
             with pruned_in_place(model, list(range(last - 4, last))):
                 return full(batch)
 
-        config = EvalConfig(tasks=("kld",), loss_data=str(data), loss_samples=32, seq_len=256, batch_size=8)
+        config = EvalConfig(tasks=("kld",), loss_data=str(data), limit=32, seq_len=256, batch_size=8)
         started = time.perf_counter()
         kld = closeness(pruned, full, tokenizer_, model.config.vocab_size, config)
         kld_seconds = time.perf_counter() - started

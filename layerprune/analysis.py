@@ -217,7 +217,7 @@ def _analyze(
     """`analyze` without its output folder."""
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
-        path = resolve_model(model)
+        path = resolve_model(model, placement)
         plan = plan_placement(placement, path)
         if offload is None and not fits_on_device(plan, path):
             print(f"{name} would not fit in the memory of {plan.device}: analyzing one layer at a time (--offload)")

@@ -20,6 +20,7 @@ from functools import partial, wraps
 from pathlib import Path
 from typing import Annotated, Any
 
+import rich.markup
 import typer
 from typer.core import TyperGroup
 
@@ -204,6 +205,7 @@ def config_options(cls: type, prefix: str = "", name: str = "config") -> Callabl
         elif str in typing.get_args(annotation) and set(typing.get_args(annotation)) - {str, type(None)}:
             annotation, default = str, str(default)  # a number or a word (--batch-size 8 or auto)
         help_text = field.help + (f" One of: {', '.join(field.choices)}." if field.choices else "")
+        help_text = rich.markup.escape(help_text)  # rich would eat `[vllm]` in `pip install 'layerprune[vllm]'`
         names = [flag, *(f"--{alias}" for alias in field.aliases)]
         return inspect.Parameter(
             field.name,
@@ -549,6 +551,12 @@ def bench(
         f"medians of {settings.repeats} repeats; prompt {settings.prompt_tokens} tokens, "
         f"{settings.new_tokens} new, batch {settings.batch_size}; on {results[0]['device']}, {results[0]['dtype']}"
     )
+    for r in results:
+        if r["run_bytes"] != r["disk_bytes"]:
+            name = Path(r["model"]).name or r["model"]
+            typer.echo(
+                f"{name} ran as its dequantized copy ({r['run_bytes'] / 2**20:.0f} MB, {r['dtype']}): {r['path']}"
+            )
     if out:
         typer.echo(f"wrote {out}/bench.json and bench.png")
 
@@ -593,7 +601,7 @@ def reference() -> str:
             else:
                 names = " / ".join([*param.opts, *param.secondary_opts])
             default = "required" if param.required else "" if param.default in (None, False, ()) else param.default
-            cells = [f"`{names}`", str(default), " ".join(str(param.help or "").split())]
+            cells = [f"`{names}`", str(default), " ".join(str(param.help or "").replace("\\[", "[").split())]
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from .destinations import check_destination, claimed, die_with_parent, remove_sc
 from .devices import Placement, plan_placement, quantized_plan
 from .errors import LayerpruneError
 from .gguf_surgery import check_gguf_destination, gguf_layers, read_gguf, rewrite_gguf
-from .models import check_quantization, load_model, model_inputs, quantization_config, resolve_model
+from .models import check_quantization, gguf_file, load_model, model_inputs, quantization_config, resolve_model
 from .plots import inference_bars
 
 
@@ -111,17 +111,19 @@ def benchmark_one(model: str | Path, settings: InferenceSettings, placement: Pla
     checkpoint's own dtype, as it would be served (run it in its own process for a clean peak)."""
     import torch
 
-    path = resolve_model(model)
+    path = resolve_model(model, placement)
     plan = plan_placement(placement, path)
     loaded, _ = load_model(path, plan)
     figures = measure(loaded, settings)
     on_gpu = plan.device.startswith("cuda")
+    gguf = gguf_file(model)
     return {
         "model": str(model),
         "path": str(path),
         "parameters": loaded.num_parameters(),
         "num_layers": loaded.config.get_text_config().num_hidden_layers,
-        "disk_bytes": _folder_bytes(path),
+        "disk_bytes": gguf.stat().st_size if gguf else _folder_bytes(path),  # the model's own file(s)
+        "run_bytes": _folder_bytes(path),  # what ran: for a GGUF, its dequantized copy
         "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else _peak_rss_mb(),
         **plan.record(),
         **figures,

@@ -82,6 +82,21 @@ def visible_gpus() -> list[tuple[int, int]]:
     return [torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())]
 
 
+def working_dtype(device: str) -> str:
+    """The dtype a model runs in by default on `device`: fp32 on the CPU (fastest there), bf16 on a
+    GPU that has bf16 units, else fp16 (as nanoGPT and torchtune check)."""
+    if not device.startswith("cuda"):
+        return "float32"
+    import torch
+
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def default_device() -> str:
+    """`cuda:0` where a CUDA GPU is visible, else `cpu`: the device `--device auto` starts from."""
+    return "cuda:0" if visible_gpus() else "cpu"
+
+
 def checkpoint_dtype(path: Path) -> str:
     """The dtype most of a checkpoint's floating-point bytes are stored in (fp32 if unknown)."""
     weights: dict[str, int] = {}
@@ -112,8 +127,10 @@ def plan_placement(
     if index >= len(gpus):
         names = ", ".join(f"cuda:{i}" for i in range(len(gpus)))
         raise LayerpruneError(f"--device {placement.device}: this machine has {len(gpus)} GPU(s) ({names})")
-    dtype = placement.dtype if placement.dtype != "auto" else (checkpoint_dtype(path) if path else "bfloat16")
     device = f"cuda:{index}"
+    dtype = (
+        placement.dtype if placement.dtype != "auto" else (checkpoint_dtype(path) if path else working_dtype(device))
+    )
     if path is None or model_bytes(path, dtype) <= FIT_SHARE * gpus[index][0]:
         return Plan(device, dtype)
     # larger than one GPU: every visible GPU from the chosen one, then host memory
@@ -147,7 +164,8 @@ def training_plan() -> Plan:
     sharded = next((name for name in ("fsdp", "deepspeed") if _launched_with(name)), None)
     gpus = visible_gpus()
     if gpus:
-        return Plan(f"cuda:{_local_rank(len(gpus))}", "bfloat16", sharded_by=sharded)
+        device = f"cuda:{_local_rank(len(gpus))}"
+        return Plan(device, working_dtype(device), sharded_by=sharded)
     return Plan("cpu", "float32", sharded_by=sharded)
 
 
@@ -158,9 +176,9 @@ def _launched_with(name: str) -> bool:
 
 def quantized_plan() -> Plan:
     """Where a model is quantized (bitsandbytes) for export: spread over every visible GPU with bf16
-    compute, else the CPU with fp32 compute."""
+    compute (fp16 where the GPU has no bf16), else the CPU with fp32 compute."""
     if visible_gpus():
-        return Plan("cuda:0", "bfloat16", "auto")
+        return Plan("cuda:0", working_dtype("cuda:0"), "auto")
     return Plan("cpu", "float32")
 
 

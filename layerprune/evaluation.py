@@ -58,6 +58,7 @@ LOSS_TASK = "loss"
 KLD_TASK = "kld"
 TEXT_TASKS = (LOSS_TASK, KLD_TASK)  # measured on held-out text, not through lm-eval
 DEFAULT_LOSS_DATA = "lambada"
+TEXT_DOCUMENTS = 200  # passages of `loss` and `kld` when no --limit is given: their corpora run to thousands
 DEFAULT_TASKS = ("sciq", "piqa", "arc_easy", LOSS_TASK)
 BACKENDS = ("hf", "vllm")
 
@@ -73,13 +74,18 @@ class EvalConfig:
     tasks: tuple[str, ...] = field(
         default=DEFAULT_TASKS, metadata={"help": "Comma-separated: offline tasks, `loss`, or lm-eval names."}
     )
-    limit: int | None = field(default=None, metadata={"help": "First N documents of each task."})
+    limit: float | None = field(
+        default=None,
+        metadata={
+            "help": f"First N documents of each task, or a share of them (0.1: a tenth), as lm-eval's --limit. "
+            f"Unset: every QA document, and the first {TEXT_DOCUMENTS} passages of `loss` and `kld`."
+        },
+    )
     num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples (default: 5 for mmlu, else 0)."})
     batch_size: int | str = field(
         default=8, metadata={"help": "Documents per forward pass, or auto (lm-eval's search for the largest)."}
     )
     loss_data: str = field(default=DEFAULT_LOSS_DATA, metadata={"help": "Held-out text for `loss` and `kld`."})
-    loss_samples: int = field(default=200, metadata={"help": "Held-out documents for `loss` and `kld` (at most)."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per held-out document (truncated)."})
     backend: str = field(
         default="hf",
@@ -100,14 +106,19 @@ class EvalConfig:
             object.__setattr__(self, "batch_size", int(self.batch_size))
         if not self.tasks or not all(self.tasks):
             raise LayerpruneError(f"no tasks given; available: {', '.join(available_tasks())}")
-        if self.limit is not None and self.limit < 1:
-            raise LayerpruneError(f"--limit must be at least 1, got {self.limit}")
+        if self.limit is not None:
+            if not (0 < self.limit < 1 or float(self.limit).is_integer() and self.limit >= 1):
+                raise LayerpruneError(
+                    f"--limit is a number of documents (1 or more) or a share of each task (between 0 and 1), "
+                    f"got {self.limit}"
+                )
+            object.__setattr__(self, "limit", int(self.limit) if self.limit >= 1 else float(self.limit))
         if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise LayerpruneError(
                 f"--batch-size must be a whole number of at least 1, or auto; got {self.batch_size!r}"
             )
-        if min(self.loss_samples, self.seq_len) < 1:
-            raise LayerpruneError("loss-samples and seq-len must each be at least 1")
+        if self.seq_len < 1:
+            raise LayerpruneError(f"--seq-len must be at least 1, got {self.seq_len}")
 
     @property
     def loss_batch_size(self) -> int:
@@ -290,7 +301,7 @@ def vllm_language_model(path: Path, placement: Placement, batch_size: int | str)
 def qa_accuracy(
     lm: Any,
     tasks: list[str],
-    limit: int | None,
+    limit: float | None,
     num_fewshot: int | None,
     documents: dict[str, list[str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -330,9 +341,10 @@ def qa_accuracy(
     return results
 
 
-def answer_requests(task: str, limit: int | None, num_fewshot: int | None) -> list[tuple[str, str, str]]:
+def answer_requests(task: str, limit: float | None, num_fewshot: int | None) -> list[tuple[str, str, str]]:
     """(document id, prompt, correct answer) of a multiple-choice task's first `limit` documents per
-    subtask, as lm-eval builds them (its prompt and few-shot examples, no model run)."""
+    subtask (or that share of them), as lm-eval builds them (its prompt and few-shot examples, no model run)."""
+    from lm_eval.evaluator_utils import get_sample_size
     from lm_eval.tasks import get_task_dict
 
     specs, _ = _lm_eval_specs(task, task_manager().task_index)
@@ -342,7 +354,7 @@ def answer_requests(task: str, limit: int | None, num_fewshot: int | None) -> li
     for name, loaded in _leaf_tasks(get_task_dict(specs, task_manager())).items():
         if loaded.OUTPUT_TYPE != "multiple_choice":
             raise LayerpruneError(f"task {task} is not multiple choice: it has no correct answer to score")
-        loaded.build_all_requests(limit=limit)
+        loaded.build_all_requests(limit=get_sample_size(loaded, limit))
         for instance in loaded.instances:
             target = loaded.doc_to_target(instance.doc)
             if isinstance(target, str):
@@ -654,13 +666,22 @@ def closeness(
 ) -> dict[str, Any]:
     """The `kld` task on `config`'s held-out text: `candidate` against `reference`, each a batch ->
     logits function (`logits_of`), so that a sweep can compare a model pruned in place with itself."""
-    ids, texts = text_documents(config.loss_data, _text_samples(config), chosen)
+    ids, texts = text_documents(config.loss_data, text_samples(config), chosen)
     result = kl_divergence(candidate, reference, tokenizer, texts, ids, config.seq_len, config.loss_batch_size, vocab)
     return result | {"available": len(load_documents(config.loss_data)), "data": str(config.loss_data)}
 
 
-def _text_samples(config: EvalConfig) -> int:
-    return min(config.loss_samples, config.limit) if config.limit else config.loss_samples
+def documents_limit(limit: float | None, available: int) -> int | None:
+    """How many of `available` documents a limit takes: N, or a share rounded up (lm-eval's rule)."""
+    if limit is None:
+        return None
+    return min(available, math.ceil(available * limit) if limit < 1 else int(limit))
+
+
+def text_samples(config: EvalConfig) -> int:
+    """How many held-out passages `loss` and `kld` take: `--limit` of them, else the first TEXT_DOCUMENTS."""
+    available = len(load_documents(config.loss_data))
+    return documents_limit(config.limit, available) or min(TEXT_DOCUMENTS, available)
 
 
 def _versions() -> dict[str, str]:
@@ -747,12 +768,14 @@ def _evaluate(
         )
     reference_path = None
     if KLD_TASK in config.tasks and reference is None and config.reference is not None:
-        reference_path = resolve_model(config.reference)
+        reference_path = resolve_model(config.reference, config.placement)
         if isinstance(model, (str, os.PathLike)):  # tokenizers first: refused before any weights load
-            check_same_tokenizer(load_tokenizer(resolve_model(model)), load_tokenizer(reference_path), config.reference)
+            check_same_tokenizer(
+                load_tokenizer(resolve_model(model, config.placement)), load_tokenizer(reference_path), config.reference
+            )
     record: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
-        path = resolve_model(model)
+        path = resolve_model(model, config.placement)
         record = {"model": str(model), "model_path": str(path)}
         history = read_record(path)
         if history is not None:
@@ -787,7 +810,7 @@ def _evaluate(
     results = qa_accuracy(lm, qa_tasks, config.limit, config.num_fewshot, documents) if qa_tasks else {}
     if LOSS_TASK in config.tasks:
         results[LOSS_TASK] = heldout_loss(
-            model, tokenizer, config.loss_data, _text_samples(config), config.seq_len, config.loss_batch_size,
+            model, tokenizer, config.loss_data, text_samples(config), config.seq_len, config.loss_batch_size,
             (documents or {}).get(LOSS_TASK),
         )  # fmt: skip
     if KLD_TASK in config.tasks:
@@ -838,7 +861,7 @@ def export_task_yaml(task: str, folder: str | Path) -> Path:
     return path
 
 
-def lm_eval_command_line(model: str | Path, task: str, limit: int, batch_size: int = 8) -> dict[str, Any]:
+def lm_eval_command_line(model: str | Path, task: str, limit: float, batch_size: int = 8) -> dict[str, Any]:
     """Run lm-eval's own command line on an offline task and a checkpoint folder; its results for the task.
 
     The independent check of our numbers: same documents, same prompt, lm-eval's plain CLI.

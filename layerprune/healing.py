@@ -96,7 +96,7 @@ class HealConfig:
         default=None, metadata={"help": "Comma-separated module names, or all-linear (default: the family's MLP)."}
     )
     quant: bool = field(
-        default=True, metadata={"help": "Load the base in 4-bit NF4 (QLoRA); --no-quant for plain LoRA."}
+        default=True, metadata={"help": "Load the base in 4-bit NF4 (QLoRA); the no- form: plain LoRA."}
     )
     data: str = field(
         default=DEFAULT_CALIBRATION, metadata={"help": "Training text: file, .jsonl, .parquet or built-in corpus."}
@@ -591,7 +591,9 @@ def heal(
     config = config or HealConfig()
     require("peft")
     if config.quant:
-        check_quantization("nf4", "4-bit NF4 (QLoRA)", "; pass --no-quant for plain LoRA")
+        check_quantization(
+            "nf4", "4-bit NF4 (QLoRA)", "; pass --no-quant (with prune or sweep: --heal-no-quant) for plain LoRA"
+        )
     out = Path(out)
     inputs = [*model_inputs(model), *_data_inputs(config)]
     check = partial(check_destination, out, inputs, overwrite)

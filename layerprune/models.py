@@ -20,7 +20,7 @@ from typing import Any
 
 from .checkpoint import CONFIG_NAME, validate_checkpoint
 from .destinations import hold, reclaim_stale, remove_scratch, scratch_folder, staged
-from .devices import Placement, Plan, plan_placement
+from .devices import Placement, Plan, default_device, plan_placement, working_dtype
 from .errors import LayerpruneError, require
 from .gguf_reading import gguf_layers, read_gguf
 from .packages import package_dir
@@ -120,8 +120,31 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
+def conversion_dtype(placement: Placement | Plan | None = None) -> str:
+    """The dtype a GGUF file is dequantized into: the one the command runs in (`--dtype`, else the
+    default of its device: fp32 on a CPU, bf16 on a GPU that has it), never wider than that."""
+    if placement is not None and placement.dtype != "auto":
+        return placement.dtype
+    device = placement.device if placement is not None and placement.device != "auto" else default_device()
+    return working_dtype(device)
+
+
+def _with_dtype(folder: Path, dtype: str) -> Path:
+    """The cache entry of a conversion in `dtype`: the fp32 one keeps the plain name."""
+    return folder if dtype == "float32" else folder.with_name(f"{folder.name}-{_DTYPE_SUFFIX[dtype]}")
+
+
+_DTYPE_SUFFIX = {"bfloat16": "bf16", "float16": "f16"}
+
+
+def _conversion(folder: Path, dtype: str) -> Path:
+    """The entry that serves a request in `dtype`: an existing fp32 conversion serves every dtype
+    (the weights are cast when loaded); otherwise the one in `dtype`, converted if missing."""
+    return folder if (folder / CONFIG_NAME).is_file() else _with_dtype(folder, dtype)
+
+
 def builtin_cache_path(name: str) -> Path:
-    """The converted safetensors folder of a built-in model (it may not exist yet)."""
+    """The fp32 converted safetensors folder of a built-in model (it may not exist yet)."""
     return cache_dir() / "converted" / name
 
 
@@ -132,11 +155,13 @@ def model_inputs(spec: ModelSpec) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_dir():
         return [path]
-    if path.is_file():
-        return [path, _converted_path_for(path)]
-    if str(spec) in BUILTIN_MODELS:
-        return [builtin_cache_path(str(spec))]
-    return []
+    folder = _converted_path_for(path) if path.is_file() else None
+    if folder is None and str(spec) in BUILTIN_MODELS:
+        folder = builtin_cache_path(str(spec))
+    if folder is None:
+        return []
+    conversions = [folder, *(_with_dtype(folder, dtype) for dtype in _DTYPE_SUFFIX)]
+    return [path, *conversions] if path.is_file() else conversions
 
 
 def gguf_file(spec: ModelSpec) -> Path | None:
@@ -149,21 +174,23 @@ def gguf_file(spec: ModelSpec) -> Path | None:
     return None
 
 
-def resolve_model(spec: ModelSpec) -> Path:
-    """A local checkpoint folder for a model argument, converting GGUF files once."""
+def resolve_model(spec: ModelSpec, placement: Placement | Plan | None = None) -> Path:
+    """A local checkpoint folder for a model argument, converting GGUF files once, into the dtype
+    the command runs in (`conversion_dtype`)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             raise LayerpruneError(f"{path} is a folder without config.json, not a Hugging Face checkpoint")
         return path
+    dtype = conversion_dtype(placement)
     if path.is_file():
-        return convert_gguf(path, _converted_path_for(path))
+        return convert_gguf(path, _conversion(_converted_path_for(path), dtype), dtype)
     name = str(spec)
     if name in BUILTIN_MODELS:
-        target = builtin_cache_path(name)
+        target = _conversion(builtin_cache_path(name), dtype)
         if (target / CONFIG_NAME).is_file():
             return target
-        return convert_gguf(BUILTIN_MODELS[name].locate(), target)
+        return convert_gguf(BUILTIN_MODELS[name].locate(), target, dtype)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         return _download(name)
     raise LayerpruneError(
@@ -191,8 +218,8 @@ def _converted_path_for(gguf: Path) -> Path:
     return cache_dir() / "converted" / f"{gguf.stem}-{key}"
 
 
-def convert_gguf(gguf: Path, target: Path) -> Path:
-    """Dequantize a GGUF file into a safetensors checkpoint folder at `target`, once.
+def convert_gguf(gguf: Path, target: Path, dtype: str = "float32") -> Path:
+    """Dequantize a GGUF file into a safetensors checkpoint folder at `target`, in `dtype`, once.
 
     transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights are moved
     into a model built from the cleaned config. Written to a temporary folder, then renamed.
@@ -215,7 +242,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.architectures = [type(loaded).__name__]
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()
     if target.is_dir():  # a conversion cut short before it was renamed into place
@@ -260,7 +287,7 @@ def load_model(spec: ModelSpec, placement: Placement | Plan | None = None) -> tu
     """Load (model, tokenizer) for any model argument, in eval mode, placed by the device policy
     (`devices.plan_placement`; by default the GPU in the checkpoint's dtype, else the CPU in fp32).
     The plan is kept on the model as `layerprune_plan`, for the records."""
-    path = resolve_model(spec)
+    path = resolve_model(spec, placement)
     plan = placement if isinstance(placement, Plan) else plan_placement(placement, path)
     tokenizer = load_tokenizer(path)
     options: dict[str, Any] = {"dtype": plan.torch_dtype}

@@ -175,7 +175,7 @@ def prune(
         return _prune_gguf(model, out, config, analysis, overwrite, progress, outtype)
     inputs += config.calibration.inputs() if config.repair != "none" else []
     with claimed(out, partial(check_destination, out, inputs, overwrite)):  # held from before any long work
-        src = resolve_model(model)
+        src = resolve_model(model, config.placement)
         raw, arch = read_config(src)
         if analysis is not None:
             check_analysis(analysis, src)
@@ -227,7 +227,9 @@ def _prune_gguf(
     with claimed(out, partial(check_gguf_destination, out, [source, *inputs], overwrite)):  # held throughout
         reader = read_gguf(source)  # parsing a GGUF's metadata takes seconds: once
         _, num_layers = gguf_layers(reader, source)
-        removed, selection = choose_layers(num_layers, lambda: resolve_model(model), config, analysis, progress)
+        removed, selection = choose_layers(
+            num_layers, lambda: resolve_model(model, config.placement), config, analysis, progress
+        )
         record = _record(model, source, config, selection)
         return PruneResult(out, prune_gguf(source, out, removed, record, overwrite, inputs, reader))
 

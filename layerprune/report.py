@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .checkpoint import read_json
 from .destinations import write_atomically
 from .errors import LayerpruneError
@@ -390,7 +391,8 @@ def _setting(value: Any) -> str:
 
 def _settings_table(sweep: dict, versions: dict | None) -> str:
     settings = {**sweep.get("config", sweep["settings"])}
-    settings.update({f"version of {k}": v for k, v in (versions or {}).items()})
+    settings.update({f"results computed with {k}": v for k, v in (versions or {}).items()})
+    settings["report written by"] = f"layerprune {__version__}"  # a report rebuilt later says so
     return (
         "<table id=settings>"
         + "".join(

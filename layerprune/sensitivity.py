@@ -19,7 +19,7 @@ from typing import Any
 from .data import token_batches
 from .destinations import check_destination, claimed, staged, write_atomically
 from .errors import LayerpruneError
-from .evaluation import KLD_TASK, LOSS_TASK, EvalConfig, answer_requests, check_tasks, text_documents
+from .evaluation import KLD_TASK, LOSS_TASK, EvalConfig, answer_requests, check_tasks, text_documents, text_samples
 from .models import load_model, model_inputs, resolve_model
 from .plots import sensitivity_heatmap
 from .scoring import Scorer
@@ -126,8 +126,7 @@ def _task_batches(task: str, tokenizer: Any, config: EvalConfig) -> tuple[list[s
     """A task's document ids and batches: held-out passages for `loss`, else each question's prompt
     and correct answer."""
     if task == LOSS_TASK:
-        samples = min(config.loss_samples, config.limit or config.loss_samples)
-        ids, texts = text_documents(config.loss_data, samples)
+        ids, texts = text_documents(config.loss_data, text_samples(config))
         return ids, token_batches(tokenizer, texts, len(texts), config.seq_len, config.loss_batch_size)
     requests = answer_requests(task, config.limit, config.num_fewshot)
     return [r[0] for r in requests], _answer_batches(tokenizer, requests, config.loss_batch_size)

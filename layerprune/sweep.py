@@ -126,7 +126,7 @@ class SweepConfig:
     loss_data: str = field(default=DEFAULT_LOSS_DATA, metadata={"help": "Held-out text for `loss` and `kld`."})
     limit: int | str | None = field(
         default=100,
-        metadata={"help": "Documents per task (None: all); or auto: in rounds (20, 40, 80, ...) until each "
+        metadata={"help": "Documents per task; or auto: in rounds (20, 40, 80, ...) until each "
                           "point's paired comparison with the full model decides the tolerance question, or "
                           "the task's documents (auto:N: its first N) run out."},
     )  # fmt: skip
@@ -549,7 +549,7 @@ def _run_sweep(model: str | Path, out: Path, config: SweepConfig, progress: bool
     """`run_sweep` under its lock: every check that can refuse comes before the folder is written."""
     from tqdm.auto import tqdm
 
-    src = resolve_model(model)
+    src = resolve_model(model, config.placement)
     check_destination(out, [src], overwrite=False, resume="sweep.json")
     base = load_model(src, config.placement)
     num_layers = find_architecture(base[0].config).num_layers(base[0].config)

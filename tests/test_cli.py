@@ -250,6 +250,7 @@ def test_version_and_short_help():
         shown = run(*args)
         assert shown.exit_code == 0 and "Usage: layerprune" in shown.stdout
     assert "--repair" in run("prune", "-h").stdout
+    assert "'layerprune[vllm]'" in run("evaluate", "-h").stdout  # not eaten as rich markup
 
 
 def test_options_as_lm_eval_users_type_them(checkpoint, tmp_path):

@@ -90,8 +90,20 @@ def test_training_and_quantized_export_take_their_device_from_the_same_place(mon
     assert (training_plan().device, training_plan().dtype) == ("cpu", "float32")
     assert (quantized_plan().device, quantized_plan().device_map) == ("cpu", None)
     monkeypatch.setattr(devices, "visible_gpus", lambda: [(80 * GiB, 80 * GiB)] * 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert (training_plan().device, training_plan().dtype) == ("cuda:0", "bfloat16")  # this process's local rank
     assert (quantized_plan().device_map, quantized_plan().dtype) == ("auto", "bfloat16")
+
+
+def test_bf16_only_on_a_gpu_that_has_it(monkeypatch):
+    from layerprune.devices import quantized_plan, training_plan, working_dtype
+
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [(16 * GiB, 16 * GiB)])
+    assert working_dtype("cpu") == "float32"
+    for supported, expected in ((True, "bfloat16"), (False, "float16")):  # e.g. a T4 or a V100: fp16
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert working_dtype("cuda:0") == training_plan().dtype == quantized_plan().dtype == expected
+        assert plan_placement(Placement(), None).dtype == expected
 
 
 def test_under_fsdp_or_deepspeed_the_launcher_places_the_weights(monkeypatch):

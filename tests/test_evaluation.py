@@ -62,9 +62,9 @@ def test_same_numbers_as_lm_eval_command_line(tmp_path, tiny):
     """lm-eval's own CLI, on the exported offline task and the saved model, reports the same accuracy."""
     model, tokenizer = tiny
     folder = save_tiny(model, tmp_path / "model")
-    ours = evaluate(folder, ["sciq"], limit=16, batch_size=4)["tasks"]["sciq"]
-    theirs = lm_eval_command_line(folder, "sciq", limit=16, batch_size=4)
-    assert theirs["acc,none"] == ours["acc"] and theirs["acc_norm,none"] == ours["acc_norm"]
+    ours = evaluate(folder, ["sciq"], limit=0.016, batch_size=4)["tasks"]["sciq"]  # a share, as lm-eval takes it
+    theirs = lm_eval_command_line(folder, "sciq", limit=0.016, batch_size=4)
+    assert theirs["acc,none"] == ours["acc"] and theirs["acc_norm,none"] == ours["acc_norm"] and ours["n"] == 16
 
 
 def test_mmlu_is_five_shot_over_all_subjects_weighted_by_size(tiny):
@@ -112,11 +112,20 @@ def test_results_file_records_model_layers_settings_and_versions(tmp_path, tiny)
     assert record["tasks"]["loss"]["n"] == 8
 
 
+def test_a_fractional_limit_takes_that_share_of_every_task_rounded_up(tiny):
+    from layerprune.data import load_documents
+
+    record = evaluate(tiny[0], ["boolq", "loss"], limit=0.002, tokenizer=tiny[1], batch_size=4)
+    assert record["tasks"]["boolq"]["n"] == math.ceil(3270 * 0.002)
+    assert record["tasks"]["loss"]["n"] == math.ceil(len(load_documents("lambada")) * 0.002)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
         ({"tasks": ["sciqq"]}, "unknown task sciqq; offline tasks: arc_easy"),
-        ({"limit": 0}, "--limit must be at least 1"),
+        ({"limit": 0}, "--limit is a number of documents"),
+        ({"limit": 2.5}, r"--limit is a number of documents \(1 or more\) or a share"),
     ],
 )
 def test_bad_requests_are_refused_before_loading(kwargs, fragment, tmp_path):

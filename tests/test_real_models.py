@@ -99,6 +99,27 @@ def test_a_local_gguf_file_is_converted_once_to_a_cached_checkpoint(tmp_path, mo
     assert (gguf.stat().st_mtime_ns, gguf.stat().st_size) == before
 
 
+def test_a_gguf_is_dequantized_into_the_dtype_the_command_runs_in(tmp_path, monkeypatch):
+    """A bf16 run converts into bf16 (half the disk); an fp32 conversion, once there, serves every dtype."""
+    from safetensors.torch import load_file
+
+    from layerprune.devices import Placement
+    from layerprune.models import _smollm2_gguf, cache_entries, resolve_model
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    gguf = _smollm2_gguf()
+    narrow = resolve_model(gguf, Placement(device="cpu", dtype="bfloat16"))
+    assert narrow.name.endswith("-bf16")
+    wide = resolve_model(gguf, Placement(device="cpu"))  # the CPU runs in fp32
+    assert wide.name == narrow.name.removesuffix("-bf16")
+    sizes = {entry.path: entry.size for entry in cache_entries()}
+    assert 0.49 < sizes[narrow] / sizes[wide] < 0.51
+    half, full = load_file(narrow / "model.safetensors"), load_file(wide / "model.safetensors")
+    assert {t.dtype for t in half.values()} == {torch.bfloat16} and half.keys() == full.keys()
+    assert all(torch.equal(half[name], full[name].to(torch.bfloat16)) for name in full)
+    assert resolve_model(gguf, Placement(dtype="bfloat16")) == wide, "the fp32 entry serves a bf16 run"
+
+
 def test_smollm2_evaluated_by_two_processes_gives_the_single_process_results(smollm2, tmp_path):
     """lm-eval's data-parallel path (two processes over gloo) and the split held-out loss."""
     import os
@@ -123,7 +144,7 @@ def test_kl_divergence_grows_with_the_deepest_layers_removed(real):
     from layerprune.surgery import pruned_in_place
 
     _, model, tokenizer = real
-    config = EvalConfig(tasks=("kld",), loss_samples=8, seq_len=64, batch_size=4)
+    config = EvalConfig(tasks=("kld",), limit=8, seq_len=64, batch_size=4)
     last = model.config.num_hidden_layers - 1
     full = logits_of(model)
     values = []
@@ -177,3 +198,12 @@ def test_smollm2_sensitivity_agrees_with_the_loss_searchs_single_layer_costs(smo
     assert found.forward_passes == pytest.approx(searched.forward_passes, rel=0.1) and found.forward_passes < 0.7 * 30
     for row in found.tasks["loss"]["layers"]:
         assert found.tasks["loss"]["full"] + row["change"] == pytest.approx(costs[row["layer"]], rel=1e-5)
+
+
+def test_bench_of_a_gguf_reports_the_files_own_size_beside_the_copy_it_ran(smollm2):
+    from layerprune.deployment import InferenceSettings, benchmark_one
+    from layerprune.models import gguf_file
+
+    result = benchmark_one("smollm2-135m", InferenceSettings(prompt_tokens=8, new_tokens=2, repeats=1, warmup=0))
+    assert result["disk_bytes"] == gguf_file("smollm2-135m").stat().st_size
+    assert result["run_bytes"] > 4 * result["disk_bytes"] and result["path"] == str(smollm2)

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from layerprune import __version__
 from layerprune.errors import LayerpruneError
 from layerprune.report import write_report
 from layerprune.strategies import STRATEGIES
@@ -202,6 +203,9 @@ def test_the_rendered_answer_is_one_sentence_per_task_then_a_table_with_headers(
     sentences = rendered(page, tmp_path, script).strip().splitlines()
     assert sentences == [f"{task}: {headline(results, task, Tolerance())}" for task in ("arc_easy", "loss", "kld")]
     assert "None" not in page.split("id=settings")[1] and "True" not in page.split("id=settings")[1]
+    settings = dict(rendered_tables(page, tmp_path)["settings"])
+    assert settings["report written by"] == f"layerprune {__version__}"
+    assert settings["results computed with layerprune"] == results[0]["versions"]["layerprune"]
 
 
 def test_the_report_command_prints_the_answer_per_task(finished, tmp_path):
