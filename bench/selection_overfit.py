@@ -18,9 +18,10 @@ import torch
 from layerprune.analysis import measure
 from layerprune.data import Calibration, load_documents
 from layerprune.evaluation import document_losses
+from layerprune.layer_sets import parse_layers
 from layerprune.models import load_model
 from layerprune.scoring import calibration_batches, select_by_loss
-from layerprune.surgery import parse_layers, prune_model
+from layerprune.surgery import prune_model
 
 
 def main() -> None:

@@ -308,9 +308,11 @@ def qa_accuracy(
     """Run lm-eval's simple_evaluate on `lm`; one summary per task, with its per-document results
     (on the main process only, where lm-eval gathers them). `documents` names, for some tasks,
     which documents to evaluate (ids `name/index`, see `task_documents`) in place of the first `limit`."""
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the progress bars
+    lm_eval.evaluator.get_git_commit_hash = _git_commit_hash
     manager = task_manager()
     results = {}
     for task in tasks:
@@ -339,6 +341,13 @@ def qa_accuracy(
         if raw is not None:  # None on the other processes of a launch
             results[task] = _summarize(task, names, raw)
     return results
+
+
+def _git_commit_hash() -> str | None:
+    """lm-eval's record of the working directory's commit, asked without git printing "fatal: not a
+    git repository" outside one (lm-eval lets git write to the terminal)."""
+    done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def answer_requests(task: str, limit: float | None, num_fewshot: int | None) -> list[tuple[str, str, str]]:

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 from .destinations import check_destination, staged
 from .errors import LayerpruneError
 from .gguf_reading import BLOCK, RECORD_KEY, field_value, gguf_layers, read_gguf
-from .surgery import check_removal
+from .layer_sets import check_removal
 
 BUFFER_BYTES = 16 * 2**20  # bytes copied at a time
 # llama.cpp's set_swa_pattern(period): layer i uses sliding-window attention unless i % period == period - 1.

@@ -239,6 +239,7 @@ def load_for_training(path: Path, config: HealConfig, layers: list[int] | None =
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=plan.torch_dtype, quantization_config=quantization, **placement
     )
+    _keep_four_bit_differentiable(model)
     if config.quant and not plan.sharded_by:  # its fp32 upcast of the other weights would defeat FSDP's sharding
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     elif config.gradient_checkpointing:
@@ -253,6 +254,16 @@ def load_for_training(path: Path, config: HealConfig, layers: list[int] | None =
         layers_pattern=find_architecture(model.config).layers.rpartition(".")[2] if layers else None,
     )
     return get_peft_model(model, lora)
+
+
+def _keep_four_bit_differentiable(model: Any) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its fast CPU kernel. It does so the first
+    time a layer runs in eval mode without gradients (the validation pass before training), and that
+    kernel has no backward: every later gradient through the layer is silently dropped (the input's
+    gradient is None; torch warns "an autograd kernel was not registered"). GPUs are unaffected."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_teacher(path: Path, config: HealConfig) -> Any:

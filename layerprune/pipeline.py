@@ -39,13 +39,14 @@ from .devices import (
 from .errors import LayerpruneError
 from .gguf_surgery import check_gguf_destination, gguf_layers, prune_gguf, read_gguf
 from .healing import HealConfig, HealResult, heal, heal_work_dir
+from .layer_sets import check_fraction, check_removal, exactly_one, layer_count, parse_layers
 from .memory import memory_available
 from .models import BUILTIN_MODELS, ModelSpec, check_quantization, gguf_file, load_model, model_inputs, resolve_model
 from .repair import METHODS as REPAIR_METHODS
 from .repair import repaired_weights
 from .scoring import calibration_batches
-from .strategies import ANALYSIS, MODEL, Request, get_strategy, layer_count, strategy_names
-from .surgery import check_removal, parse_layers, prune_checkpoint
+from .strategies import ANALYSIS, MODEL, Request, get_strategy, strategy_names
+from .surgery import prune_checkpoint
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,9 @@ class PruneConfig:
         if isinstance(self.layers, (list, tuple)):  # the API also takes a list of layer indices
             object.__setattr__(self, "layers", ",".join(map(str, self.layers)))
         get_strategy(self.strategy)
-        if sum(x is not None for x in (self.layers, self.n, self.fraction)) != 1:
-            raise LayerpruneError("give exactly one of layers, n or fraction")
-        if self.fraction is not None and not 0 < self.fraction < 1:
-            raise LayerpruneError(f"fraction must be in (0, 1), got {self.fraction}")
+        exactly_one(self.layers, self.n, self.fraction)
+        if self.fraction is not None:
+            check_fraction(self.fraction)
         if self.candidates < 1:
             raise LayerpruneError(f"--candidates must be at least 1, got {self.candidates}")
 

@@ -31,6 +31,7 @@ from typing import Any
 from .architectures import find_architecture
 from .data import Calibration
 from .errors import LayerpruneError
+from .layer_sets import check_count
 from .memory import FIT_SHARE, memory_free
 from .repair import BlockStatistics, Fit, fit
 from .residual import layers_swapped, next_token_losses, running_from, stream_modules, watching
@@ -168,8 +169,7 @@ def select_by_loss(
 def _select(scorer: Scorer, n: int, strategy: str, analysis: Any, candidates: int, allow_final: bool,
             started: float) -> Selection:  # fmt: skip
     num_layers = scorer.num_layers
-    if not 1 <= n < num_layers - (0 if allow_final else 1):
-        raise LayerpruneError(f"n must be between 1 and {num_layers - 2} to keep the final layer, got {n}")
+    check_count(n, num_layers, most=num_layers - (1 if allow_final else 2))  # a search keeps a layer to score
     every = list(range(num_layers))
     if strategy == "loss":
         pool = _blocks(num_layers, n, allow_final)

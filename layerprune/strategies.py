@@ -17,8 +17,8 @@ from typing import Any
 
 from .analysis import AnalysisResult
 from .errors import LayerpruneError
+from .layer_sets import check_removal, exactly_one, layer_count, parse_layers
 from .scoring import Selection, nested_prefix, select_by_loss
-from .surgery import check_removal, parse_layers
 
 ANALYSIS, MODEL = "analysis", "model"  # what a strategy may need
 
@@ -199,19 +199,6 @@ def _random(request: Request) -> Choice:
     return Choice(sorted(random.Random(request.seed).sample(candidates, request.n)), {"seed": request.seed})
 
 
-def layer_count(num_layers: int, n: int | None, fraction: float | None) -> int:
-    """How many layers to remove, from n or a fraction, checked against the model."""
-    if fraction is not None:
-        if not 0 < fraction < 1:
-            raise LayerpruneError(f"fraction must be in (0, 1), got {fraction}")
-        n = round(fraction * num_layers)
-        if n < 1:
-            raise LayerpruneError(f"fraction {fraction} of {num_layers} layers removes no layer")
-    if n is None or not 1 <= n < num_layers:
-        raise LayerpruneError(f"n must be between 1 and {num_layers - 1} for a model of {num_layers} layers, got {n}")
-    return n
-
-
 def select_layers(
     num_layers: int,
     *,
@@ -224,8 +211,7 @@ def select_layers(
     seed: int = 0,
 ) -> list[int]:
     """The layers to remove, given explicitly or chosen by a strategy that needs no model."""
-    if sum(x is not None for x in (layers, n, fraction)) != 1:
-        raise LayerpruneError("give exactly one of layers, n or fraction")
+    exactly_one(layers, n, fraction)
     if layers is not None:
         chosen = parse_layers(layers, num_layers) if isinstance(layers, str) else list(layers)
     else:

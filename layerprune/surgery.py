@@ -11,9 +11,7 @@ renumbered and every per-layer config list sliced, so `generate()` and its KV ca
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -39,54 +37,10 @@ from .checkpoint import (
     write_shard,
 )
 from .destinations import staged
-from .errors import LayerpruneError, LayerpruneWarning
+from .errors import LayerpruneError
+from .layer_sets import check_removal
 from .models import load_weights
 from .residual import slice_config
-
-_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
-
-
-def parse_layers(spec: str, num_layers: int | None = None) -> list[int]:
-    """'20-27' or '3,5,7-9' -> sorted unique layer indices. Each range is checked against
-    `num_layers` before it is expanded, so an absurd range costs nothing."""
-    parts = [part.strip() for part in spec.split(",")]
-    if not spec.strip():
-        raise LayerpruneError(f"no layers in {spec!r}")
-    ranges = []
-    for part in parts:
-        match = _RANGE.fullmatch(part)
-        if match is None:
-            what = "an empty item" if not part else repr(part)
-            raise LayerpruneError(
-                f"cannot read layers {spec!r}: {what} is not a layer or a range; use 20-27 or 3,5,7-9"
-            )
-        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-        if last < first:
-            raise LayerpruneError(f"layer range {part} runs backwards; write it {last}-{first}")
-        if num_layers is not None and last >= num_layers:
-            raise LayerpruneError(f"layers {part} are out of range: the model has layers 0..{num_layers - 1}")
-        ranges.append(range(first, last + 1))
-    layers = sorted({i for r in ranges for i in r})
-    if sum(len(r) for r in ranges) != len(layers):
-        warnings.warn(f"layers {spec!r} name some layer twice; each is removed once", LayerpruneWarning, stacklevel=2)
-    return layers
-
-
-def check_removal(num_layers: int, removed: Iterable[int], allow_final: bool = False) -> list[int]:
-    """The layers to remove, sorted, checked against the model: in range, not all, and not the
-    final layer unless `allow_final`."""
-    chosen = sorted(set(removed))
-    final = num_layers - 1
-    bad = [i for i in chosen if not 0 <= i < num_layers]
-    if bad:
-        raise LayerpruneError(f"layers {bad[:10]} are out of range: the model has layers 0..{final}")
-    if not chosen:
-        raise LayerpruneError("no layers to remove")
-    if len(chosen) >= num_layers:
-        raise LayerpruneError(f"cannot remove all {num_layers} layers")
-    if final in chosen and not allow_final:
-        raise LayerpruneError(f"removing the final layer ({final}) is refused; pass --allow-final to allow it")
-    return chosen
 
 
 def prune_model(model: Any, layers: list[int]) -> Any:

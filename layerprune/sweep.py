@@ -66,6 +66,7 @@ from .evaluation import (
 )
 from .gguf_surgery import prune_gguf
 from .healing import HealConfig, heal
+from .layer_sets import check_fraction
 from .models import gguf_file, load_model, model_inputs, resolve_model
 from .pipeline import prune
 from .repair import METHODS as REPAIR_METHODS
@@ -145,9 +146,8 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if bool(self.ns) == bool(self.fractions):
             raise LayerpruneError("give exactly one of --n and --fractions")
-        bad = [f for f in self.fractions if not 0 <= f < 1]
-        if bad:
-            raise LayerpruneError(f"fractions must be in [0, 1), got {bad}")
+        for fraction in self.fractions:  # 0: the full model
+            check_fraction(fraction, zero_allowed=True)
         if any(n < 0 for n in self.ns):
             raise LayerpruneError(f"n must be 0 or more, got {list(self.ns)}")
         if not self.strategies:

@@ -91,6 +91,30 @@ def test_merged_checkpoint_equals_adapter_on_its_base(base, text, tmp_path):
     assert not torch.allclose(logits(merged), logits(AutoModelForCausalLM.from_pretrained(base).eval()), atol=1e-4)
 
 
+def test_qlora_gradients_flow_through_the_four_bit_layers_after_an_eval_pass(base, text):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a kernel without a backward
+    the first time the layer runs in eval mode without gradients (heal's first validation): the
+    gradient through every base layer was then silently dropped."""
+    from layerprune.healing import load_for_training
+
+    def lora_gradients(evaluate_first: bool) -> tuple[dict, list]:
+        torch.manual_seed(0)
+        model = load_for_training(base, config(text, quant=True, dropout=0.0))
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=IDS)
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        packed = [m for m in model.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None
+                  and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]  # fmt: skip
+        return {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}, packed
+
+    (plain, _), (after_eval, packed) = lora_gradients(False), lora_gradients(True)
+    assert packed == [] and plain.keys() == after_eval.keys() and len(plain) > 0
+    assert all(torch.allclose(after_eval[name], plain[name], atol=1e-6) for name in plain)
+
+
 def test_qlora_merges_into_the_original_unquantized_weights(base, text, tmp_path):
     out = heal(base, tmp_path / "healed", config(text, steps=3, quant=True)).path
     record = json.loads((out / "layerprune.json").read_text())["healing"]

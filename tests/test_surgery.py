@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from layerprune.checkpoint import read_header, shard_files
 from layerprune.errors import LayerpruneError, LayerpruneWarning
-from layerprune.surgery import parse_layers, prune_checkpoint, prune_model
+from layerprune.layer_sets import parse_layers
+from layerprune.surgery import prune_checkpoint, prune_model
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 8, 10, 6, 12, 13, 5, 9, 14, 3, 2, 7, 15, 16, 4, 8, 20, 21]])
 

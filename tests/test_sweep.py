@@ -128,7 +128,7 @@ def test_changed_settings_are_refused(setup, finished):
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [
-        ({"ns": (), "fractions": (0.1, 1.0)}, r"fractions must be in \[0, 1\)"),
+        ({"ns": (), "fractions": (0.1, 1.0)}, r"--fraction must be in \[0, 1\)"),
         ({"ns": (0, 5)}, "cannot be removed"),
         ({"strategies": ("nope",)}, "unknown strategy"),
         ({"limit": 0}, "at least 1"),
