@@ -48,6 +48,7 @@ from .devices import (
     process_state,
     visible_gpus,
 )
+from .divergence import divergences
 from .errors import LayerpruneError, require
 from .models import load_model, load_tokenizer, model_inputs, resolve_model
 from .packages import package_dir
@@ -471,20 +472,10 @@ def heldout_loss(
 LOGITS_BUDGET = 2**28  # bytes of fp32 logits per model and pass in `kl_divergence`: 256 MiB
 
 
-def token_divergences(candidate: Any, reference: Any, mask: Any, chunk: int = 1024) -> tuple[Any, Any]:
-    """Per predicted token: KL(reference || candidate) of the next-token distributions, and whether
-    their top tokens agree. Log-softmax is taken `chunk` positions at a time, so that memory beyond
-    the two logits tensors stays at a few chunk x vocabulary rows."""
-    import torch
-
-    reference, candidate = reference[:, :-1][mask], candidate[:, :-1][mask]
-    divergences, agree = [], []
-    for start in range(0, reference.shape[0], chunk):
-        ref = torch.log_softmax(reference[start : start + chunk].float(), dim=-1)
-        new = torch.log_softmax(candidate[start : start + chunk].float(), dim=-1)
-        divergences.append(torch.nn.functional.kl_div(new, ref, log_target=True, reduction="none").sum(-1))
-        agree.append(ref.argmax(-1) == new.argmax(-1))
-    return torch.cat(divergences), torch.cat(agree)
+def token_divergences(candidate: Any, reference: Any, mask: Any, chunk: int | None = None) -> tuple[Any, Any]:
+    """Per predicted token that `mask` marks: KL(reference || candidate) of the next-token
+    distributions, and whether their top tokens agree (`divergence.divergences`, chunked)."""
+    return divergences(candidate[:, :-1][mask], reference[:, :-1][mask], chunk)
 
 
 def kl_divergence(

@@ -31,7 +31,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from .checkpoint import (
 from .data import DEFAULT_CALIBRATION, load_documents
 from .destinations import check_destination, claimed, staged
 from .devices import is_main_process, on_main_process, training_plan
+from .divergence import distillation_loss
 from .errors import LayerpruneError, require
 from .models import check_quantization, load_tokenizer, model_inputs, quantization_config, resolve_model
 from .plots import loss_curves
@@ -279,65 +280,6 @@ def load_teacher(path: Path, config: HealConfig) -> Any:
         str(path), dtype=dtype, quantization_config=quantization, device_map={"": plan.device}
     )
     return teacher.eval().requires_grad_(False)
-
-
-KL_CHUNK_ELEMENTS = 2**24  # logits per chunk of the distillation loss: 64 MiB in fp32 (64 positions of 262k)
-
-
-@cache
-def _chunked_divergence() -> Any:
-    """An autograd function: the weighted sum over positions of KL(teacher_T || student_T), taken
-    a chunk of positions at a time in both passes. Its backward writes the gradient, which is
-    (softmax(student/T) - softmax(teacher/T)) / T per position, straight into one tensor, so no
-    log-softmax of the whole logits is ever held."""
-    import torch
-
-    def chunks(rows: int, chunk: int) -> list[slice]:
-        return [slice(start, start + chunk) for start in range(0, rows, chunk)]
-
-    class ChunkedDivergence(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, student, teacher, weights, temperature, chunk):
-            total = torch.zeros((), dtype=torch.float32, device=student.device)
-            for rows in chunks(student.shape[0], chunk):
-                if weights[rows].any():
-                    ours = torch.log_softmax(student[rows].float() / temperature, dim=-1)
-                    theirs = torch.log_softmax(teacher[rows].float() / temperature, dim=-1)
-                    divergence = torch.nn.functional.kl_div(ours, theirs, log_target=True, reduction="none").sum(-1)
-                    total += (divergence * weights[rows]).sum()
-            ctx.save_for_backward(student, teacher, weights)
-            ctx.temperature, ctx.chunk = temperature, chunk
-            return total
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            student, teacher, weights = ctx.saved_tensors
-            grad = torch.zeros_like(student)
-            for rows in chunks(student.shape[0], ctx.chunk):
-                if weights[rows].any():
-                    ours = torch.softmax(student[rows].float() / ctx.temperature, dim=-1)
-                    theirs = torch.softmax(teacher[rows].float() / ctx.temperature, dim=-1)
-                    scale = weights[rows, None] * grad_output / ctx.temperature
-                    grad[rows] = ((ours - theirs) * scale).to(grad.dtype)
-            return grad, None, None, None, None
-
-    return ChunkedDivergence
-
-
-def distillation_loss(student: Any, teacher: Any, mask: Any, temperature: float = 1.0, chunk: int | None = None) -> Any:
-    """Mean over the positions `mask` marks of KL(teacher || student) between next-token
-    distributions softened by `temperature`, times T^2 (Hinton et al. 2015).
-
-    Taken `chunk` positions at a time (default: KL_CHUNK_ELEMENTS logits) in the forward and the
-    backward pass, so memory beyond the two logits tensors is the student's gradient and a few
-    chunks (measured with Gemma's 262k vocabulary and 512 positions: the gradient and 4.1 chunks,
-    1.5x the logits, against 5.0x through autograd on whole tensors)."""
-    vocab = student.shape[-1]
-    chunk = chunk or max(1, KL_CHUNK_ELEMENTS // vocab)
-    weights = mask.reshape(-1).to(device=student.device, dtype=student.new_zeros(()).float().dtype)
-    teacher = teacher.reshape(-1, vocab).to(student.device).detach()
-    total = _chunked_divergence().apply(student.reshape(-1, vocab), teacher, weights, temperature, chunk)
-    return total / weights.sum().clamp(min=1) * temperature**2
 
 
 def _distillation_trainer(teacher: Any, config: HealConfig, **kwargs: Any) -> Any:

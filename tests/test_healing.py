@@ -302,7 +302,7 @@ def test_gradient_checkpointing_trades_time_for_memory_not_results(base, text, t
 
 
 def test_the_distillation_loss_is_torch_kl_div_computed_directly():
-    from layerprune.healing import distillation_loss
+    from layerprune.divergence import distillation_loss
 
     student, teacher = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
     ids = torch.randint(3, 200, (2, 12))
@@ -319,7 +319,7 @@ def test_the_distillation_loss_is_torch_kl_div_computed_directly():
 
 
 def test_a_student_equal_to_its_teacher_has_zero_loss_and_no_gradient():
-    from layerprune.healing import distillation_loss
+    from layerprune.divergence import distillation_loss
 
     teacher = tiny_model("llama", seed=1)
     logits_ = teacher(input_ids=torch.randint(3, 200, (2, 10))).logits.detach()
@@ -330,7 +330,7 @@ def test_a_student_equal_to_its_teacher_has_zero_loss_and_no_gradient():
 
 
 def test_the_chunked_loss_and_its_gradient_equal_autograd_through_kl_div():
-    from layerprune.healing import distillation_loss
+    from layerprune.divergence import distillation_loss
 
     torch.manual_seed(0)
     teacher = torch.randn(3, 7, 40)
@@ -351,7 +351,7 @@ def test_the_chunked_loss_and_its_gradient_equal_autograd_through_kl_div():
 
 PEAK = textwrap.dedent("""
     import sys, torch
-    from layerprune.healing import distillation_loss
+    from layerprune.divergence import distillation_loss
     def high_water():  # this process's own peak (ru_maxrss would carry the parent's across exec)
         line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
         return int(line.split()[1]) * 1024
