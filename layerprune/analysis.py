@@ -22,6 +22,7 @@ import csv
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -215,6 +216,7 @@ def _analyze(
     placement: Placement | None,
 ) -> AnalysisResult:
     """`analyze` without its output folder."""
+    started = time.perf_counter()
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
         path = resolve_model(model, placement)
@@ -249,6 +251,11 @@ def _analyze(
         data=str(calibration.data),
         samples=sum(len(b["input_ids"]) for b in batches),
         seq_len=calibration.seq_len,
-        extra={"offload": bool(offload), **plan.record(), "fingerprint": fingerprint},
+        extra={
+            "offload": bool(offload),
+            **plan.record(),
+            "fingerprint": fingerprint,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
     )
     return result

@@ -378,6 +378,49 @@ def _sensitivity_section(out: Path) -> str:
             + (_image(image) if image.is_file() else ""))  # fmt: skip
 
 
+def _cost_section(out: Path, rows: list[dict]) -> str:
+    """What the sweep cost: per point, seconds by phase and model work in full-model token passes
+    (`cost.Ledger`); the shared analysis and sensitivity map apart; the totals."""
+    costed = [r for r in rows if "cost" in r]
+    if not costed:
+        return "<p>(these results record no costs: the sweep was made by an older layerprune)</p>"
+    phases = sorted({p for r in costed for p in r["cost"]["seconds"]}, key=_phase_order)
+    head = ["point", *phases, "seconds", "full-model token passes"]
+    lines = ["<table id=cost><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for r in costed:
+        label = "full model" if not r["n"] else f"{series_label(r)}, n = {r['n']}"
+        cells = [label, *(f"{r['cost']['seconds'].get(p, 0):.1f}" for p in phases)]
+        cells += [f"{r['cost']['total_seconds']:.1f}", f"{r['cost']['full_passes']:,.0f}"]
+        lines.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    shared = {"analysis": _stored_seconds(out / "analysis" / "distances.json", ("extra", "seconds"))}
+    shared["sensitivity map"] = _stored_seconds(out / "sensitivity" / "sensitivity.json", ("seconds",))
+    points = sum(r["cost"]["total_seconds"] for r in costed)
+    total = points + sum(s for s in shared.values() if s is not None)
+    apart = ", ".join(f"{name} {s:.0f} s" for name, s in shared.items() if s is not None)
+    lines.append("</table>")
+    return (
+        f"<p>Wall time by phase, and the model work of evaluation counted as tokens through the full "
+        f"model's layers (padding included; a cut counts its kept layers, kld its reference too). Points "
+        f"{points:.0f} s" + (f"; shared: {apart}" if apart else "") + f"; in all {total:.0f} s "
+        f"({total / 60:.1f} min). Twin points (another strategy's same layers) cost nothing.</p>" + "\n".join(lines)
+    )
+
+
+def _phase_order(phase: str) -> tuple[int, str]:
+    order = ["prune", "prune and repair", "heal", "load"]
+    return (order.index(phase), phase) if phase in order else (len(order) + (phase == "decode speed"), phase)
+
+
+def _stored_seconds(path: Path, keys: tuple[str, ...]) -> float | None:
+    """A stored record's seconds, if it has them (older records do not)."""
+    if not path.is_file():
+        return None
+    value: Any = read_json(path, "stored record")
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def _setting(value: Any) -> str:
     """A setting as a person reads it: yes/no, "not set", lists and nested settings flattened."""
     if isinstance(value, dict):
@@ -452,6 +495,8 @@ only to within their spacing; it describes the curve and is not a test.</p>
 {_repair_section(rows, tasks) if paired else ""}
 <h2>All numbers</h2>
 {_table(rows, _qa_tasks(rows))}
+<h2>What it cost</h2>
+{_cost_section(out, rows)}
 <h2>Settings and versions</h2>
 {_settings_table(sweep, rows[0].get("versions"))}
 </body></html>"""

@@ -44,6 +44,7 @@ from .analysis import AnalysisResult, analyze
 from .architectures import find_architecture
 from .checkpoint import read_json
 from .config import build, flatten
+from .cost import Ledger
 from .data import Calibration, load_documents
 from .deployment import InferenceSettings, export_gguf, measure
 from .destinations import check_destination, claimed, write_atomically
@@ -281,11 +282,13 @@ def _measure(
     removed: list[int],
     healed: Any,
     config: SweepConfig,
+    ledger: Ledger,
     documents: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a point on the sweep's tasks (or on `documents`, per task): the `healed` model, or
     when None the base model with `removed` cut in place; `kld` compares it with the base model
-    (and is not measured for the base model itself, whose divergence from itself is 0)."""
+    (and is not measured for the base model itself, whose divergence from itself is 0). Each
+    task's time and model work go into `ledger`."""
     model, tokenizer = base
     subject = model if healed is None else healed
 
@@ -295,10 +298,11 @@ def _measure(
     eval_config = _eval_config(config)
     tasks = [t for t in config.tasks if t != KLD_TASK and (documents is None or t in documents)]
     evaluated: dict[str, Any] = {"tasks": {}}
-    if tasks:
-        with cut():
-            evaluated = evaluate(subject, config=replace(eval_config, tasks=tuple(tasks)), tokenizer=tokenizer,
-                                 documents=documents)  # fmt: skip
+    for task in tasks:  # one at a time, so that each task's cost is its own
+        with ledger.phase(f"evaluate {task}"), ledger.counting(subject), cut():
+            record = evaluate(subject, config=replace(eval_config, tasks=(task,)), tokenizer=tokenizer,
+                              documents=documents)  # fmt: skip
+        evaluated = record | {"tasks": evaluated["tasks"] | record["tasks"]}
     if KLD_TASK in config.tasks and (documents is None or KLD_TASK in documents) and (healed or removed):
         own, theirs = logits_of(subject), logits_of(model)
 
@@ -308,7 +312,8 @@ def _measure(
 
         vocab = model.config.get_text_config().vocab_size
         chosen = (documents or {}).get(KLD_TASK)
-        evaluated["tasks"][KLD_TASK] = closeness(candidate, theirs, tokenizer, vocab, eval_config, chosen)
+        with ledger.phase(f"evaluate {KLD_TASK}"), ledger.counting(subject, model):
+            evaluated["tasks"][KLD_TASK] = closeness(candidate, theirs, tokenizer, vocab, eval_config, chosen)
     return evaluated
 
 
@@ -393,7 +398,8 @@ def _twin(out: Path, point: Point, removed: list[int]) -> dict[str, Any] | None:
             removed,
         )
         if same and "same_as" not in row:
-            return {**row, "strategy": point.strategy, "same_as": row["strategy"], "seconds": 0.0}
+            return {**row, "strategy": point.strategy, "same_as": row["strategy"], "seconds": 0.0,
+                    "cost": Ledger().record(1)}  # fmt: skip
     return None
 
 
@@ -404,29 +410,32 @@ def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config:
     rounds (`_adaptive`)."""
     model, tokenizer = base
     num_layers = find_architecture(model.config).num_layers(model.config)
-    started = time.perf_counter()
+    ledger = Ledger()
     healing = repair = None
     candidate = None
     if point.healed or point.repair != "none":
-        pruned = prune(src, work / "pruned", layers=removed, repair=point.repair, calibration=config.calibration,
-                       placement=config.placement, overwrite=True)  # fmt: skip
+        with ledger.phase("prune and repair" if point.repair != "none" else "prune"):
+            pruned = prune(src, work / "pruned", layers=removed, repair=point.repair, calibration=config.calibration,
+                           placement=config.placement, overwrite=True)  # fmt: skip
         repair, checkpoint = pruned.record.get("repair"), pruned.path
         if point.healed:  # resumes if a killed run left checkpoints
-            healed = heal(pruned.path, work / "healed", config.heal_config)
+            with ledger.phase("heal"):
+                healed = heal(pruned.path, work / "healed", config.heal_config)
             healing, checkpoint = {k: v for k, v in healed.healing.items() if k != "curve"}, healed.path
-        candidate, _ = load_model(checkpoint, config.placement)
+        with ledger.phase("load"):
+            candidate, _ = load_model(checkpoint, config.placement)
     if orders is None:
-        evaluated = _measure(base, removed, candidate, config)
+        evaluated = _measure(base, removed, candidate, config, ledger)
     else:
         evaluated = _adaptive(
-            lambda documents: _measure(base, removed, candidate, config, documents), full, config, orders
+            lambda documents: _measure(base, removed, candidate, config, ledger, documents), full, config, orders
         )
     if healing:
         evaluated["healing"] = healing
     if repair:
         evaluated["repair_record"] = {k: v for k, v in repair.items() if k != "calibration"}
     with pruned_in_place(model, removed) if candidate is None and removed else nullcontext():
-        return _row(point, removed, num_layers, candidate or model, evaluated, started)
+        return _row(point, removed, num_layers, candidate or model, evaluated, ledger)
 
 
 def _export_point(
@@ -464,14 +473,19 @@ def _full_covering(out: Path, base: tuple[Any, Any], config: SweepConfig, docume
         missing[task] = [d for d in ids if d not in known]
     missing = {t: ids for t, ids in missing.items() if ids}
     if missing:
-        for task, result in _measure(base, [], None, config, missing)["tasks"].items():
+        ledger = Ledger(dict(row["cost"]["seconds"]), row["cost"]["layer_tokens"], row["cost"]["head_tokens"])
+        for task, result in _measure(base, [], None, config, ledger, missing)["tasks"].items():
             row["tasks"][task] = merged(task, row["tasks"][task], result)
+        row["cost"] = ledger.record(row["num_layers"])  # the full point's cost includes its extensions
         _write_json(path, row)
     return row
 
 
-def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluated: dict, started: float) -> dict:
-    """A point's stored result: what was removed, the model's size and decode speed, its evaluation."""
+def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluated: dict, ledger: Ledger) -> dict:
+    """A point's stored result: what was removed, the model's size and decode speed, its evaluation,
+    and what it cost (`cost.Ledger`; the decode-speed measurement is timed, not counted)."""
+    with ledger.phase("decode speed"):
+        speed = measure(model, SPEED_SETTINGS)["decode_tokens_per_s"]["median"]
     return {
         "strategy": point.strategy,
         "n": point.n,
@@ -482,9 +496,10 @@ def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluate
         "num_layers": num_layers - len(removed),
         "parameters": model.num_parameters(),
         "size_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
-        "decode_tokens_per_s": measure(model, SPEED_SETTINGS)["decode_tokens_per_s"]["median"],
+        "decode_tokens_per_s": speed,
         **evaluated,
-        "seconds": round(time.perf_counter() - started, 1),  # the whole point's, healing included
+        "seconds": round(sum(ledger.seconds.values()), 1),  # the whole point's, healing included
+        "cost": ledger.record(num_layers),
     }
 
 

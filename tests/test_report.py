@@ -41,6 +41,17 @@ def rendered_tables(page: str, tmp_path) -> dict[str, list[list[str]]]:
     return json.loads(rendered(page, tmp_path, script))
 
 
+def test_the_cost_table_shows_each_points_seconds_and_work(finished, tmp_path):
+    tables = rendered_tables((finished / "report.html").read_text(), tmp_path)
+    head, *rows = tables["cost"]
+    results = json.loads((finished / "results.json").read_text())
+    assert head[0] == "point" and head[-2:] == ["seconds", "full-model token passes"] and "heal" in head
+    assert len(rows) == len(results) and rows[0][0] == "full model"
+    for row, result in zip(rows, results, strict=True):
+        assert float(row[-2]) == pytest.approx(result["cost"]["total_seconds"], abs=0.051)
+        assert float(row[-1].replace(",", "")) == pytest.approx(result["cost"]["full_passes"], abs=0.51)
+
+
 def test_the_rendered_numbers_table_matches_the_results_cell_by_cell(finished, tmp_path):
     tables = rendered_tables((finished / "report.html").read_text(), tmp_path)
     head, *rows = tables["numbers"]

@@ -32,6 +32,16 @@ def test_sweep_writes_one_row_per_point_and_a_report(finished):
         assert len(r["tasks"]["arc_easy"]["documents"]["correct"]) == 6 == len(r["tasks"]["loss"]["documents"]["loss"])
     deepest = next(r for r in rows if r["strategy"] == "deepest" and r["n"] == 2)
     assert deepest["layers_removed"] == [3, 4]
+    for r in rows:  # what each point cost: a twin nothing; the others each task's time and their tokens
+        cost = r["cost"]
+        if "same_as" in r:
+            assert cost["total_seconds"] == 0 and cost["layer_tokens"] == 0
+            continue
+        tasks = {f"evaluate {t}" for t in ("arc_easy", "loss", *(("kld",) if r["n"] else ()))}
+        assert tasks <= set(cost["seconds"]) and ({"heal", "load"} <= set(cost["seconds"])) == r["healed"]
+        assert (6 - r["n"]) * cost["head_tokens"] <= cost["layer_tokens"] <= 6 * cost["head_tokens"]
+        assert cost["full_passes"] == round(cost["layer_tokens"] / 6, 1) > 0
+    assert full["cost"]["layer_tokens"] == 6 * full["cost"]["head_tokens"]  # every head pass after 6 layers
     header = (finished / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["strategy", "n", "fraction"] and "arc_easy_acc" in header and "loss_normalized" in header
     assert "decode_tokens_per_s" in header and "size_mb" in header and "kld" in header and "top1_agreement" in header
