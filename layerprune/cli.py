@@ -561,7 +561,7 @@ def bench(
         typer.echo(f"wrote {out}/bench.json and bench.png")
 
 
-@command()
+@command(placement=Placement)
 def export(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="Quantized checkpoint folder, or .gguf file (must not exist).")],
@@ -569,6 +569,7 @@ def export(
     form: FormatOpt = None,
     outtype: OuttypeOpt = "f16",
     overwrite: OverwriteOpt = False,
+    placement: Placement | None = None,
 ) -> None:
     """Write a quantized checkpoint (bitsandbytes NF4 or int8) that transformers loads directly, or
     a GGUF file for llama.cpp and Ollama (--format gguf, through llama.cpp's converter)."""
@@ -579,7 +580,8 @@ def export(
         typer.echo(f"wrote {export_gguf(model, out, outtype, overwrite=overwrite).path} ({outtype})")
         return
     quantize = quantize or "nf4"
-    typer.echo(f"wrote {export_quantized(model, out, quantize, overwrite=overwrite).path} ({quantize})")
+    written = export_quantized(model, out, quantize, overwrite=overwrite, placement=placement)
+    typer.echo(f"wrote {written.path} ({quantize})")
 
 
 def _terminate(signum: int, frame: Any) -> None:

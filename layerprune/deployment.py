@@ -172,16 +172,19 @@ def _benchmark_in_child(model: str | Path, settings: InferenceSettings, placemen
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def export_quantized(model: str | Path, out: str | Path, scheme: str, overwrite: bool = False) -> Written:
+def export_quantized(
+    model: str | Path, out: str | Path, scheme: str, overwrite: bool = False, placement: Placement | None = None
+) -> Written:
     """Write `model` quantized with bitsandbytes (`nf4` or `int8`) as a checkpoint transformers loads
-    directly; quantized on the GPUs (spread over all of them) where there are any."""
+    directly; quantized where `placement` says (`devices.quantized_plan`: by default on the GPUs,
+    spread over all of them, where there are any)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_quantization(scheme)
     out = Path(out)
     inputs = model_inputs(model)
-    src = resolve_model(model)
-    plan = quantized_plan()
+    plan = quantized_plan(placement)
+    src = resolve_model(model, plan)
     with staged(out, overwrite=overwrite, inputs=[*inputs, src]) as tmp:
         device_map: Any = plan.device_map or {"": plan.device}
         quantization = quantization_config(scheme, plan.torch_dtype)

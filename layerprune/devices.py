@@ -157,16 +157,37 @@ def plan_of(model: Any) -> Plan:
     return Plan(str(weight.device), str(weight.dtype).removeprefix("torch."))
 
 
-def training_plan() -> Plan:
-    """Where a (Q)LoRA heal trains: each process on its own GPU (its local rank) in bf16, else the
-    CPU in fp32. Under FSDP or DeepSpeed (from an accelerate config), the launcher shards and
-    places the weights: no device map (ZeRO-3 refuses one), and nothing loaded whole on every GPU."""
+def training_plan(placement: Placement | None = None) -> Plan:
+    """Where a (Q)LoRA heal trains (`--device`, `--dtype`; by default each process on its own GPU,
+    its local rank, in bf16, or fp32 on a GPU without bf16, whose fp16 would need loss scaling;
+    else the CPU in fp32). Under FSDP or DeepSpeed (from an accelerate config), the launcher shards
+    and places the weights: no device map (ZeRO-3 refuses one), nothing loaded whole on every GPU."""
+    placement = placement or Placement()
     sharded = next((name for name in ("fsdp", "deepspeed") if _launched_with(name)), None)
+    device = _chosen_device(placement)
+    default = working_dtype(device)
+    dtype = placement.dtype if placement.dtype != "auto" else "float32" if default == "float16" else default
+    return Plan(device, dtype, sharded_by=sharded)
+
+
+def _chosen_device(placement: Placement) -> str:
+    """The one device a placement names: `cpu`, `cuda:N`, or for `cuda` and `auto` this process's
+    GPU (its local rank) where there is one; a GPU the machine lacks is refused."""
+    if placement.device == "cpu":
+        return "cpu"
     gpus = visible_gpus()
-    if gpus:
-        device = f"cuda:{_local_rank(len(gpus))}"
-        return Plan(device, working_dtype(device), sharded_by=sharded)
-    return Plan("cpu", "float32", sharded_by=sharded)
+    if not gpus:
+        if placement.device != "auto":
+            raise LayerpruneError(f"--device {placement.device}: no CUDA GPU is visible on this machine")
+        return "cpu"
+    index = (
+        int(placement.device.partition(":")[2] or _local_rank(len(gpus)))
+        if placement.device != "auto"
+        else (_local_rank(len(gpus)))
+    )
+    if index >= len(gpus):
+        raise LayerpruneError(f"--device {placement.device}: this machine has {len(gpus)} GPU(s)")
+    return f"cuda:{index}"
 
 
 def _launched_with(name: str) -> bool:
@@ -174,12 +195,16 @@ def _launched_with(name: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() in ("1", "true")
 
 
-def quantized_plan() -> Plan:
-    """Where a model is quantized (bitsandbytes) for export: spread over every visible GPU with bf16
-    compute (fp16 where the GPU has no bf16), else the CPU with fp32 compute."""
-    if visible_gpus():
-        return Plan("cuda:0", working_dtype("cuda:0"), "auto")
-    return Plan("cpu", "float32")
+def quantized_plan(placement: Placement | None = None) -> Plan:
+    """Where a model is quantized (bitsandbytes) for export (`--device`, `--dtype` for the compute
+    dtype): by default spread over every visible GPU with bf16 compute (fp16 where the GPU has no
+    bf16), else the CPU with fp32 compute."""
+    placement = placement or Placement()
+    device = _chosen_device(placement)
+    if device != "cpu":
+        dtype = placement.dtype if placement.dtype != "auto" else working_dtype(device)
+        return Plan(device, dtype, "auto" if placement.device == "auto" else None)
+    return Plan("cpu", placement.dtype if placement.dtype != "auto" else "float32")
 
 
 def on_main_process(work: Callable[[], Any]) -> None:

@@ -48,7 +48,7 @@ from .checkpoint import (
 )
 from .data import DEFAULT_CALIBRATION, load_documents
 from .destinations import check_destination, claimed, staged
-from .devices import is_main_process, on_main_process, training_plan
+from .devices import Placement, is_main_process, on_main_process, training_plan
 from .divergence import distillation_loss
 from .errors import LayerpruneError, require
 from .models import check_quantization, load_tokenizer, model_inputs, quantization_config, resolve_model
@@ -112,6 +112,7 @@ class HealConfig:
     )
     save_every: int = field(default=50, metadata={"help": "Checkpoint every N steps, for resuming."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, dropout and LoRA init."})
+    placement: Placement = field(default_factory=Placement)  # inside prune --heal and sweep: theirs, unless set
 
     def __post_init__(self) -> None:
         checks = [
@@ -233,7 +234,7 @@ def load_for_training(path: Path, config: HealConfig, layers: list[int] | None =
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    plan = training_plan()
+    plan = training_plan(config.placement)
     storage = plan.torch_dtype if plan.sharded_by == "fsdp" else None
     quantization = quantization_config("nf4", plan.torch_dtype, storage) if config.quant else None
     placement = {} if plan.sharded_by else {"device_map": {"": plan.device}}
@@ -272,7 +273,7 @@ def load_teacher(path: Path, config: HealConfig) -> Any:
     QLoRA (unless `teacher_dtype` says otherwise), else in the student's dtype."""
     from transformers import AutoModelForCausalLM
 
-    plan = training_plan()
+    plan = training_plan(config.placement)
     kind = config.teacher_dtype or ("nf4" if config.quant else plan.dtype)
     quantization = quantization_config("nf4", plan.torch_dtype) if kind == "nf4" else None
     dtype = plan.torch_dtype if kind == "nf4" else kind
@@ -368,7 +369,7 @@ def _trainer(
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    plan = training_plan()
+    plan = training_plan(config.placement)
     set_seed(config.seed)  # LoRA initialization
     args = TrainingArguments(
         output_dir=str(work / "checkpoints"),
@@ -547,6 +548,7 @@ def heal(
         check_quantization(
             "nf4", "4-bit NF4 (QLoRA)", "; pass --no-quant (with prune or sweep: --heal-no-quant) for plain LoRA"
         )
+    training_plan(config.placement)  # a device the machine lacks is refused before anything is written
     out = Path(out)
     inputs = [*model_inputs(model), *_data_inputs(config)]
     check = partial(check_destination, out, inputs, overwrite)
@@ -570,7 +572,7 @@ def _heal(
     restart: bool | None,
 ) -> HealResult:
     """`heal` under the lock on its destination."""
-    base = resolve_model(model)
+    base = resolve_model(model, training_plan(config.placement))
     work = heal_work_dir(out)
     tokenizer = load_tokenizer(base)
     if tokenizer.pad_token is None:

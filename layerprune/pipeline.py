@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -294,7 +294,14 @@ def _prune_and_heal(
         prune(model, base, config, analysis=analysis, overwrite=True, progress=progress)
 
     on_main_process(prune_base)
+    heal_config = with_placement(heal_config or HealConfig(), config.placement)
     return heal(base, out, heal_config, save_adapter=save_adapter, overwrite=overwrite, restart=False)
+
+
+def with_placement(heal_config: HealConfig, placement: Placement) -> HealConfig:
+    """A heal inside another command trains where that command runs, unless told otherwise
+    (`--heal-device`, `--heal-dtype`): one placement decision per command."""
+    return heal_config if heal_config.placement != Placement() else replace(heal_config, placement=placement)
 
 
 def _through_staging(out: Path, name: str, make: Callable[[Path], Any], convert: Callable[[Path], Any]) -> Any:

@@ -69,7 +69,7 @@ from .gguf_surgery import prune_gguf
 from .healing import HealConfig, heal
 from .layer_sets import check_fraction
 from .models import gguf_file, load_model, model_inputs, resolve_model
-from .pipeline import prune
+from .pipeline import prune, with_placement
 from .repair import METHODS as REPAIR_METHODS
 from .report import write_report
 from .scoring import calibration_batches
@@ -420,7 +420,7 @@ def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config:
         repair, checkpoint = pruned.record.get("repair"), pruned.path
         if point.healed:  # resumes if a killed run left checkpoints
             with ledger.phase("heal"):
-                healed = heal(pruned.path, work / "healed", config.heal_config)
+                healed = heal(pruned.path, work / "healed", with_placement(config.heal_config, config.placement))
             healing, checkpoint = {k: v for k, v in healed.healing.items() if k != "curve"}, healed.path
         with ledger.phase("load"):
             candidate, _ = load_model(checkpoint, config.placement)

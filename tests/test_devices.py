@@ -81,6 +81,7 @@ def test_the_plan_is_printed_and_recorded(bf16_checkpoint, tmp_path):
     assert "(cpu, float32)" in result.stdout
     extra = json.loads((tmp_path / "a" / "distances.json").read_text())["extra"]
     assert extra.pop("fingerprint")  # of the model's config (see test_analysis)
+    assert extra.pop("seconds") >= 0  # what the analysis took (a sweep's report shows it)
     assert extra == {"offload": False, "device": "cpu", "dtype": "float32", "device_map": None}
 
 
@@ -102,8 +103,35 @@ def test_bf16_only_on_a_gpu_that_has_it(monkeypatch):
     assert working_dtype("cpu") == "float32"
     for supported, expected in ((True, "bfloat16"), (False, "float16")):  # e.g. a T4 or a V100: fp16
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
-        assert working_dtype("cuda:0") == training_plan().dtype == quantized_plan().dtype == expected
+        assert working_dtype("cuda:0") == quantized_plan().dtype == expected
         assert plan_placement(Placement(), None).dtype == expected
+        assert training_plan().dtype == ("bfloat16" if supported else "float32")  # fp16 would need loss scaling
+
+
+def test_heal_and_export_take_the_placement_asked_for(monkeypatch):
+    from layerprune.devices import quantized_plan, training_plan
+    from layerprune.healing import HealConfig
+    from layerprune.pipeline import with_placement
+
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [(16 * GiB, 16 * GiB)] * 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert (training_plan(Placement("cpu")).device, training_plan(Placement("cpu")).dtype) == ("cpu", "float32")
+    assert training_plan(Placement("cuda:1", "float32")).device == "cuda:1"
+    assert (quantized_plan(Placement("cpu")).device, quantized_plan(Placement("cpu")).device_map) == ("cpu", None)
+    assert quantized_plan(Placement("cuda:1")).device_map is None and quantized_plan().device_map == "auto"
+    with pytest.raises(LayerpruneError, match="this machine has 2 GPU"):
+        training_plan(Placement("cuda:2"))
+    # a heal inside prune or sweep trains where that command runs, unless told otherwise
+    assert with_placement(HealConfig(), Placement("cpu")).placement == Placement("cpu")
+    assert with_placement(HealConfig(placement=Placement("cuda:1")), Placement("cpu")).placement.device == "cuda:1"
+
+
+def test_heal_on_a_gpu_the_machine_lacks_is_one_line_and_writes_nothing(bf16_checkpoint, tmp_path):
+    for command in (["heal", "--no-quant", "--steps", "1"], ["export", "--quantize", "nf4"]):
+        done = CliRunner().invoke(app, [command[0], str(bf16_checkpoint), "--out", str(tmp_path / "out"),
+                                        "--device", "cuda", *command[1:]])  # fmt: skip
+        assert done.exit_code == 1 and "no CUDA GPU is visible" in done.output, done.output
+        assert done.output.strip().count("\n") == 0 and list(tmp_path.iterdir()) == []
 
 
 def test_under_fsdp_or_deepspeed_the_launcher_places_the_weights(monkeypatch):
