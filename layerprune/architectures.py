@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 from importlib import resources
 from string import Template
@@ -97,11 +97,34 @@ def all_architectures() -> dict[str, Architecture]:
     found: dict[str, Architecture] = {}
     for entry in resources.files("layerprune._data.architectures").iterdir():
         if entry.name.endswith(".json"):
-            raw = json.loads(entry.read_text())
-            tuples = {k: tuple(v) for k, v in raw.items() if isinstance(v, list)}
-            arch = Architecture(**{**raw, **tuples})
+            arch = parse_family(json.loads(entry.read_text()), entry.name)
             found[arch.name] = arch
     return dict(sorted(found.items()))
+
+
+def parse_family(raw: Any, source: str) -> Architecture:
+    """A family file checked against its schema, the fields of `Architecture`: every field present,
+    no other, each of its type (a list of strings for the tuples); one line names what is wrong."""
+    if not isinstance(raw, dict):
+        raise LayerpruneError(f"family file {source}: expected a JSON object")
+    wanted = {f.name: f.type for f in fields(Architecture)}
+    missing, unknown = sorted(set(wanted) - set(raw)), sorted(set(raw) - set(wanted))
+    if missing or unknown:
+        raise LayerpruneError(f"family file {source}: missing {missing}, unknown {unknown}")
+    for name, kind in wanted.items():
+        value = raw[name]
+        ok = (
+            (isinstance(value, list) and all(isinstance(v, str) for v in value))
+            if "tuple" in str(kind)
+            else (isinstance(value, str) and value != "")
+        )
+        if not ok:
+            expected = "a list of strings" if "tuple" in str(kind) else "a non-empty string"
+            raise LayerpruneError(f"family file {source}: {name} must be {expected}, got {value!r}")
+    try:
+        return Architecture(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    except ValueError as err:
+        raise LayerpruneError(f"family file {source}: {err}") from err
 
 
 def find_architecture(config: Any) -> Architecture:

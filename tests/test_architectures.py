@@ -51,3 +51,28 @@ def test_unknown_family_names_the_supported_ones():
 def test_fixture_families_cover_every_declared_family():
     declared = {t for a in all_architectures().values() for t in a.model_types}
     assert declared == set(FAMILIES)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda raw: raw.pop("layers"), r"missing \['layers'\]"),
+        (lambda raw: raw.update(gguf="llama"), r"unknown \['gguf'\]"),
+        (lambda raw: raw.update(mlp_modules="down_proj"), "mlp_modules must be a list of strings"),
+        (lambda raw: raw.update(final_norm=3), "final_norm must be a non-empty string"),
+        (lambda raw: raw.update(repair_fold_kind="bilinear"), "repair_fold_kind must be linear, conv1d or norm"),
+        (lambda raw: raw.update(layer_key_template="model.layers."), r"layer_key_template needs one \$\{layer_index\}"),
+    ],
+)
+def test_a_family_file_is_checked_against_its_schema_in_one_line(change, message):
+    import json
+    from importlib import resources
+
+    from layerprune.architectures import parse_family
+    from layerprune.errors import LayerpruneError
+
+    raw = json.loads(resources.files("layerprune._data.architectures").joinpath("llama.json").read_text())
+    assert parse_family(dict(raw), "llama.json") == all_architectures()["llama"]
+    change(raw)
+    with pytest.raises(LayerpruneError, match=rf"family file llama.json: .*{message}"):
+        parse_family(raw, "llama.json")
