@@ -122,7 +122,8 @@ def parse_family(raw: Any, source: str) -> Architecture:
             expected = "a list of strings" if "tuple" in str(kind) else "a non-empty string"
             raise LayerpruneError(f"family file {source}: {name} must be {expected}, got {value!r}")
     try:
-        return Architecture(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        return Architecture(**values)
     except ValueError as err:
         raise LayerpruneError(f"family file {source}: {err}") from err
 
