@@ -140,6 +140,7 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(base, tex
         import os, signal, torch
         torch.set_num_threads(1)
         import layerprune.healing as healing
+        from layerprune.devices import Placement
         from layerprune.healing import HealConfig, heal
         make = healing._progress_callback
         def killing(*args):
