@@ -9,7 +9,7 @@ import shlex
 import subprocess
 import sys
 import venv
-from importlib.metadata import distribution
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,10 @@ def _closure(name: str) -> set[str]:
     """The installed distributions `name` needs (its requirements, for this Python, recursively)."""
     found, todo = set(), [name]
     while todo:
-        dist = distribution(todo.pop())
+        try:
+            dist = distribution(todo.pop())
+        except PackageNotFoundError:  # a requirement for another platform, not installed here
+            continue
         if dist.metadata["Name"].lower() in found:
             continue
         found.add(dist.metadata["Name"].lower())
