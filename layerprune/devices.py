@@ -92,9 +92,22 @@ def working_dtype(device: str) -> str:
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
-def default_device() -> str:
-    """`cuda:0` where a CUDA GPU is visible, else `cpu`: the device `--device auto` starts from."""
-    return "cuda:0" if visible_gpus() else "cpu"
+def chosen_device(placement: Placement | Plan, gpus: list[tuple[int, int]] | None = None) -> str:
+    """The one device a placement names, on this machine or on the GPUs `gpus` describes: `cpu`;
+    `cuda:N`; `cuda`, the first GPU; `auto`, this process's GPU (its local rank) where there is
+    one, else the CPU. A GPU the machine lacks is refused in one line."""
+    if placement.device == "cpu":
+        return "cpu"
+    gpus = visible_gpus() if gpus is None else gpus
+    if placement.device == "auto" and not gpus:
+        return "cpu"
+    if not gpus:
+        raise LayerpruneError(f"--device {placement.device}: no CUDA GPU is visible on this machine")
+    index = int(placement.device.partition(":")[2] or 0) if placement.device != "auto" else _local_rank(len(gpus))
+    if index >= len(gpus):
+        names = ", ".join(f"cuda:{i}" for i in range(len(gpus)))
+        raise LayerpruneError(f"--device {placement.device}: this machine has {len(gpus)} GPU(s) ({names})")
+    return f"cuda:{index}"
 
 
 def checkpoint_dtype(path: Path) -> str:
@@ -119,15 +132,10 @@ def plan_placement(
     when `path` is None), on this machine or on the GPUs `gpus` describes."""
     placement = placement or Placement()
     gpus = visible_gpus() if gpus is None and placement.device != "cpu" else (gpus or [])
-    if placement.device == "cpu" or (placement.device == "auto" and not gpus):
+    device = chosen_device(placement, gpus)
+    if device == "cpu":
         return Plan("cpu", "float32" if placement.dtype == "auto" else placement.dtype)
-    index = int(placement.device.partition(":")[2] or 0) if placement.device != "auto" else _local_rank(len(gpus))
-    if not gpus:
-        raise LayerpruneError(f"--device {placement.device}: no CUDA GPU is visible on this machine")
-    if index >= len(gpus):
-        names = ", ".join(f"cuda:{i}" for i in range(len(gpus)))
-        raise LayerpruneError(f"--device {placement.device}: this machine has {len(gpus)} GPU(s) ({names})")
-    device = f"cuda:{index}"
+    index = int(device.partition(":")[2])
     dtype = (
         placement.dtype if placement.dtype != "auto" else (checkpoint_dtype(path) if path else working_dtype(device))
     )
@@ -164,30 +172,10 @@ def training_plan(placement: Placement | None = None) -> Plan:
     and places the weights: no device map (ZeRO-3 refuses one), nothing loaded whole on every GPU."""
     placement = placement or Placement()
     sharded = next((name for name in ("fsdp", "deepspeed") if _launched_with(name)), None)
-    device = _chosen_device(placement)
+    device = chosen_device(placement)
     default = working_dtype(device)
     dtype = placement.dtype if placement.dtype != "auto" else "float32" if default == "float16" else default
     return Plan(device, dtype, sharded_by=sharded)
-
-
-def _chosen_device(placement: Placement) -> str:
-    """The one device a placement names: `cpu`, `cuda:N`, or for `cuda` and `auto` this process's
-    GPU (its local rank) where there is one; a GPU the machine lacks is refused."""
-    if placement.device == "cpu":
-        return "cpu"
-    gpus = visible_gpus()
-    if not gpus:
-        if placement.device != "auto":
-            raise LayerpruneError(f"--device {placement.device}: no CUDA GPU is visible on this machine")
-        return "cpu"
-    index = (
-        int(placement.device.partition(":")[2] or _local_rank(len(gpus)))
-        if placement.device != "auto"
-        else (_local_rank(len(gpus)))
-    )
-    if index >= len(gpus):
-        raise LayerpruneError(f"--device {placement.device}: this machine has {len(gpus)} GPU(s)")
-    return f"cuda:{index}"
 
 
 def _launched_with(name: str) -> bool:
@@ -200,7 +188,7 @@ def quantized_plan(placement: Placement | None = None) -> Plan:
     dtype): by default spread over every visible GPU with bf16 compute (fp16 where the GPU has no
     bf16), else the CPU with fp32 compute."""
     placement = placement or Placement()
-    device = _chosen_device(placement)
+    device = chosen_device(placement)
     if device != "cpu":
         dtype = placement.dtype if placement.dtype != "auto" else working_dtype(device)
         return Plan(device, dtype, "auto" if placement.device == "auto" else None)

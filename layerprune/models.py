@@ -20,7 +20,7 @@ from typing import Any
 
 from .checkpoint import CONFIG_NAME, validate_checkpoint
 from .destinations import hold, reclaim_stale, remove_scratch, scratch_folder, staged
-from .devices import Placement, Plan, default_device, plan_placement, working_dtype
+from .devices import Placement, Plan, chosen_device, plan_placement, working_dtype
 from .errors import LayerpruneError, require
 from .gguf_reading import gguf_layers, read_gguf
 from .packages import package_dir
@@ -123,10 +123,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 def conversion_dtype(placement: Placement | Plan | None = None) -> str:
     """The dtype a GGUF file is dequantized into: the one the command runs in (`--dtype`, else the
     default of its device: fp32 on a CPU, bf16 on a GPU that has it), never wider than that."""
-    if placement is not None and placement.dtype != "auto":
-        return placement.dtype
-    device = placement.device if placement is not None and placement.device != "auto" else default_device()
-    return working_dtype(device)
+    placement = placement or Placement()
+    return placement.dtype if placement.dtype != "auto" else working_dtype(chosen_device(placement))
 
 
 def _with_dtype(folder: Path, dtype: str) -> Path:
