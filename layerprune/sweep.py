@@ -473,7 +473,8 @@ def _full_covering(out: Path, base: tuple[Any, Any], config: SweepConfig, docume
         missing[task] = [d for d in ids if d not in known]
     missing = {t: ids for t, ids in missing.items() if ids}
     if missing:
-        ledger = Ledger(dict(row["cost"]["seconds"]), row["cost"]["layer_tokens"], row["cost"]["head_tokens"])
+        known = row.get("cost")  # a point stored by an older layerprune records none
+        ledger = Ledger(dict(known["seconds"]), known["layer_tokens"], known["head_tokens"]) if known else Ledger()
         for task, result in _measure(base, [], None, config, ledger, missing)["tasks"].items():
             row["tasks"][task] = merged(task, row["tasks"][task], result)
         row["cost"] = ledger.record(row["num_layers"])  # the full point's cost includes its extensions
@@ -486,6 +487,7 @@ def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluate
     and what it cost (`cost.Ledger`; the decode-speed measurement is timed, not counted)."""
     with ledger.phase("decode speed"):
         speed = measure(model, SPEED_SETTINGS)["decode_tokens_per_s"]["median"]
+    cost = ledger.record(num_layers)
     return {
         "strategy": point.strategy,
         "n": point.n,
@@ -498,8 +500,8 @@ def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluate
         "size_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         "decode_tokens_per_s": speed,
         **evaluated,
-        "seconds": round(sum(ledger.seconds.values()), 1),  # the whole point's, healing included
-        "cost": ledger.record(num_layers),
+        "seconds": cost["total_seconds"],  # the whole point's, healing included
+        "cost": cost,
     }
 
 
