@@ -30,7 +30,11 @@ class Ledger:
         try:
             yield
         finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 2)
+            self.add(name, time.perf_counter() - started)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add `seconds` to phase `name`."""
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 2)
 
     @contextmanager
     def counting(self, *models: Any) -> Iterator[None]:
@@ -51,6 +55,18 @@ class Ledger:
                 self.layer_tokens += tokens
 
         return count
+
+    def merged(self, other: Ledger) -> Ledger:
+        """This ledger and `other` added up."""
+        seconds = dict(self.seconds)
+        for name, value in other.seconds.items():
+            seconds[name] = round(seconds.get(name, 0.0) + value, 2)
+        return Ledger(seconds, self.layer_tokens + other.layer_tokens, self.head_tokens + other.head_tokens)
+
+    def share(self, parts: int) -> Ledger:
+        """One of `parts` equal shares of this ledger (work done for several at once)."""
+        seconds = {name: round(value / parts, 2) for name, value in self.seconds.items()}
+        return Ledger(seconds, round(self.layer_tokens / parts), round(self.head_tokens / parts))
 
     def record(self, full_layers: int) -> dict[str, Any]:
         """The ledger as stored: seconds by phase and in all, tokens, and full-model token passes."""

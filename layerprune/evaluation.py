@@ -429,22 +429,37 @@ def logits_of(model: Any) -> Any:
     return logits
 
 
+def loss_rows(logits: Any, batch: dict) -> list[tuple[float, int]]:
+    """Each document's summed next-token cross-entropy and number of predicted tokens, from a
+    batch's logits (per document, so two models can be compared pair by pair)."""
+    losses, mask = next_token_losses(logits, batch)
+    sums = losses.masked_fill(~mask, 0.0).sum(dim=1)
+    return list(zip(sums.tolist(), mask.sum(dim=1).tolist(), strict=True))
+
+
 def document_losses(
     model: Any, tokenizer: Any, texts: list[str], seq_len: int, batch_size: int
 ) -> list[tuple[float, int]]:
-    """Summed next-token cross-entropy and number of predicted tokens, for each held-out document
-    (per document, so two models can be compared pair by pair)."""
+    """`loss_rows` of every held-out document."""
     import torch
 
     logits = logits_of(model)
 
     def work(batch: dict) -> list[tuple[float, int]]:
         with torch.inference_mode():
-            losses, mask = next_token_losses(logits(batch), batch)
-        sums = losses.masked_fill(~mask, 0.0).sum(dim=1)
-        return list(zip(sums.tolist(), mask.sum(dim=1).tolist(), strict=True))
+            return loss_rows(logits(batch), batch)
 
     return _per_batch(_text_batches(tokenizer, texts, seq_len, batch_size), work, LOSS_TASK)
+
+
+def loss_result(ids: list[str], per_document: list[tuple[float, int]], vocab: int, data: str | Path) -> dict:
+    """The loss task's record from `loss_rows` of the documents `ids` of held-out `data`."""
+    documents: dict[str, list] = {
+        "id": ids,
+        "loss": [s for s, _ in per_document],
+        "tokens": [c for _, c in per_document],
+    }
+    return loss_summary(documents, vocab) | {"available": len(load_documents(data)), "data": str(data)}
 
 
 def heldout_loss(
@@ -460,13 +475,7 @@ def heldout_loss(
     standard error over documents (the ratio estimator's, as the mean is weighted by tokens)."""
     ids, texts = text_documents(data, samples, chosen)
     per_document = document_losses(model, tokenizer, texts, seq_len, batch_size)
-    documents: dict[str, list] = {
-        "id": ids,
-        "loss": [s for s, _ in per_document],
-        "tokens": [c for _, c in per_document],
-    }
-    summary = loss_summary(documents, model.config.get_text_config().vocab_size)
-    return summary | {"available": len(load_documents(data)), "data": str(data)}
+    return loss_result(ids, per_document, model.config.get_text_config().vocab_size, data)
 
 
 LOGITS_BUDGET = 2**28  # bytes of fp32 logits per model and pass in `kl_divergence`: 256 MiB
@@ -478,6 +487,39 @@ def token_divergences(candidate: Any, reference: Any, mask: Any, chunk: int | No
     return divergences(candidate[:, :-1][mask], reference[:, :-1][mask], chunk)
 
 
+def logits_rows(seq_len: int, vocab: int, batch_size: int) -> int:
+    """Documents per pass that keep one logits tensor (fp32) within LOGITS_BUDGET: with Gemma's
+    262k vocabulary, one 256-token document."""
+    return max(1, min(batch_size, LOGITS_BUDGET // (4 * seq_len * vocab)))
+
+
+def divergence_rows(ours: Any, theirs: Any, batch: dict) -> list[tuple[float, int, float, list[float]]]:
+    """Per document of a batch, from two models' logits: summed KL(theirs || ours) over its predicted
+    tokens, their number, how many top tokens agree, and each token's KL."""
+    mask = batch["attention_mask"][:, 1:].bool()
+    results = []
+    for row in range(mask.shape[0]):
+        kl, agree = token_divergences(ours[row : row + 1], theirs[row : row + 1], mask[row : row + 1].to(ours.device))
+        results.append((float(kl.sum()), int(kl.numel()), float(agree.sum()), kl.tolist()))
+    return results
+
+
+def kld_result(ids: list[str], per_document: list[tuple[float, int, float, list[float]]], data: str | Path) -> dict:
+    """The kld task's record from `divergence_rows` of the documents `ids` of held-out `data`."""
+    import torch
+
+    values = torch.tensor([v for *_, kls in per_document for v in kls], dtype=torch.float64)
+    counts = torch.histogram(values.clamp(KL_BINS[0], KL_BINS[-1]), torch.tensor(KL_BINS, dtype=torch.float64))
+    documents: dict[str, list] = {
+        "id": ids,
+        "kl": [k for k, _, _, _ in per_document],
+        "tokens": [c for _, c, _, _ in per_document],
+        "agree": [a for _, _, a, _ in per_document],
+    }
+    summary = kld_summary(documents, [int(c) for c in counts.hist.tolist()])
+    return summary | {"available": len(load_documents(data)), "data": str(data)}
+
+
 def kl_divergence(
     candidate: Any,
     reference: Any,
@@ -487,41 +529,23 @@ def kl_divergence(
     seq_len: int,
     batch_size: int,
     vocab: int,
+    data: str | Path,
 ) -> dict[str, Any]:
     """llama.cpp's --kl-divergence numbers for `candidate` against `reference` (each a batch ->
     logits function, see `logits_of`) on held-out documents: the mean KL divergence per token with
     its standard error, its 99th percentile, and the rate at which both models' top token agree.
 
     Both models run side by side on each pass, so no logits are stored: memory is two logits
-    tensors of at most LOGITS_BUDGET bytes each (a batch is split into passes to keep to it; with
-    Gemma's 262k vocabulary that is one 256-token document per pass) plus one float per token."""
+    tensors of at most LOGITS_BUDGET bytes each (`logits_rows`) plus one float per token."""
     import torch
 
-    rows = max(1, min(batch_size, LOGITS_BUDGET // (4 * seq_len * vocab)))
-    batches = _text_batches(tokenizer, texts, seq_len, rows)
+    batches = _text_batches(tokenizer, texts, seq_len, logits_rows(seq_len, vocab, batch_size))
 
     def work(batch: dict) -> list[tuple[float, int, float, list[float]]]:
         with torch.inference_mode():
-            mask = batch["attention_mask"][:, 1:].bool()
-            theirs, ours = reference(batch), candidate(batch)
-            results = []
-            for row in range(mask.shape[0]):
-                kl, agree = token_divergences(
-                    ours[row : row + 1], theirs[row : row + 1], mask[row : row + 1].to(ours.device)
-                )
-                results.append((float(kl.sum()), int(kl.numel()), float(agree.sum()), kl.tolist()))
-        return results
+            return divergence_rows(candidate(batch), reference(batch), batch)
 
-    per_document = _per_batch(batches, work, KLD_TASK)
-    counts = torch.histogram(torch.tensor([v for *_, values in per_document for v in values], dtype=torch.float64)
-                             .clamp(KL_BINS[0], KL_BINS[-1]), torch.tensor(KL_BINS, dtype=torch.float64))  # fmt: skip
-    documents = {
-        "id": ids,
-        "kl": [k for k, _, _, _ in per_document],
-        "tokens": [c for _, c, _, _ in per_document],
-        "agree": [a for _, _, a, _ in per_document],
-    }
-    return kld_summary(documents, [int(c) for c in counts.hist.tolist()])
+    return kld_result(ids, _per_batch(batches, work, KLD_TASK), data)
 
 
 # Per-token KL divergences are kept as counts in log-spaced bins (1e-6 to 1e3 nats, 20 per decade), a
@@ -667,8 +691,9 @@ def closeness(
     """The `kld` task on `config`'s held-out text: `candidate` against `reference`, each a batch ->
     logits function (`logits_of`), so that a sweep can compare a model pruned in place with itself."""
     ids, texts = text_documents(config.loss_data, text_samples(config), chosen)
-    result = kl_divergence(candidate, reference, tokenizer, texts, ids, config.seq_len, config.loss_batch_size, vocab)
-    return result | {"available": len(load_documents(config.loss_data)), "data": str(config.loss_data)}
+    return kl_divergence(
+        candidate, reference, tokenizer, texts, ids, config.seq_len, config.loss_batch_size, vocab, config.loss_data
+    )
 
 
 def documents_limit(limit: float | None, available: int) -> int | None:

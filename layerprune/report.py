@@ -400,7 +400,9 @@ def _cost_section(out: Path, rows: list[dict]) -> str:
     lines.append("</table>")
     return (
         f"<p>Wall time by phase, and the model work of evaluation counted as tokens through the full "
-        f"model's layers (padding included; a cut counts its kept layers, kld its reference too). Points "
+        f"model's layers (padding included). Unhealed points are evaluated side by side: the full model's "
+        f"pass is the full point's work, and each cut counts only the layers it runs after the full model's "
+        f"prefix; a healed or repaired point counts its own passes, and for kld its reference's too. Points "
         f"{points:.0f} s" + (f"; shared: {apart}" if apart else "") + f"; in all {total:.0f} s "
         f"({total / 60:.1f} min). Twin points (another strategy's same layers) cost nothing.</p>" + "\n".join(lines)
     )

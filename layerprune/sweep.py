@@ -15,11 +15,12 @@ rounds (20, 40, 80, ... in a fixed seeded order) until every task's comparison d
 tolerance question or its documents run out; the full model is evaluated on whatever documents
 the points need. The `kld` task compares each point with the base model, side by side.
 
-Cost: one analysis pass, one sensitivity map (about L/2 passes per task); per point one
-evaluation, plus for healed or repaired points one on-disk prune (streamed; a repair adds its
-calibration pass), and for healed points one QLoRA run and a merge.
-Memory: the base model once (unhealed points prune it in place and restore it; healed points
-load their own checkpoint beside it).
+Cost: one analysis pass, one sensitivity map (about L/2 passes per task); the unhealed,
+unrepaired points evaluated side by side (`one_pass`: one full pass plus each cut's suffix); per
+healed or repaired point one evaluation (and the full model again for kld), one on-disk prune
+(streamed; a repair adds its calibration pass), and for healed points one LoRA run and a merge.
+Memory: the base model once (unhealed points run from its prefix; healed points load their own
+checkpoint beside it).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ from .gguf_surgery import prune_gguf
 from .healing import HealConfig, heal
 from .layer_sets import check_fraction
 from .models import gguf_file, load_model, model_inputs, resolve_model
+from .one_pass import FULL, Cut, OnePass, evaluate_cuts
 from .pipeline import prune, with_placement
 from .repair import METHODS as REPAIR_METHODS
 from .report import write_report
@@ -369,6 +371,96 @@ def _adaptive(
     return record | {"tasks": results}
 
 
+def _adaptive_together(
+    engine: OnePass, tokenizer: Any, config: SweepConfig, orders: dict[str, list[str]], cuts: list[Cut],
+    reference: dict[str, Any],
+) -> dict[Cut, dict[str, Any]]:  # fmt: skip
+    """`_adaptive` for many cuts side by side: each round, every cut evaluates the next documents of
+    the tasks it has not decided, all in one pass, and the full model (`reference`: its task results
+    so far, extended here) whatever documents they need that it lacks; FULL among `cuts` is the full
+    point itself, which takes at least the first round."""
+    eval_config = _eval_config(config)
+    results: dict[Cut, dict[str, Any]] = {cut: {} for cut in cuts if cut}
+    pending = {cut: list(config.tasks) for cut in results}
+    own_round = FULL in cuts
+    size = FIRST_ROUND
+    while own_round or any(pending.values()):
+        wanted = {cut: {task: orders[task][:size] for task in tasks} for cut, tasks in pending.items() if tasks}
+        needed = {t for tasks in pending.values() for t in tasks} | (set(config.tasks) if own_round else set())
+        wanted[FULL] = {task: orders[task][:size] for task in needed if task != KLD_TASK}
+        known = {FULL: reference, **results}
+        documents: dict[Cut, dict[str, list[str]] | None] = {}
+        for cut, asked in wanted.items():
+            fresh = {}
+            for task, ids in asked.items():
+                done = set(known[cut][task]["documents"]["id"]) if task in known[cut] else set()
+                fresh[task] = [d for d in ids if d not in done]
+            if any(fresh.values()):
+                documents[cut] = {task: ids for task, ids in fresh.items() if ids}
+        for cut, record in evaluate_cuts(engine, tokenizer, eval_config, documents).items():
+            for task, result in record["tasks"].items():
+                merged_result = merged(task, known[cut][task], result) if task in known[cut] else result
+                if cut:
+                    merged_result["rounds"] = merged_result.get("rounds", 0) + 1
+                known[cut][task] = merged_result
+        for cut, tasks in pending.items():
+            pending[cut] = [
+                task
+                for task in tasks
+                if size < len(orders[task])
+                and judge(task, reference.get(task), results[cut][task], config.limits).verdict.state == "undecided"
+            ]
+        own_round = False
+        size *= 2
+    return {FULL: {"tasks": reference}} | {cut: {"tasks": tasks} for cut, tasks in results.items()}
+
+
+def _run_together(
+    points: list[Point], base: tuple[Any, Any], analysis: AnalysisResult, config: SweepConfig, out: Path,
+    orders: dict[str, list[str]] | None, after: Callable[[Point, dict], None],
+) -> None:  # fmt: skip
+    """The unhealed, unrepaired points, evaluated side by side (`one_pass`): the full model runs each
+    batch once and every cut resumes from its prefix. Each point is then stored as `_run_point`
+    stores it. The full model's pass is the full point's cost, or when that is stored already (its
+    tasks extended by any documents it gained as the reference of --limit auto), shared evenly by
+    the cuts it served."""
+    model, tokenizer = base
+    num_layers = analysis.num_layers
+    removed = {p: _removed_layers(p, base, analysis, config, out) if p.n else [] for p in points}
+    fresh = []
+    for point in points:
+        twin = _twin(out, point, removed[point])
+        if twin is None:
+            fresh.append(point)
+        else:
+            after(point, twin)
+    cuts = list(dict.fromkeys(tuple(removed[p]) for p in fresh))
+    if not cuts:
+        return
+    engine = OnePass(model, [c for c in cuts if c])
+    full_path = out / "points" / f"{Point('full', 0, False).key}.json"
+    stored = json.loads(full_path.read_text()) if FULL not in cuts and full_path.is_file() else None
+    if orders is None:
+        evaluated = evaluate_cuts(engine, tokenizer, _eval_config(config), dict.fromkeys(cuts))
+    else:
+        reference = {t: dict(r) for t, r in stored["tasks"].items()} if stored else {}
+        evaluated = _adaptive_together(engine, tokenizer, config, orders, cuts, reference)
+    ledgers = dict(engine.ledgers)
+    if stored is not None:  # the full point is stored: its pass now served only these cuts, and is theirs
+        shared = engine.ledgers[FULL].share(len(cuts))
+        ledgers = {cut: ledger.merged(shared) for cut, ledger in ledgers.items()}
+        if orders is not None and evaluated[FULL]["tasks"] != stored["tasks"]:  # documents it gained as reference
+            _write_json(full_path, stored | {"tasks": evaluated[FULL]["tasks"]})
+    for point in fresh:
+        cut = tuple(removed[point])
+        twin = _twin(out, point, removed[point])  # an earlier point of this loop with the same cut
+        if twin is not None:
+            after(point, twin)
+            continue
+        with pruned_in_place(model, removed[point]) if cut else nullcontext():
+            after(point, _row(point, removed[point], num_layers, model, evaluated[cut], ledgers[cut]))
+
+
 def _removed_layers(point: Point, base: tuple[Any, Any], analysis: AnalysisResult, config: SweepConfig, out: Path):
     """The layers a strategy removes at a point. Every strategy's choices are stored in
     `selections/` (with what led to them), so healed points and reruns reuse them; a strategy
@@ -473,13 +565,17 @@ def _full_covering(out: Path, base: tuple[Any, Any], config: SweepConfig, docume
         missing[task] = [d for d in ids if d not in known]
     missing = {t: ids for t, ids in missing.items() if ids}
     if missing:
-        known = row.get("cost")  # a point stored by an older layerprune records none
-        ledger = Ledger(dict(known["seconds"]), known["layer_tokens"], known["head_tokens"]) if known else Ledger()
+        ledger = _ledger_of(row.get("cost"))
         for task, result in _measure(base, [], None, config, ledger, missing)["tasks"].items():
             row["tasks"][task] = merged(task, row["tasks"][task], result)
         row["cost"] = ledger.record(row["num_layers"])  # the full point's cost includes its extensions
         _write_json(path, row)
     return row
+
+
+def _ledger_of(cost: dict[str, Any] | None) -> Ledger:
+    """A stored point's cost record as a ledger to add to (a point stored by an older layerprune has none)."""
+    return Ledger(dict(cost["seconds"]), cost["layer_tokens"], cost["head_tokens"]) if cost else Ledger()
 
 
 def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluated: dict, ledger: Ledger) -> dict:
@@ -576,27 +672,31 @@ def _run_sweep(model: str | Path, out: Path, config: SweepConfig, progress: bool
     mine = points[shard.index :: shard.count] if shard else points
     missing = [p for p in mine if not (out / "points" / f"{p.key}.json").is_file()]
     orders = document_orders(config) if config.adaptive else None
-    full = None
-    if orders is not None:
-        first = points[0]
-        if not (out / "points" / f"{first.key}.json").is_file():  # every point's reference: first, whatever the shard
-            _write_json(
-                out / "points" / f"{first.key}.json", _run_point(first, base, src, [], config, out, orders, None)
-            )
-            missing = [p for p in missing if p != first]
-        full = lambda documents: _full_covering(out, base, config, documents)  # noqa: E731
+    first = points[0]
+    if orders is not None and first not in missing and not (out / "points" / f"{first.key}.json").is_file():
+        missing.insert(0, first)  # every point's reference under --limit auto: first, whatever the shard
     bar = tqdm(total=len(mine), initial=len(mine) - len(missing), desc="sweep", unit="point", disable=not progress)
-    for point in missing:
+
+    def store(point: Point, result: dict[str, Any], work: Path | None = None) -> None:
+        if config.export and point.n:
+            twin = Point(result["same_as"], point.n, point.healed, point.repair) if "same_as" in result else None
+            _export_point(model, src, point, result["layers_removed"], work or out / "work" / point.key,
+                          out / "gguf", twin)  # fmt: skip
+        _write_json(out / "points" / f"{point.key}.json", result)
+        bar.update()
+
+    together = [p for p in missing if not p.healed and p.repair == "none"]
+    if together:
+        bar.set_postfix_str(f"{len(together)} unhealed points side by side")
+        _run_together(together, base, analysis, config, out, orders, store)
+    full = None if orders is None else lambda documents: _full_covering(out, base, config, documents)
+    for point in [p for p in missing if p not in together]:
         bar.set_postfix_str(point.key)
         work = out / "work" / point.key
         removed = _removed_layers(point, base, analysis, config, out) if point.n else []
         result = _twin(out, point, removed) or _run_point(point, base, src, removed, config, work, orders, full)
-        if config.export and point.n:
-            twin = Point(result["same_as"], point.n, point.healed, point.repair) if "same_as" in result else None
-            _export_point(model, src, point, removed, work, out / "gguf", twin)
-        _write_json(out / "points" / f"{point.key}.json", result)
+        store(point, result, work)
         shutil.rmtree(work, ignore_errors=True)
-        bar.update()
     bar.close()
     complete = all((out / "points" / f"{p.key}.json").is_file() for p in points)
     if complete:  # the last shard to finish reports

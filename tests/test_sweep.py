@@ -37,9 +37,14 @@ def test_sweep_writes_one_row_per_point_and_a_report(finished):
         if "same_as" in r:
             assert cost["total_seconds"] == 0 and cost["layer_tokens"] == 0
             continue
-        tasks = {f"evaluate {t}" for t in ("arc_easy", "loss", *(("kld",) if r["n"] else ()))}
+        if r["healed"]:  # evaluated on its own, kld beside the full model
+            tasks = {"evaluate arc_easy", "evaluate loss", "evaluate kld"}
+            assert (6 - r["n"]) * cost["head_tokens"] <= cost["layer_tokens"] <= 6 * cost["head_tokens"]
+        else:  # side by side: the full model's pass is the full point's; a cut runs only what follows its prefix
+            tasks = {"evaluate arc_easy", "evaluate loss+kld"}
+            suffix = [i for i in range(min(r["layers_removed"], default=0), 6) if i not in r["layers_removed"]]
+            assert cost["layer_tokens"] == len(suffix) * cost["head_tokens"]
         assert tasks <= set(cost["seconds"]) and ({"heal", "load"} <= set(cost["seconds"])) == r["healed"]
-        assert (6 - r["n"]) * cost["head_tokens"] <= cost["layer_tokens"] <= 6 * cost["head_tokens"]
         assert cost["full_passes"] == round(cost["layer_tokens"] / 6, 1) > 0
     assert full["cost"]["layer_tokens"] == 6 * full["cost"]["head_tokens"]  # every head pass after 6 layers
     header = (finished / "results.csv").read_text().splitlines()[0].split(",")
@@ -57,8 +62,8 @@ def test_rerun_computes_only_missing_points(setup, finished, tmp_path, monkeypat
     shutil.copytree(finished, out)
     (out / "points" / "deepest-n2-healed.json").unlink()  # as if killed before this point
     calls = []
-    real = sweep_module._run_point
-    monkeypatch.setattr(sweep_module, "_run_point", lambda point, *a: calls.append(point.key) or real(point, *a))
+    real = sweep_module._row
+    monkeypatch.setattr(sweep_module, "_row", lambda point, *a: calls.append(point.key) or real(point, *a))
     run_sweep(base, out, config(text, ns=(0, 1, 2, 3)), progress=False)
     missing = ["angular-n3", "angular-n3-healed", "deepest-n2-healed", "deepest-n3", "deepest-n3-healed"]
     assert set(calls) <= set(missing) and "angular-n3" in calls and "angular-n3-healed" in calls
@@ -72,8 +77,8 @@ def test_rerun_computes_only_missing_points(setup, finished, tmp_path, monkeypat
 def test_points_that_remove_the_same_layers_are_computed_once(setup, tmp_path, monkeypatch):
     base, text = setup
     calls = []
-    real = sweep_module._run_point
-    monkeypatch.setattr(sweep_module, "_run_point", lambda point, *a: calls.append(point.key) or real(point, *a))
+    real = sweep_module._row
+    monkeypatch.setattr(sweep_module, "_row", lambda point, *a: calls.append(point.key) or real(point, *a))
     for name in ("deepest", "bi"):  # both strategies agree
         monkeypatch.setitem(STRATEGIES, name, replace(STRATEGIES[name], choose=lambda request: Choice([4])))
     out = run_sweep(base, tmp_path / "sweep", config(text, ns=(1,), strategies=("deepest", "bi")), progress=False).path
@@ -90,8 +95,8 @@ def test_repairs_are_an_axis_of_points_compared_with_their_unrepaired_cut(setup,
     out = tmp_path / "sweep"
     shutil.copytree(finished, out)
     calls = []
-    real = sweep_module._run_point
-    monkeypatch.setattr(sweep_module, "_run_point", lambda point, *a: calls.append(point.key) or real(point, *a))
+    real = sweep_module._row
+    monkeypatch.setattr(sweep_module, "_row", lambda point, *a: calls.append(point.key) or real(point, *a))
     run_sweep(base, out, config(text, strategies=("deepest",), repairs=("none", "linear")), progress=False)
     assert sorted(calls) == ["deepest-n1-linear", "deepest-n1-linear-healed", "deepest-n2-linear",
                              "deepest-n2-linear-healed"]  # fmt: skip
@@ -122,7 +127,7 @@ def test_a_rerun_without_the_sensitivity_map_reuses_every_stored_result(setup, f
     (out / "sweep.json").write_text(json.dumps(record))
     before = (out / "results.json").read_text()
     calls = []
-    monkeypatch.setattr(sweep_module, "_run_point", lambda point, *a: calls.append(point.key))
+    monkeypatch.setattr(sweep_module, "_row", lambda point, *a: calls.append(point.key))
     run_sweep(base, out, config(text, sensitivity=False), progress=False)
     assert calls == [] and (out / "results.json").read_text() == before
 

@@ -1,0 +1,112 @@
+"""The one-pass evaluation of many cuts (`layerprune.one_pass`) against evaluating each cut on its
+own (the sweep's path before it), side by side in one process, on the same documents.
+
+python bench/one_pass.py --limit 100
+
+The cuts default to `make demo`'s unhealed points on SmolLM2-135M (angular and deepest at 4, 9
+and 14 of 30 layers, as its analysis chose them) and the full model; the tasks to the demo's
+(piqa, arc_easy, loss, kld). Prints the model work in full-model token passes (tokens through
+decoder layers over the layer count), the wall time of each path, their ratios, and the largest
+per-document differences between the two paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+
+from layerprune.config import build
+from layerprune.cost import Ledger
+from layerprune.evaluation import KLD_TASK, EvalConfig, closeness, evaluate, logits_of
+from layerprune.models import load_model, resolve_model
+from layerprune.one_pass import FULL, OnePass, evaluate_cuts
+from layerprune.surgery import pruned_in_place
+
+DEMO_CUTS = "12-15;25-28;10-18;20-28;2-15;15-28"
+
+
+def parse_cuts(text: str) -> list[tuple[int, ...]]:
+    cuts = []
+    for part in text.split(";"):
+        first, _, last = part.partition("-")
+        cuts.append(tuple(range(int(first), int(last or first) + 1)))
+    return cuts
+
+
+def alone(model, tokenizer, removed, config, ledger: Ledger) -> dict:
+    """One cut on its own: lm-eval's HF model on the model cut in place; kld beside the full model."""
+
+    def cut():
+        return pruned_in_place(model, list(removed)) if removed else nullcontext()
+
+    tasks = tuple(t for t in config.tasks if t != KLD_TASK)
+    with ledger.phase("evaluate"), ledger.counting(model), cut():
+        result = evaluate(model, config=replace(config, tasks=tasks), tokenizer=tokenizer)
+    if removed and KLD_TASK in config.tasks:
+
+        def own(batch):
+            with cut():
+                return logits_of(model)(batch)
+
+        vocab = model.config.get_text_config().vocab_size
+        with ledger.phase("evaluate"), ledger.counting(model):
+            result["tasks"][KLD_TASK] = closeness(own, logits_of(model), tokenizer, vocab, config)
+    return result["tasks"]
+
+
+def largest_differences(a: dict, b: dict) -> dict[str, float]:
+    found = {}
+    for task, result in a.items():
+        ours, theirs = result["documents"], b[task]["documents"]
+        assert ours["id"] == theirs["id"], task
+        column = {"loss": "loss", "kld": "kl"}.get(task, "loglik")
+        found[task] = max(abs(x - y) for x, y in zip(ours[column], theirs[column], strict=True))
+        if "correct" in ours:
+            assert ours["correct"] == theirs["correct"] and ours["correct_norm"] == theirs["correct_norm"], task
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--cuts", default=DEMO_CUTS, help="first-last;first-last;... (removed layers)")
+    parser.add_argument("--tasks", default="piqa,arc_easy,loss,kld")
+    parser.add_argument("--limit", type=int, default=100)
+    args = parser.parse_args()
+    model, tokenizer = load_model(resolve_model(args.model))
+    layers = model.config.get_text_config().num_hidden_layers
+    cuts = parse_cuts(args.cuts)
+    config = build(EvalConfig, {"tasks": args.tasks, "limit": args.limit, "batch_size": 8})
+    evaluate(model, config=build(EvalConfig, {"tasks": "piqa", "limit": 1}), tokenizer=tokenizer)  # lm-eval warm
+
+    started = time.perf_counter()
+    engine = OnePass(model, cuts)
+    together = evaluate_cuts(engine, tokenizer, config, dict.fromkeys([FULL, *cuts]))
+    one_pass_seconds = time.perf_counter() - started
+    one_pass_work = sum(ledger.layer_tokens for ledger in engine.ledgers.values()) / layers
+
+    started = time.perf_counter()
+    ledger = Ledger()
+    separate = {removed: alone(model, tokenizer, removed, config, ledger) for removed in [FULL, *cuts]}
+    alone_seconds = time.perf_counter() - started
+    alone_work = ledger.layer_tokens / layers
+
+    worst: dict[str, float] = {}
+    for removed in [FULL, *cuts]:
+        for task, difference in largest_differences(together[removed]["tasks"], separate[removed]).items():
+            worst[task] = max(worst.get(task, 0.0), difference)
+    suffixes = sum(len(engine.suffix(c)) for c in cuts) / layers
+    print(f"{args.model}: the full model and {len(cuts)} cuts, tasks {args.tasks}, {args.limit} documents each")
+    print(f"one by one: {alone_work:,.0f} full-model token passes, {alone_seconds:.0f} s")
+    print(f"one pass:   {one_pass_work:,.0f} full-model token passes, {one_pass_seconds:.0f} s")
+    print(f"ratio: work {one_pass_work / alone_work:.3f}, wall time {one_pass_seconds / alone_seconds:.3f}")
+    print(f"1 + sum of suffix fractions = {1 + suffixes:.2f} full passes per batch, against {len(cuts) + 1} (+"
+          f" {len(cuts)} for kld's reference) one by one")  # fmt: skip
+    print("largest per-document difference:", ", ".join(f"{t} {v:.1e}" for t, v in worst.items()),
+          "(acc and acc_norm identical)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Evaluate many cuts of one model in one pass: every cut scored side by side on each batch,
+sharing the full model's prefix and its logits.
+
+A cut that removes layers l..l+n-1 (and perhaps more after them) computes, for layers 0..l-1,
+exactly the full model's residual stream entering layer l. So each batch runs through the full
+model once, with its residual stream kept where some cut starts, and every cut resumes from there
+through its kept layers, the final norm and the head. K cuts then cost 1 + the sum of their suffix
+fractions full passes, where evaluating them one by one costs K + 1, and `kld`'s reference logits
+K more: here the full model's logits of the same batch are the reference.
+
+lm-eval stays the authority on prompts, requests and metrics: `TableLM` is lm-eval's own HF model
+(its request encoding, truncation and scoring rule), answering log-likelihood requests from a
+table filled for every cut at once, so acc, acc_norm, their standard errors and the per-document
+samples come out of lm-eval's result processing as for any model.
+
+Memory beyond the model, per batch: the residual stream at each distinct cut start, the full
+model's logits and one cut's logits at a time (the text tasks keep a logits tensor within
+`evaluation.LOGITS_BUDGET`); across batches, only the per-document results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from .architectures import find_architecture
+from .cost import Ledger
+from .data import token_batches
+from .evaluation import (
+    KLD_TASK,
+    LOSS_TASK,
+    TEXT_TASKS,
+    EvalConfig,
+    divergence_rows,
+    kld_result,
+    logits_rows,
+    loss_result,
+    loss_rows,
+    qa_accuracy,
+    text_documents,
+    text_samples,
+)
+from .residual import hidden_state, running_from
+
+Cut = tuple[int, ...]  # the layers a cut removes, sorted; () is the full model
+FULL: Cut = ()
+
+
+class OnePass:
+    """The cuts of one loaded model, run side by side from the full model's prefix. Each cut's work
+    (seconds under the current `phase`, tokens through layers and the head) goes to its own
+    ledger; the full model's pass to FULL's."""
+
+    def __init__(self, model: Any, cuts: Sequence[Sequence[int]]) -> None:
+        self.model = model
+        self.arch = find_architecture(model.config)
+        self.num_layers = self.arch.num_layers(model.config)
+        self.cuts: list[Cut] = list(dict.fromkeys([FULL, *(tuple(sorted(c)) for c in cuts)]))
+        self.ledgers = {cut: Ledger() for cut in self.cuts}
+        self.phase = "evaluate"
+        self.busy = 0.0  # seconds spent in `run`, all ledgers together
+        self.bar: Any = None  # a progress bar to count batches on; else each call shows its own
+
+    def suffix(self, cut: Cut) -> list[int]:
+        """The layers a cut runs after its prefix: those it keeps from its first removed one on."""
+        return [i for i in range(cut[0], self.num_layers) if i not in cut] if cut else []
+
+    @contextmanager
+    def _spent(self, cut: Cut) -> Iterator[None]:
+        ledger = self.ledgers[cut]
+        with ledger.phase(self.phase), ledger.counting(self.model):
+            yield
+
+    def run(self, inputs: dict, cuts: Sequence[Cut], reduce: Callable[[Cut, Any, Any], Any]) -> dict[Cut, Any]:
+        """`reduce(cut, its logits, the full model's logits)` for the full model and every cut in
+        `cuts`, on one batch of `inputs` (on the model's input device)."""
+        import torch
+
+        started = time.perf_counter()
+        layers = self.arch.layer_list(self.model)
+        starts = sorted({cut[0] for cut in cuts if cut})
+        states: dict[int, Any] = {}
+
+        def keep(start: int) -> Callable[..., None]:
+            return lambda _module, args, kwargs: states.__setitem__(start, hidden_state(args, kwargs))
+
+        handles = [layers[s].register_forward_pre_hook(keep(s), with_kwargs=True) for s in starts]
+        results = {}
+        try:
+            with torch.inference_mode(), self._spent(FULL):
+                full = self.model(**inputs, use_cache=False).logits
+                results[FULL] = reduce(FULL, full, full)
+        finally:
+            for handle in handles:
+                handle.remove()
+        with torch.inference_mode():
+            for cut in cuts:
+                if cut:
+                    with self._spent(cut), running_from(self.model, self.arch, self.suffix(cut), states[cut[0]]):
+                        results[cut] = reduce(cut, self.model(**inputs, use_cache=False).logits, full)
+        self.busy += time.perf_counter() - started
+        return results
+
+    def text_rows(self, seq_len: int, batch_size: int) -> int:
+        """Held-out passages per batch: `batch_size`, or fewer to keep a logits tensor within budget."""
+        return logits_rows(seq_len, self.model.config.get_text_config().vocab_size, batch_size)
+
+    def forward_passes(self) -> float:
+        """The work so far, in full forward passes (every layer and the head, counted in parameters
+        applied per token) over the tokens the full model ran: 1 plus each cut's suffix and head."""
+        layers = sum(p.numel() for p in self.arch.layer_list(self.model).parameters()) / self.num_layers
+        head = self.model.get_output_embeddings().weight.numel()
+        work = sum(ledger.layer_tokens * layers + ledger.head_tokens * head for ledger in self.ledgers.values())
+        return work / ((self.num_layers * layers + head) * max(1, self.ledgers[FULL].head_tokens))
+
+    def _device(self) -> Any:
+        return self.model.get_input_embeddings().weight.device
+
+    def loglikelihoods(
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], cuts: Sequence[Cut], batch_size: int,
+        max_length: int,
+    ) -> dict[Cut, list[tuple[float, bool]]]:  # fmt: skip
+        """Each (context tokens, continuation tokens) request's log-likelihood and whether the
+        continuation is the greedy one, for the full model and every cut, as lm-eval's HF model
+        computes them (`HFLM._loglikelihood_tokens`: inputs truncated from the left to the model's
+        length, right-padded, no attention mask, longest first)."""
+        import torch
+        from tqdm.auto import tqdm
+
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+        answers: dict[Cut, list[Any]] = {cut: [None] * len(requests) for cut in (FULL, *cuts)}
+        bar = self.bar or tqdm(total=-(-len(requests) // batch_size), desc="requests, all cuts at once",
+                               unit="batch", leave=False)  # fmt: skip
+        for first in range(0, len(order), batch_size):
+            chunk = order[first : first + batch_size]
+            rows = [(list(requests[i][0]) + list(requests[i][1]))[-(max_length + 1) :][:-1] for i in chunk]
+            ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
+            for r, row in enumerate(rows):
+                ids[r, : len(row)] = torch.tensor(row)
+
+            def reduce(_cut: Cut, logits: Any, _full: Any, chunk: list[int] = chunk, rows: list = rows) -> list:
+                logprobs = torch.nn.functional.log_softmax(logits, dim=-1)
+                found = []
+                for r, index in enumerate(chunk):
+                    continuation = torch.tensor(requests[index][1], dtype=torch.long, device=logprobs.device)
+                    chosen = logprobs[r, len(rows[r]) - len(continuation) : len(rows[r])]
+                    greedy = bool((chosen.argmax(dim=-1) == continuation).all())
+                    found.append((float(chosen.gather(1, continuation[:, None]).sum()), greedy))
+                return found
+
+            for cut, found in self.run({"input_ids": ids.to(self._device())}, cuts, reduce).items():
+                for index, answer in zip(chunk, found, strict=True):
+                    answers[cut][index] = answer
+            bar.update()
+        if bar is not self.bar:
+            bar.close()
+        return answers
+
+    def text_tasks(
+        self, tokenizer: Any, texts: list[str], seq_len: int, batch_size: int, wanted: dict[Cut, set[str]]
+    ) -> dict[Cut, dict[str, list]]:
+        """Per held-out document, for each model and the text tasks `wanted` of it: `loss_rows`,
+        and `divergence_rows` against the full model on the same batch for `kld` (one pass for both)."""
+        from tqdm.auto import tqdm
+
+        batches = token_batches(tokenizer, texts, len(texts), seq_len, self.text_rows(seq_len, batch_size))
+        found: dict[Cut, dict[str, list]] = {cut: {task: [] for task in tasks} for cut, tasks in wanted.items()}
+        bar = self.bar or tqdm(total=len(batches), desc="held-out text, all cuts at once", unit="batch", leave=False)
+        for batch in batches:
+            inputs = {k: v.to(self._device()) for k, v in batch.items()}
+
+            def reduce(cut: Cut, logits: Any, full: Any, inputs: dict = inputs) -> dict[str, list]:
+                tasks, rows = wanted.get(cut, set()), dict[str, list]()
+                if LOSS_TASK in tasks:
+                    rows[LOSS_TASK] = loss_rows(logits, inputs)
+                if KLD_TASK in tasks:
+                    rows[KLD_TASK] = divergence_rows(logits, full, inputs)
+                return rows
+
+            for cut, rows in self.run(inputs, [c for c in wanted if c], reduce).items():
+                for task, values in rows.items():
+                    found[cut][task] += values
+            bar.update()
+        if bar is not self.bar:
+            bar.close()
+        return found
+
+
+def table_lm(engine: OnePass, tokenizer: Any, batch_size: int) -> Any:
+    """lm-eval's HF model of `engine`'s model whose log-likelihoods, for the cut in its `cut`
+    attribute, come from a table filled for the cuts in its `active` list (and that one) at once."""
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # as `qa_accuracy`: its notices drown the progress bars
+
+    class TableLM(HFLM):
+        def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, override_bs: Any = None) -> list:
+            keys = [(tuple(context), tuple(continuation)) for _, context, continuation in requests]
+            known = self.table.setdefault(self.cut, {})
+            missing = list(dict.fromkeys(k for k in keys if k not in known))
+            if missing:
+                cuts = list(dict.fromkeys([*self.active, self.cut]))
+                found = engine.loglikelihoods(missing, [c for c in cuts if c], batch_size, self.max_length)
+                for cut in cuts:
+                    self.table.setdefault(cut, {}).update(zip(missing, found[cut], strict=True))
+            return [known[k] for k in keys]
+
+    lm = TableLM(pretrained=engine.model, tokenizer=tokenizer, batch_size=batch_size, device=str(engine._device()))
+    lm.table, lm.cut, lm.active = {}, FULL, list(engine.cuts)
+    return lm
+
+
+def evaluate_cuts(
+    engine: OnePass,
+    tokenizer: Any,
+    config: EvalConfig,
+    documents: dict[Cut, dict[str, list[str]] | None],
+) -> dict[Cut, dict[str, Any]]:
+    """Every task of `config` for the cuts (FULL among them, or not) named in `documents`, each on
+    its own documents per task (None: the first `config.limit`), side by side: a QA task's requests
+    are answered for every cut that asks for them in one pass, then scored by lm-eval cut by cut;
+    `loss` and `kld` (not for FULL) are computed together in one pass over their passages. Returns
+    one `{"tasks": {...}}` per cut, as `evaluation.evaluate` does."""
+    results: dict[Cut, dict[str, Any]] = {cut: {"tasks": {}} for cut in documents}
+
+    def asking(task: str) -> list[Cut]:
+        cuts = [cut for cut, chosen in documents.items() if chosen is None or task in chosen]
+        return [cut for cut in cuts if cut] if task == KLD_TASK else cuts
+
+    lm = None
+    for task in [t for t in config.tasks if t not in TEXT_TASKS and asking(t)]:
+        engine.phase = f"evaluate {task}"
+        lm = lm or table_lm(engine, tokenizer, config.loss_batch_size)
+        lm.active = asking(task)
+        for cut in lm.active:
+            lm.cut, chosen = cut, documents[cut]
+            started, busy = time.perf_counter(), engine.busy
+            found = qa_accuracy(lm, [task], config.limit, config.num_fewshot, {task: chosen[task]} if chosen else None)
+            # lm-eval's own work on this cut's answers (the model work is on the ledgers already)
+            engine.ledgers[cut].add(engine.phase, time.perf_counter() - started - (engine.busy - busy))
+            results[cut]["tasks"] |= found
+    text = {task: asking(task) for task in TEXT_TASKS if task in config.tasks}
+    if any(text.values()):
+        engine.phase = f"evaluate {'+'.join(t for t in text if text[t])}"  # one pass for both
+        for cut, tasks in _text_tasks(engine, tokenizer, config, text, documents).items():
+            results[cut]["tasks"] |= tasks
+    return results
+
+
+def _text_tasks(
+    engine: OnePass, tokenizer: Any, config: EvalConfig, asking: dict[str, list[Cut]],
+    documents: dict[Cut, dict[str, list[str]] | None],
+) -> dict[Cut, dict[str, Any]]:  # fmt: skip
+    """`loss` and `kld` for the cuts `asking` each, on their documents, in one pass over their union."""
+    first = text_documents(config.loss_data, text_samples(config))[0]
+    own = {(cut, task): (documents[cut] or {}).get(task, first) for task, cuts in asking.items() for cut in cuts}
+    ids, texts = text_documents(config.loss_data, 0, list(dict.fromkeys(d for chosen in own.values() for d in chosen)))
+    wanted: dict[Cut, set[str]] = {}
+    for cut, task in own:
+        wanted.setdefault(cut, set()).add(task)
+    found = engine.text_tasks(tokenizer, texts, config.seq_len, config.loss_batch_size, wanted)
+    vocab = engine.model.config.get_text_config().vocab_size
+    position = {d: i for i, d in enumerate(ids)}
+    results: dict[Cut, dict[str, Any]] = {}
+    for (cut, task), chosen in own.items():
+        rows = [found[cut][task][position[d]] for d in chosen]
+        record = loss_result(chosen, rows, vocab, config.loss_data) if task == LOSS_TASK else kld_result(
+            chosen, rows, config.loss_data)  # fmt: skip
+        results.setdefault(cut, {})[task] = record
+    return results

@@ -1,0 +1,111 @@
+"""Many cuts of one model evaluated in one pass: the same numbers as each cut evaluated on its own
+(lm-eval's HF model on the model pruned in place), for less model work."""
+
+from contextlib import nullcontext
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from layerprune.config import build
+from layerprune.evaluation import EvalConfig, closeness, evaluate, logits_of, loss_rows
+from layerprune.one_pass import FULL, OnePass, evaluate_cuts
+from layerprune.surgery import pruned_in_place
+
+CUTS = [(4,), (1, 2), (0, 3), (2, 3, 4)]  # sizes 1-3, starts 0-4, one not contiguous
+TEXTS = [f"Passage {i}: the cat sat on the mat while the dog slept by the warm door. " * (1 + i % 3) for i in range(5)]
+
+
+def cut(model, removed):
+    return pruned_in_place(model, list(removed)) if removed else nullcontext()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2", "gpt_neox"])
+def test_every_cut_computes_what_it_computes_alone(family):
+    """Log-likelihoods as lm-eval's HF model scores them (sliding windows included: 8 tokens, on
+    longer inputs), losses and KL to the full model on the same batch."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = tiny_model(family, seed=3), tiny_tokenizer()
+    engine = OnePass(model, CUTS)
+    generator = torch.Generator().manual_seed(0)
+    requests = [
+        (torch.randint(3, 272, (int(c),), generator=generator).tolist(), torch.randint(3, 272, (k,)).tolist())
+        for c, k in zip(torch.randint(5, 40, (9,), generator=generator), [1, 2, 3] * 3, strict=True)
+    ]
+    together = engine.loglikelihoods(requests, CUTS, batch_size=4, max_length=512)
+    found = engine.text_tasks(tokenizer, TEXTS, 40, 2, {c: {"loss", "kld"} if c else {"loss"} for c in engine.cuts})
+    for removed in engine.cuts:
+        with cut(model, removed):
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3, device="cpu")
+            alone = lm._loglikelihood_tokens([(("", ""), c, k) for c, k in requests], disable_tqdm=True)
+            losses = []
+            for text in TEXTS:
+                batch = tokenizer([text], truncation=True, max_length=40, return_tensors="pt")
+                with torch.inference_mode():
+                    losses += loss_rows(model(**batch).logits, batch)
+        assert [g for _, g in together[removed]] == [g for _, g in alone]
+        assert max(abs(a - b) for (a, _), (b, _) in zip(together[removed], alone, strict=True)) < 1e-4
+        assert [n for _, n in found[removed]["loss"]] == [n for _, n in losses]
+        assert max(abs(a - b) for (a, _), (b, _) in zip(found[removed]["loss"], losses, strict=True)) < 1e-4
+        if removed:
+            assert all(kl > 0 for kl, *_ in found[removed]["kld"])
+
+
+def test_the_work_is_one_full_pass_and_each_cut_s_suffix():
+    """K cuts cost 1 + the sum of their suffix fractions full passes, counted by the ledgers."""
+    model, tokenizer = tiny_model("llama", seed=3), tiny_tokenizer()
+    engine = OnePass(model, CUTS)
+    engine.text_tasks(tokenizer, TEXTS, 40, 2, {c: {"loss"} for c in engine.cuts})
+    full = engine.ledgers[FULL]
+    assert full.layer_tokens == 6 * full.head_tokens > 0
+    for removed in CUTS:
+        suffix = engine.suffix(removed)
+        assert suffix == [i for i in range(removed[0], 6) if i not in removed]
+        assert engine.ledgers[removed].layer_tokens == len(suffix) * full.head_tokens
+    total = sum(ledger.layer_tokens for ledger in engine.ledgers.values())
+    assert total == full.layer_tokens * (1 + sum(len(engine.suffix(c)) for c in CUTS) / 6)
+    assert total < full.layer_tokens * (1 + len(CUTS)) * 0.6  # one by one: K + 1 passes
+
+
+def _alone(model, tokenizer, removed, config):
+    """The per-point path a sweep took before: lm-eval's HF model on the model cut in place, and
+    kld against the full model run again."""
+    with cut(model, removed):
+        result = evaluate(model, config=replace(config, tasks=("sciq", "piqa", "loss")), tokenizer=tokenizer)
+
+    def own(batch):
+        with cut(model, removed):
+            return logits_of(model)(batch)
+
+    vocab = model.config.get_text_config().vocab_size
+    result["tasks"]["kld"] = closeness(own, logits_of(model), tokenizer, vocab, config) if removed else None
+    return result["tasks"]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name,limit", [("smollm2", 6), ("gemma3", 3)])
+def test_packaged_models_give_the_per_point_results(name, limit, request):
+    """SmolLM2 and Gemma 3 (sliding-window layers): per-document log-likelihoods to 1e-4, acc and
+    acc_norm exactly, loss and KL to 1e-5, for cuts of several sizes and starts."""
+    from layerprune.models import load_model
+
+    model, tokenizer = load_model(request.getfixturevalue(name))
+    layers = model.config.num_hidden_layers
+    cuts = [tuple(range(layers - 6, layers - 2)), (3, 4, 5), (2, 7, 9)]
+    config = build(EvalConfig, {"tasks": ("sciq", "piqa", "loss", "kld"), "limit": limit, "batch_size": 4})
+    together = evaluate_cuts(OnePass(model, cuts), tokenizer, config, dict.fromkeys([FULL, *cuts]))
+    for removed in [FULL, *cuts]:
+        alone, ours = _alone(model, tokenizer, removed, config), together[removed]["tasks"]
+        for task in ("sciq", "piqa"):
+            a, b = alone[task]["documents"], ours[task]["documents"]
+            assert a["id"] == b["id"] and a["correct"] == b["correct"] and a["correct_norm"] == b["correct_norm"]
+            assert max(abs(x - y) for x, y in zip(a["loglik"], b["loglik"], strict=True)) < 1e-4
+            assert (alone[task]["acc"], alone[task]["acc_norm"]) == (ours[task]["acc"], ours[task]["acc_norm"])
+            assert alone[task]["acc_stderr"] == pytest.approx(ours[task]["acc_stderr"], abs=1e-12)
+        assert ours["loss"]["loss"] == pytest.approx(alone["loss"]["loss"], abs=1e-5)
+        assert ("kld" in ours) == bool(removed)
+        if removed:
+            assert ours["kld"]["kld"] == pytest.approx(alone["kld"]["kld"], abs=1e-5)
+            assert ours["kld"]["top1_agreement"] == alone["kld"]["top1_agreement"]
