@@ -126,7 +126,8 @@ class OnePass:
         """Each (context tokens, continuation tokens) request's log-likelihood and whether the
         continuation is the greedy one, for the full model and every cut, as lm-eval's HF model
         computes them (`HFLM._loglikelihood_tokens`: inputs truncated from the left to the model's
-        length, right-padded, no attention mask, longest first)."""
+        length, right-padded, no attention mask, longest first), with the head and softmax run
+        only at the positions scored."""
         import torch
         from tqdm.auto import tqdm
 
@@ -141,17 +142,23 @@ class OnePass:
             for r, row in enumerate(rows):
                 ids[r, : len(row)] = torch.tensor(row)
 
-            def reduce(_cut: Cut, logits: Any, _full: Any, chunk: list[int] = chunk, rows: list = rows) -> list:
+            # the head runs only where some row's continuation is scored (transformers' logits_to_keep)
+            scored = [range(len(row) - len(requests[i][1]), len(row)) for row, i in zip(rows, chunk, strict=True)]
+            kept = sorted({position for positions in scored for position in positions})
+            columns = [[kept.index(position) for position in positions] for positions in scored]
+
+            def reduce(_cut: Cut, logits: Any, _full: Any, chunk: list[int] = chunk, columns: list = columns) -> list:
                 logprobs = torch.nn.functional.log_softmax(logits, dim=-1)
                 found = []
-                for r, index in enumerate(chunk):
+                for r, (index, where) in enumerate(zip(chunk, columns, strict=True)):
                     continuation = torch.tensor(requests[index][1], dtype=torch.long, device=logprobs.device)
-                    chosen = logprobs[r, len(rows[r]) - len(continuation) : len(rows[r])]
+                    chosen = logprobs[r, where]
                     greedy = bool((chosen.argmax(dim=-1) == continuation).all())
                     found.append((float(chosen.gather(1, continuation[:, None]).sum()), greedy))
                 return found
 
-            for cut, found in self.run({"input_ids": ids.to(self._device())}, cuts, reduce).items():
+            inputs = {"input_ids": ids.to(self._device()), "logits_to_keep": torch.tensor(kept)}
+            for cut, found in self.run(inputs, cuts, reduce).items():
                 for index, answer in zip(chunk, found, strict=True):
                     answers[cut][index] = answer
             bar.update()
