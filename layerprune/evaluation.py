@@ -843,18 +843,15 @@ def _evaluate(
         chosen = (documents or {}).get(KLD_TASK)
         results[KLD_TASK] = closeness(logits_of(model), logits_of(reference), tokenizer, vocab, config, chosen)
         record["reference"] = str(config.reference or getattr(reference, "name_or_path", "given"))
-    record.update(
-        tasks=results,
-        settings={
-            "limit": config.limit,
-            "num_fewshot": config.num_fewshot,
-            "batch_size": config.batch_size,
-            "seq_len": config.seq_len,
-        },
-        versions=_versions(),
-        seconds=round(time.perf_counter() - start, 2),
-    )
+    record.update(tasks=results, **settings_record(config), seconds=round(time.perf_counter() - start, 2))
     return record
+
+
+def settings_record(config: EvalConfig) -> dict[str, Any]:
+    """What an evaluation's figures depend on besides the model: its settings and the versions."""
+    settings = {"limit": config.limit, "num_fewshot": config.num_fewshot, "batch_size": config.batch_size,
+                "seq_len": config.seq_len}  # fmt: skip
+    return {"settings": settings, "versions": _versions()}
 
 
 def _write_results(out: Path, record: dict[str, Any], overwrite: bool, inputs: list[Path]) -> None:

@@ -40,6 +40,7 @@ from .evaluation import (
     loss_result,
     loss_rows,
     qa_accuracy,
+    settings_record,
     text_documents,
     text_samples,
 )
@@ -220,6 +221,11 @@ def table_lm(engine: OnePass, tokenizer: Any, batch_size: int) -> Any:
     return lm
 
 
+def run_record(engine: OnePass, config: EvalConfig) -> dict[str, Any]:
+    """What `evaluation.evaluate` records beside the tasks: the model, backend, settings and versions."""
+    return {"model": getattr(engine.model, "name_or_path", ""), "backend": "hf", **settings_record(config)}
+
+
 def evaluate_cuts(
     engine: OnePass,
     tokenizer: Any,
@@ -230,8 +236,8 @@ def evaluate_cuts(
     its own documents per task (None: the first `config.limit`), side by side: a QA task's requests
     are answered for every cut that asks for them in one pass, then scored by lm-eval cut by cut;
     `loss` and `kld` (not for FULL) are computed together in one pass over their passages. Returns
-    one `{"tasks": {...}}` per cut, as `evaluation.evaluate` does."""
-    results: dict[Cut, dict[str, Any]] = {cut: {"tasks": {}} for cut in documents}
+    one record per cut, as `evaluation.evaluate` does (its tasks, settings and versions)."""
+    results: dict[Cut, dict[str, Any]] = {cut: run_record(engine, config) | {"tasks": {}} for cut in documents}
 
     def asking(task: str) -> list[Cut]:
         cuts = [cut for cut, chosen in documents.items() if chosen is None or task in chosen]

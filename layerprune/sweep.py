@@ -70,7 +70,7 @@ from .gguf_surgery import prune_gguf
 from .healing import HealConfig, heal
 from .layer_sets import check_fraction
 from .models import gguf_file, load_model, model_inputs, resolve_model
-from .one_pass import FULL, Cut, OnePass, evaluate_cuts
+from .one_pass import FULL, Cut, OnePass, evaluate_cuts, run_record
 from .pipeline import prune, with_placement
 from .repair import METHODS as REPAIR_METHODS
 from .report import write_report
@@ -412,7 +412,8 @@ def _adaptive_together(
             ]
         own_round = False
         size *= 2
-    return {FULL: {"tasks": reference}} | {cut: {"tasks": tasks} for cut, tasks in results.items()}
+    record = run_record(engine, eval_config)
+    return {FULL: record | {"tasks": reference}} | {cut: record | {"tasks": tasks} for cut, tasks in results.items()}
 
 
 def _run_together(

@@ -30,6 +30,7 @@ def test_sweep_writes_one_row_per_point_and_a_report(finished):
         assert ("healing" in r) == r["healed"]
         assert ("kld" in r["tasks"]) == (r["n"] > 0) and (r["n"] == 0 or r["tasks"]["kld"]["kld"] > 0)
         assert len(r["tasks"]["arc_easy"]["documents"]["correct"]) == 6 == len(r["tasks"]["loss"]["documents"]["loss"])
+    assert all(r["versions"]["layerprune"] and r["settings"]["limit"] == 6 for r in rows)  # as evaluate records
     deepest = next(r for r in rows if r["strategy"] == "deepest" and r["n"] == 2)
     assert deepest["layers_removed"] == [3, 4]
     for r in rows:  # what each point cost: a twin nothing; the others each task's time and their tokens
