@@ -53,8 +53,9 @@ def check_tensors(reader: Any, path: Path) -> None:
     """Refuse a tensor table a pruned output could not be trusted from: a name llama.cpp does not
     know, a layer whose tensors differ from the other layers' in name or shape (their types may
     differ: a k-quant mix such as Q4_K_M stores some layers' tensors in Q6_K), or tensor data that
-    is not laid end to end from the data section's start, each padded to the alignment, as every
-    writer lays it (a damaged offset, or a type or shape that changes a tensor's size, breaks it)."""
+    is not laid end to end from the data section's start to its end, each padded to the alignment,
+    as every writer lays it (a damaged offset, or a type or shape that changes a tensor's size,
+    breaks it)."""
     size = len(reader.data)
     layers: dict[int, dict[str, tuple[int, ...]]] = {}
     spans = []
@@ -74,6 +75,11 @@ def check_tensors(reader: Any, path: Path) -> None:
                 "of the file): its offset, type or shape is damaged"
             )
         at = offset + length + (-(offset + length - int(reader.data_offset)) % align)
+    if spans and size - max(offset + length for offset, length, _ in spans) >= align:
+        raise LayerpruneError(
+            f"{path}: the data section holds bytes past its last tensor's end: a tensor's type or shape is damaged"
+        )
+    _check_width(reader, path)
     if layers:
         first = layers[min(layers)]
         for index, tensors in sorted(layers.items()):
@@ -83,6 +89,19 @@ def check_tensors(reader: Any, path: Path) -> None:
                     f"{path}: layer {index} differs from layer {min(layers)} in tensor {odd} (its name or shape): "
                     "the file is damaged"
                 )
+
+
+def _check_width(reader: Any, path: Path) -> None:
+    """Refuse a final norm whose shape is not the model's width (the token embedding's rows, ne0): it
+    is the last tensor of most files, so a damaged shape there can still lay the data end to end
+    (its lost bytes looking like padding)."""
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    norm, embedding = shapes.get("output_norm.weight"), shapes.get("token_embd.weight")
+    if norm is not None and embedding and norm != embedding[:1]:
+        raise LayerpruneError(
+            f"{path}: tensor output_norm.weight has shape {list(norm)}, not the model's width {embedding[0]} (the "
+            "token embedding's): the file is damaged"
+        )
 
 
 @cache

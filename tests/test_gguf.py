@@ -31,7 +31,8 @@ def file_digest(path: Path) -> str:
 
 def tiny_gguf(path: Path, arch: str = "llama", blocks: int = 3, claimed: int | None = None, norm_size: int = 8) -> Path:
     """A small GGUF written with llama.cpp's writer: `blocks` layers of two F32 tensors each (a norm
-    of `norm_size` floats: 32 bytes fill the alignment, other sizes are padded), and a vocabulary."""
+    of `norm_size` floats, the model's width: 32 bytes fill the alignment, other sizes are padded),
+    and a vocabulary."""
     from gguf import GGUFWriter
 
     writer = GGUFWriter(path, arch)
@@ -40,7 +41,7 @@ def tiny_gguf(path: Path, arch: str = "llama", blocks: int = 3, claimed: int | N
     writer.add_array("tokenizer.ggml.tokens", ["<s>", "", "héllo", "▁世界", "x" * 300])
     writer.add_array("tokenizer.ggml.scores", [0.5, -1.0, 2.25, 0.0, 1e-3])
     writer.add_string("general.name", "tiny")
-    writer.add_tensor("token_embd.weight", np.arange(64, dtype=np.float32).reshape(8, 8))
+    writer.add_tensor("token_embd.weight", np.arange(8 * norm_size, dtype=np.float32).reshape(8, norm_size))  # width
     for layer in range(blocks):
         writer.add_tensor(f"blk.{layer}.attn_q.weight", np.full((8, 8), layer, dtype=np.float32))
         writer.add_tensor(f"blk.{layer}.ffn_norm.weight", np.full((norm_size,), 10 + layer, dtype=np.float32))

@@ -85,7 +85,7 @@ def _alone(model, tokenizer, removed, config):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("name,limit", [("smollm2", 6), ("gemma3", 3)])
+@pytest.mark.parametrize("name,limit", [("smollm2", 4), ("gemma3", 2)])
 def test_packaged_models_give_the_per_point_results(name, limit, request):
     """SmolLM2 and Gemma 3 (sliding-window layers): per-document log-likelihoods to 1e-4, acc and
     acc_norm exactly, loss and KL to 1e-5, for cuts of several sizes and starts."""
@@ -93,7 +93,7 @@ def test_packaged_models_give_the_per_point_results(name, limit, request):
 
     model, tokenizer = load_model(request.getfixturevalue(name))
     layers = model.config.num_hidden_layers
-    cuts = [tuple(range(layers - 6, layers - 2)), (3, 4, 5), (2, 7, 9)]
+    cuts = [tuple(range(layers - 6, layers - 2)), (2, 7, 9)] + ([(3, 4, 5)] if name == "smollm2" else [])
     config = build(EvalConfig, {"tasks": ("sciq", "piqa", "loss", "kld"), "limit": limit, "batch_size": 4})
     together = evaluate_cuts(OnePass(model, cuts), tokenizer, config, dict.fromkeys([FULL, *cuts]))
     for removed in [FULL, *cuts]:

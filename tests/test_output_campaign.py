@@ -225,3 +225,21 @@ def test_a_corrupted_gguf_is_pruned_correctly_or_refused(gguf_source, tmp_path_f
         assert done.exit_code == 1 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.output
         assert sorted(p.name for p in root.iterdir()) == ["bad.gguf"]
     shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("dimension", [0, 4])
+def test_a_last_tensor_whose_shape_shrank_is_refused(gguf_source, tmp_path, dimension):
+    """The campaign's find: the last tensor's dimension damaged from 8 to 0 (or 4) still lays every
+    tensor end to end (its lost bytes past the end, or looking like padding); the final norm's width
+    is not the model's."""
+    data = bytearray(gguf_source.read_bytes())
+    entry = data.find(b"output_norm.weight") + len(b"output_norm.weight")
+    assert int.from_bytes(data[entry : entry + 4], "little") == 1  # one dimension, then its size
+    assert int.from_bytes(data[entry + 4 : entry + 12], "little") == 8
+    data[entry + 4 : entry + 12] = dimension.to_bytes(8, "little")
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    done = CliRunner().invoke(app, ["prune", str(tmp_path / "bad.gguf"), "--layers", "1", "--out",
+                                    str(tmp_path / "out.gguf")])  # fmt: skip
+    assert done.exit_code == 1 and done.stderr.count("\n") == 1, done.output
+    assert "bytes past its last tensor's end" in done.stderr or "not the model's width 8" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
