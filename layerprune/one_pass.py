@@ -237,7 +237,8 @@ def evaluate_cuts(
     are answered for every cut that asks for them in one pass, then scored by lm-eval cut by cut;
     `loss` and `kld` (not for FULL) are computed together in one pass over their passages. Returns
     one record per cut, as `evaluation.evaluate` does (its tasks, settings and versions)."""
-    results: dict[Cut, dict[str, Any]] = {cut: run_record(engine, config) | {"tasks": {}} for cut in documents}
+    record = run_record(engine, config)
+    results: dict[Cut, dict[str, Any]] = {cut: record | {"tasks": {}} for cut in documents}
 
     def asking(task: str) -> list[Cut]:
         cuts = [cut for cut, chosen in documents.items() if chosen is None or task in chosen]

@@ -337,6 +337,26 @@ def document_orders(config: SweepConfig) -> dict[str, list[str]]:
     return orders
 
 
+def _fresh(wanted: dict[str, list[str]], known: dict[str, Any]) -> dict[str, list[str]]:
+    """Per task, the documents `wanted` that its `known` result does not hold yet (tasks with none left out)."""
+    fresh = {}
+    for task, ids in wanted.items():
+        done = set(known[task]["documents"]["id"]) if task in known else set()
+        fresh[task] = [d for d in ids if d not in done]
+    return {task: ids for task, ids in fresh.items() if ids}
+
+
+def _undecided(
+    task: str, size: int, orders: dict[str, list[str]], full: dict[str, Any], result: dict[str, Any],
+    config: SweepConfig,
+) -> bool:  # fmt: skip
+    """Whether a point's task takes another round: its documents not all used, and its comparison
+    with the full model's task results `full` not decided."""
+    if size >= len(orders[task]):
+        return False
+    return judge(task, full.get(task), result, config.limits).verdict.state == "undecided"
+
+
 def _adaptive(
     measure: Callable[[dict[str, list[str]]], dict[str, Any]],
     full: Callable[[dict[str, list[str]]], dict[str, Any]] | None,
@@ -352,20 +372,14 @@ def _adaptive(
     while pending:
         wanted = {task: orders[task][:size] for task in pending}
         reference = full({t: ids for t, ids in wanted.items() if t != KLD_TASK}) if full else None  # kld needs none
-        fresh = {}
-        for task, ids in wanted.items():
-            done = set(results[task]["documents"]["id"]) if task in results else set()
-            fresh[task] = [d for d in ids if d not in done]
-        record = measure({t: ids for t, ids in fresh.items() if ids})
+        record = measure(_fresh(wanted, results))
         for task, result in record["tasks"].items():
             results[task] = merged(task, results[task], result) if task in results else result
             results[task]["rounds"] = results[task].get("rounds", 0) + 1
         pending = [
             task
             for task in pending
-            if reference is not None
-            and size < len(orders[task])
-            and judge(task, reference["tasks"].get(task), results[task], config.limits).verdict.state == "undecided"
+            if reference is not None and _undecided(task, size, orders, reference["tasks"], results[task], config)
         ]
         size *= 2
     return record | {"tasks": results}
@@ -391,12 +405,8 @@ def _adaptive_together(
         known = {FULL: reference, **results}
         documents: dict[Cut, dict[str, list[str]] | None] = {}
         for cut, asked in wanted.items():
-            fresh = {}
-            for task, ids in asked.items():
-                done = set(known[cut][task]["documents"]["id"]) if task in known[cut] else set()
-                fresh[task] = [d for d in ids if d not in done]
-            if any(fresh.values()):
-                documents[cut] = {task: ids for task, ids in fresh.items() if ids}
+            if fresh := _fresh(asked, known[cut]):
+                documents[cut] = fresh
         for cut, record in evaluate_cuts(engine, tokenizer, eval_config, documents).items():
             for task, result in record["tasks"].items():
                 merged_result = merged(task, known[cut][task], result) if task in known[cut] else result
@@ -404,12 +414,7 @@ def _adaptive_together(
                     merged_result["rounds"] = merged_result.get("rounds", 0) + 1
                 known[cut][task] = merged_result
         for cut, tasks in pending.items():
-            pending[cut] = [
-                task
-                for task in tasks
-                if size < len(orders[task])
-                and judge(task, reference.get(task), results[cut][task], config.limits).verdict.state == "undecided"
-            ]
+            pending[cut] = [t for t in tasks if _undecided(t, size, orders, reference, results[cut][t], config)]
         own_round = False
         size *= 2
     record = run_record(engine, eval_config)
