@@ -24,15 +24,17 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 # The main job on SmolLM2-135M: the paper's sweep, each point compared with the full model on the same
-# documents and evaluated in rounds until the comparison decides (--limit auto:100: at most 100 per task).
+# documents and evaluated in rounds until the comparison decides (--limit auto:80: at most 80 per task);
+# the sensitivity map on 20 documents per task; heals validated before and after only.
 # Healing here is plain LoRA in fp32 (--heal-no-quant): on a CPU, 4-bit QLoRA saves memory but runs
 # several times slower; `layerprune heal` defaults to QLoRA, the paper's recipe.
 # Rerunning it resumes; it recomputes nothing already stored in $(DEMO)/sweep.
 demo: $(STAMP)
 	$(VENV)/bin/layerprune sweep smollm2-135m --out $(DEMO)/sweep \
 		--fractions 0,0.15,0.3,0.45 --strategies angular,deepest \
-		--tasks piqa,arc_easy,loss,kld --limit auto:100 \
-		--heal --heal-no-quant --heal-steps 12 --heal-lr 2e-3 --heal-batch-size 4 --heal-grad-accum 1 --heal-seq-len 128
+		--tasks piqa,arc_easy,loss,kld --limit auto:80 --sensitivity-limit 20 \
+		--heal --heal-no-quant --heal-steps 12 --heal-lr 2e-3 --heal-batch-size 4 --heal-grad-accum 1 --heal-seq-len 128 \
+		--heal-eval-every 12 --heal-validation-sequences 8
 	@echo "demo report: $(abspath $(DEMO))/sweep/report.html (results.csv, figures/ beside it)"
 
 # The report test opens the HTML in Debian's headless Chromium.

@@ -365,6 +365,35 @@ def main() -> None:
                 "kld_seconds": round(kld_seconds, 2), "sensitivity_forward_passes": round(mapped.forward_passes, 2),
                 "sensitivity_seconds": mapped.seconds}  # fmt: skip
 
+    def one_pass() -> dict[str, Any]:
+        """Issue 28's engine: three cuts' loss and kld side by side against each cut on its own
+        (the model cut in place; kld's reference the full model run again), on the same passages."""
+        from layerprune.data import load_documents
+        from layerprune.evaluation import document_losses
+        from layerprune.one_pass import FULL, OnePass
+        from layerprune.surgery import pruned_in_place
+
+        model, tokenizer_ = load_model(big, Placement(device, dtype))
+        last = model.config.num_hidden_layers - 1
+        cuts = [tuple(range(last - 4, last)), tuple(range(last // 2, last // 2 + 3)), (2, 3)]
+        texts = load_documents(str(data))[:32]
+        started = time.perf_counter()
+        engine = OnePass(model, cuts)
+        found = engine.text_tasks(tokenizer_, texts, 256, 8, {FULL: {"loss"}} | {c: {"loss", "kld"} for c in cuts})
+        together = time.perf_counter() - started
+        started, worst = time.perf_counter(), 0.0
+        document_losses(model, tokenizer_, texts, 256, 8)  # the full point
+        for cut in cuts:  # each cut's loss, then kld: the cut again and the full model as its reference
+            document_losses(model, tokenizer_, texts, 256, 8)
+            with pruned_in_place(model, list(cut)):
+                alone = document_losses(model, tokenizer_, texts, 256, 8)
+                document_losses(model, tokenizer_, texts, 256, 8)
+            worst = max(worst, *(abs(a[0] - b[0]) / b[1] for a, b in zip(found[cut]["loss"], alone, strict=True)))
+        alone_seconds = time.perf_counter() - started
+        return {"full_passes_together": round(engine.forward_passes(), 2), "seconds_together": round(together, 2),
+                "seconds_alone": round(alone_seconds, 2), "max_loss_difference_per_token": worst}  # fmt: skip
+
+    step("one-pass engine: 3 cuts' loss + kld side by side against one by one (32 x 256 tokens)", one_pass, device)
     step("prune --strategy loss --n 4 (8 x 128 tokens)", loss_search, device)
     step("held-out loss (64 x 256 tokens)", loss, device)
     step("kld against the full model (32 x 256 tokens), sensitivity map (16 x 128)", closeness_and_sensitivity, device)

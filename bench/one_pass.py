@@ -21,7 +21,7 @@ from layerprune.config import build
 from layerprune.cost import Ledger
 from layerprune.evaluation import KLD_TASK, EvalConfig, closeness, evaluate, logits_of
 from layerprune.models import load_model, resolve_model
-from layerprune.one_pass import FULL, OnePass, evaluate_cuts
+from layerprune.one_pass import FULL, OnePass, evaluate_variants
 from layerprune.surgery import pruned_in_place
 
 DEMO_CUTS = "12-15;25-28;10-18;20-28;2-15;15-28"
@@ -83,7 +83,7 @@ def main() -> None:
 
     started = time.perf_counter()
     engine = OnePass(model, cuts)
-    together = evaluate_cuts(engine, tokenizer, config, dict.fromkeys([FULL, *cuts]))
+    together = evaluate_variants(engine, tokenizer, config, dict.fromkeys([FULL, *cuts]))
     one_pass_seconds = time.perf_counter() - started
     one_pass_work = sum(ledger.layer_tokens for ledger in engine.ledgers.values()) / layers
 

@@ -1,20 +1,22 @@
-"""Evaluate many cuts of one model in one pass: every cut scored side by side on each batch,
-sharing the full model's prefix and its logits.
+"""Evaluate many variants of one model in one pass: every cut, and every model with weights of
+its own (a healed or repaired one), scored side by side on each batch, sharing the full model's
+prefix and its logits.
 
 A cut that removes layers l..l+n-1 (and perhaps more after them) computes, for layers 0..l-1,
 exactly the full model's residual stream entering layer l. So each batch runs through the full
 model once, with its residual stream kept where some cut starts, and every cut resumes from there
 through its kept layers, the final norm and the head. K cuts then cost 1 + the sum of their suffix
 fractions full passes, where evaluating them one by one costs K + 1, and `kld`'s reference logits
-K more: here the full model's logits of the same batch are the reference.
+K more: here the full model's logits of the same batch are the reference. A variant with its own
+weights runs whole on the same batch, and its `kld` takes the same reference logits.
 
 lm-eval stays the authority on prompts, requests and metrics: `TableLM` is lm-eval's own HF model
 (its request encoding, truncation and scoring rule), answering log-likelihood requests from a
 table filled for every cut at once, so acc, acc_norm, their standard errors and the per-document
 samples come out of lm-eval's result processing as for any model.
 
-Memory beyond the model, per batch: the residual stream at each distinct cut start, the full
-model's logits and one cut's logits at a time (the text tasks keep a logits tensor within
+Memory beyond the models, per batch: the residual stream at each distinct cut start, the full
+model's logits and one variant's logits at a time (the text tasks keep a logits tensor within
 `evaluation.LOGITS_BUDGET`); across batches, only the per-document results.
 """
 
@@ -48,60 +50,73 @@ from .residual import hidden_state, running_from
 
 Cut = tuple[int, ...]  # the layers a cut removes, sorted; () is the full model
 FULL: Cut = ()
+Variant = Cut | str  # a cut, or the name of a model with weights of its own
 
 
 class OnePass:
-    """The cuts of one loaded model, run side by side from the full model's prefix. Each cut's work
-    (seconds under the current `phase`, tokens through layers and the head) goes to its own
-    ledger; the full model's pass to FULL's."""
+    """The cuts of one loaded model, run side by side from the full model's prefix, and models
+    with weights of their own (`own`: name -> loaded model, on the same device) beside it. Each
+    variant's work (seconds under the current `phase`, tokens through layers and the head) goes
+    to its own ledger; the full model's pass to FULL's."""
 
-    def __init__(self, model: Any, cuts: Sequence[Sequence[int]]) -> None:
+    def __init__(self, model: Any, cuts: Sequence[Sequence[int]], own: dict[str, Any] | None = None) -> None:
         self.model = model
         self.arch = find_architecture(model.config)
         self.num_layers = self.arch.num_layers(model.config)
-        self.cuts: list[Cut] = list(dict.fromkeys([FULL, *(tuple(sorted(c)) for c in cuts)]))
+        self.own = dict(own or {})
+        self.cuts: list[Variant] = [*dict.fromkeys([FULL, *(tuple(sorted(c)) for c in cuts)]), *self.own]
         self.ledgers = {cut: Ledger() for cut in self.cuts}
         self.phase = "evaluate"
         self.busy = 0.0  # seconds spent in `run`, all ledgers together
         self.bar: Any = None  # a progress bar to count batches on; else each call shows its own
 
-    def suffix(self, cut: Cut) -> list[int]:
+    def suffix(self, cut: Variant) -> list[int]:
         """The layers a cut runs after its prefix: those it keeps from its first removed one on."""
-        return [i for i in range(cut[0], self.num_layers) if i not in cut] if cut else []
+        return [i for i in range(cut[0], self.num_layers) if i not in cut] if isinstance(cut, tuple) and cut else []
 
     @contextmanager
-    def _spent(self, cut: Cut) -> Iterator[None]:
-        ledger = self.ledgers[cut]
-        with ledger.phase(self.phase), ledger.counting(self.model):
+    def _spent(self, variant: Variant) -> Iterator[None]:
+        ledger = self.ledgers[variant]
+        with ledger.phase(self.phase), ledger.counting(self.own.get(variant, self.model)):  # type: ignore[arg-type]
             yield
 
-    def run(self, inputs: dict, cuts: Sequence[Cut], reduce: Callable[[Cut, Any, Any], Any]) -> dict[Cut, Any]:
-        """`reduce(cut, its logits, the full model's logits)` for the full model and every cut in
-        `cuts`, on one batch of `inputs` (on the model's input device)."""
+    def run(
+        self, inputs: dict, variants: Sequence[Variant], reduce: Callable[[Variant, Any, Any], Any],
+        reference: bool = False,
+    ) -> dict[Variant, Any]:  # fmt: skip
+        """`reduce(variant, its logits, the full model's logits)` for every variant in `variants`
+        (FULL among them or not), on one batch of `inputs` (on the model's input device). The full
+        model runs when FULL or a cut is asked for, or when `reference` logits are (else the full
+        logits passed are None)."""
         import torch
 
         started = time.perf_counter()
+        cuts = [v for v in variants if isinstance(v, tuple) and v]
         layers = self.arch.layer_list(self.model)
-        starts = sorted({cut[0] for cut in cuts if cut})
         states: dict[int, Any] = {}
 
         def keep(start: int) -> Callable[..., None]:
             return lambda _module, args, kwargs: states.__setitem__(start, hidden_state(args, kwargs))
 
-        handles = [layers[s].register_forward_pre_hook(keep(s), with_kwargs=True) for s in starts]
-        results = {}
-        try:
-            with torch.inference_mode(), self._spent(FULL):
-                full = self.model(**inputs, use_cache=False).logits
-                results[FULL] = reduce(FULL, full, full)
-        finally:
-            for handle in handles:
-                handle.remove()
+        results: dict[Variant, Any] = {}
+        full = None
+        if FULL in variants or cuts or reference:
+            handles = [layers[s].register_forward_pre_hook(keep(s), with_kwargs=True) for s in {c[0] for c in cuts}]
+            try:
+                with torch.inference_mode(), self._spent(FULL):
+                    full = self.model(**inputs, use_cache=False).logits
+                    if FULL in variants:
+                        results[FULL] = reduce(FULL, full, full)
+            finally:
+                for handle in handles:
+                    handle.remove()
         with torch.inference_mode():
             for cut in cuts:
-                if cut:
-                    with self._spent(cut), running_from(self.model, self.arch, self.suffix(cut), states[cut[0]]):
-                        results[cut] = reduce(cut, self.model(**inputs, use_cache=False).logits, full)
+                with self._spent(cut), running_from(self.model, self.arch, self.suffix(cut), states[cut[0]]):
+                    results[cut] = reduce(cut, self.model(**inputs, use_cache=False).logits, full)
+            for name in [v for v in variants if isinstance(v, str)]:
+                with self._spent(name):
+                    results[name] = reduce(name, self.own[name](**inputs, use_cache=False).logits, full)
         self.busy += time.perf_counter() - started
         return results
 
@@ -121,11 +136,11 @@ class OnePass:
         return self.model.get_input_embeddings().weight.device
 
     def loglikelihoods(
-        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], cuts: Sequence[Cut], batch_size: int,
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], variants: Sequence[Variant], batch_size: int,
         max_length: int,
-    ) -> dict[Cut, list[tuple[float, bool]]]:  # fmt: skip
+    ) -> dict[Variant, list[tuple[float, bool]]]:  # fmt: skip
         """Each (context tokens, continuation tokens) request's log-likelihood and whether the
-        continuation is the greedy one, for the full model and every cut, as lm-eval's HF model
+        continuation is the greedy one, for every variant (FULL among them or not), as lm-eval's HF model
         computes them (`HFLM._loglikelihood_tokens`: inputs truncated from the left to the model's
         length, right-padded, no attention mask, longest first), with the head and softmax run
         only at the positions scored."""
@@ -133,7 +148,7 @@ class OnePass:
         from tqdm.auto import tqdm
 
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
-        answers: dict[Cut, list[Any]] = {cut: [None] * len(requests) for cut in (FULL, *cuts)}
+        answers: dict[Variant, list[Any]] = {variant: [None] * len(requests) for variant in variants}
         bar = self.bar or tqdm(total=-(-len(requests) // batch_size), desc="requests, all cuts at once",
                                unit="batch", leave=False)  # fmt: skip
         for first in range(0, len(order), batch_size):
@@ -148,7 +163,7 @@ class OnePass:
             kept = sorted({position for positions in scored for position in positions})
             columns = [[kept.index(position) for position in positions] for positions in scored]
 
-            def reduce(_cut: Cut, logits: Any, _full: Any, chunk: list[int] = chunk, columns: list = columns) -> list:
+            def reduce(_: Variant, logits: Any, _full: Any, chunk: list[int] = chunk, columns: list = columns) -> list:
                 logprobs = torch.nn.functional.log_softmax(logits, dim=-1)
                 found = []
                 for r, (index, where) in enumerate(zip(chunk, columns, strict=True)):
@@ -159,7 +174,7 @@ class OnePass:
                 return found
 
             inputs = {"input_ids": ids.to(self._device()), "logits_to_keep": torch.tensor(kept)}
-            for cut, found in self.run(inputs, cuts, reduce).items():
+            for cut, found in self.run(inputs, variants, reduce).items():
                 for index, answer in zip(chunk, found, strict=True):
                     answers[cut][index] = answer
             bar.update()
@@ -168,19 +183,20 @@ class OnePass:
         return answers
 
     def text_tasks(
-        self, tokenizer: Any, texts: list[str], seq_len: int, batch_size: int, wanted: dict[Cut, set[str]]
-    ) -> dict[Cut, dict[str, list]]:
-        """Per held-out document, for each model and the text tasks `wanted` of it: `loss_rows`,
+        self, tokenizer: Any, texts: list[str], seq_len: int, batch_size: int, wanted: dict[Variant, set[str]]
+    ) -> dict[Variant, dict[str, list]]:
+        """Per held-out document, for each variant and the text tasks `wanted` of it: `loss_rows`,
         and `divergence_rows` against the full model on the same batch for `kld` (one pass for both)."""
         from tqdm.auto import tqdm
 
         batches = token_batches(tokenizer, texts, len(texts), seq_len, self.text_rows(seq_len, batch_size))
-        found: dict[Cut, dict[str, list]] = {cut: {task: [] for task in tasks} for cut, tasks in wanted.items()}
+        found: dict[Variant, dict[str, list]] = {v: {task: [] for task in tasks} for v, tasks in wanted.items()}
+        reference = any(KLD_TASK in tasks for tasks in wanted.values())
         bar = self.bar or tqdm(total=len(batches), desc="held-out text, all cuts at once", unit="batch", leave=False)
         for batch in batches:
             inputs = {k: v.to(self._device()) for k, v in batch.items()}
 
-            def reduce(cut: Cut, logits: Any, full: Any, inputs: dict = inputs) -> dict[str, list]:
+            def reduce(cut: Variant, logits: Any, full: Any, inputs: dict = inputs) -> dict[str, list]:
                 tasks, rows = wanted.get(cut, set()), dict[str, list]()
                 if LOSS_TASK in tasks:
                     rows[LOSS_TASK] = loss_rows(logits, inputs)
@@ -188,7 +204,7 @@ class OnePass:
                     rows[KLD_TASK] = divergence_rows(logits, full, inputs)
                 return rows
 
-            for cut, rows in self.run(inputs, [c for c in wanted if c], reduce).items():
+            for cut, rows in self.run(inputs, list(wanted), reduce, reference).items():
                 for task, values in rows.items():
                     found[cut][task] += values
             bar.update()
@@ -198,8 +214,8 @@ class OnePass:
 
 
 def table_lm(engine: OnePass, tokenizer: Any, batch_size: int) -> Any:
-    """lm-eval's HF model of `engine`'s model whose log-likelihoods, for the cut in its `cut`
-    attribute, come from a table filled for the cuts in its `active` list (and that one) at once."""
+    """lm-eval's HF model of `engine`'s model whose log-likelihoods, for the variant in its `cut`
+    attribute, come from a table filled for the variants in its `active` list (and that one) at once."""
     from lm_eval.models.huggingface import HFLM
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # as `qa_accuracy`: its notices drown the progress bars
@@ -211,7 +227,7 @@ def table_lm(engine: OnePass, tokenizer: Any, batch_size: int) -> Any:
             missing = list(dict.fromkeys(k for k in keys if k not in known))
             if missing:
                 cuts = list(dict.fromkeys([*self.active, self.cut]))
-                found = engine.loglikelihoods(missing, [c for c in cuts if c], batch_size, self.max_length)
+                found = engine.loglikelihoods(missing, cuts, batch_size, self.max_length)
                 for cut in cuts:
                     self.table.setdefault(cut, {}).update(zip(missing, found[cut], strict=True))
             return [known[k] for k in keys]
@@ -226,21 +242,21 @@ def run_record(engine: OnePass, config: EvalConfig) -> dict[str, Any]:
     return {"model": getattr(engine.model, "name_or_path", ""), "backend": "hf", **settings_record(config)}
 
 
-def evaluate_cuts(
+def evaluate_variants(
     engine: OnePass,
     tokenizer: Any,
     config: EvalConfig,
-    documents: dict[Cut, dict[str, list[str]] | None],
-) -> dict[Cut, dict[str, Any]]:
-    """Every task of `config` for the cuts (FULL among them, or not) named in `documents`, each on
-    its own documents per task (None: the first `config.limit`), side by side: a QA task's requests
-    are answered for every cut that asks for them in one pass, then scored by lm-eval cut by cut;
+    documents: dict[Variant, dict[str, list[str]] | None],
+) -> dict[Variant, dict[str, Any]]:
+    """Every task of `config` for the variants (FULL among them, or not) named in `documents`, each
+    on its own documents per task (None: the first `config.limit`), side by side: a QA task's requests
+    are answered for every variant that asks for them in one pass, then scored by lm-eval one by one;
     `loss` and `kld` (not for FULL) are computed together in one pass over their passages. Returns
     one record per cut, as `evaluation.evaluate` does (its tasks, settings and versions)."""
     record = run_record(engine, config)
-    results: dict[Cut, dict[str, Any]] = {cut: record | {"tasks": {}} for cut in documents}
+    results: dict[Variant, dict[str, Any]] = {cut: record | {"tasks": {}} for cut in documents}
 
-    def asking(task: str) -> list[Cut]:
+    def asking(task: str) -> list[Variant]:
         cuts = [cut for cut, chosen in documents.items() if chosen is None or task in chosen]
         return [cut for cut in cuts if cut] if task == KLD_TASK else cuts
 
@@ -265,20 +281,20 @@ def evaluate_cuts(
 
 
 def _text_tasks(
-    engine: OnePass, tokenizer: Any, config: EvalConfig, asking: dict[str, list[Cut]],
-    documents: dict[Cut, dict[str, list[str]] | None],
-) -> dict[Cut, dict[str, Any]]:  # fmt: skip
+    engine: OnePass, tokenizer: Any, config: EvalConfig, asking: dict[str, list[Variant]],
+    documents: dict[Variant, dict[str, list[str]] | None],
+) -> dict[Variant, dict[str, Any]]:  # fmt: skip
     """`loss` and `kld` for the cuts `asking` each, on their documents, in one pass over their union."""
     first = text_documents(config.loss_data, text_samples(config))[0]
     own = {(cut, task): (documents[cut] or {}).get(task, first) for task, cuts in asking.items() for cut in cuts}
     ids, texts = text_documents(config.loss_data, 0, list(dict.fromkeys(d for chosen in own.values() for d in chosen)))
-    wanted: dict[Cut, set[str]] = {}
+    wanted: dict[Variant, set[str]] = {}
     for cut, task in own:
         wanted.setdefault(cut, set()).add(task)
     found = engine.text_tasks(tokenizer, texts, config.seq_len, config.loss_batch_size, wanted)
     vocab = engine.model.config.get_text_config().vocab_size
     position = {d: i for i, d in enumerate(ids)}
-    results: dict[Cut, dict[str, Any]] = {}
+    results: dict[Variant, dict[str, Any]] = {}
     for (cut, task), chosen in own.items():
         rows = [found[cut][task][position[d]] for d in chosen]
         record = loss_result(chosen, rows, vocab, config.loss_data) if task == LOSS_TASK else kld_result(

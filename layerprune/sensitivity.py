@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from .destinations import check_destination, claimed, staged, write_atomically
 from .errors import LayerpruneError
 from .evaluation import KLD_TASK, LOSS_TASK, EvalConfig, answer_requests, check_tasks, text_documents, text_samples
 from .models import load_model, model_inputs, resolve_model
-from .one_pass import FULL, Cut, OnePass, table_lm
+from .one_pass import FULL, Cut, OnePass, Variant, table_lm
 from .plots import sensitivity_heatmap
 from .uncertainty import METHOD, Documents, compare
 
@@ -84,7 +84,7 @@ def _task_scores(engine: OnePass, tokenizer: Any, task: str, asked: Any, config:
     layers = [(layer,) for layer in range(engine.num_layers)]
     ids, work = asked
     if task == LOSS_TASK:
-        wanted = {cut: {LOSS_TASK} for cut in (FULL, *layers)}
+        wanted: dict[Variant, set[str]] = {cut: {LOSS_TASK} for cut in (FULL, *layers)}
         found = engine.text_tasks(tokenizer, work, config.seq_len, config.loss_batch_size, wanted)
         tokens = [float(n) for _, n in found[FULL][LOSS_TASK]]
         return _scores(ids, [s for s, _ in found[FULL][LOSS_TASK]], [[s for s, _ in found[c][LOSS_TASK]]
@@ -112,15 +112,18 @@ def _asked(task: str, config: EvalConfig) -> tuple[list[str], list[Any]]:
     ]
 
 
-def sensitivity(model: Any, tokenizer: Any, config: EvalConfig) -> SensitivityResult:
+def sensitivity(
+    model: Any, tokenizer: Any, config: EvalConfig, limits: dict[str, int] | None = None
+) -> SensitivityResult:
     """Remove each layer of a loaded model in turn and measure every task of `config` (QA tasks
-    and `loss`; `config.limit` documents each)."""
+    and `loss`; `config.limit` documents each, or the task's number in `limits`)."""
     from tqdm.auto import tqdm
 
     _check(config)
     started = time.perf_counter()
     engine = OnePass(model, [(layer,) for layer in range(find_architecture(model.config).num_layers(model.config))])
-    asked = {task: _asked(task, config) for task in config.tasks}
+    limits = limits or {}
+    asked = {task: _asked(task, replace(config, limit=limits.get(task, config.limit))) for task in config.tasks}
     rows = {task: engine.text_rows(config.seq_len, config.loss_batch_size) if task == LOSS_TASK
             else config.loss_batch_size for task in config.tasks}  # fmt: skip
     total = sum(-(-len(asked[task][0]) // rows[task]) for task in config.tasks)

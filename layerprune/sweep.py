@@ -17,10 +17,11 @@ the points need. The `kld` task compares each point with the base model, side by
 
 Cost: one analysis pass, one sensitivity map (about L/2 passes per task); the unhealed,
 unrepaired points evaluated side by side (`one_pass`: one full pass plus each cut's suffix); per
-healed or repaired point one evaluation (and the full model again for kld), one on-disk prune
-(streamed; a repair adds its calibration pass), and for healed points one LoRA run and a merge.
-Memory: the base model once (unhealed points run from its prefix; healed points load their own
-checkpoint beside it).
+healed or repaired point one on-disk prune (streamed; a repair adds its calibration pass), for
+healed points one LoRA run and a merge, and one pass of its own beside the others (the full model
+runs once more for their kld reference). Memory: the base model, and as many healed or repaired
+checkpoints as fit beside it (FIT_SHARE of what is free), the rest in further groups; on disk,
+one group's checkpoints in `DIR/work` until their points are stored.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from typing import Any
 from ._version import __version__
 from .analysis import AnalysisResult, analyze
 from .architectures import find_architecture
-from .checkpoint import read_json
+from .checkpoint import read_json, read_record
 from .config import build, flatten
 from .cost import Ledger
 from .data import Calibration, load_documents
@@ -59,18 +60,16 @@ from .evaluation import (
     EvalConfig,
     Tolerance,
     check_tasks,
-    closeness,
-    evaluate,
     judge,
-    logits_of,
     merged,
     task_documents,
 )
 from .gguf_surgery import prune_gguf
 from .healing import HealConfig, heal
 from .layer_sets import check_fraction
+from .memory import FIT_SHARE, memory_free
 from .models import gguf_file, load_model, model_inputs, resolve_model
-from .one_pass import FULL, Cut, OnePass, evaluate_cuts, run_record
+from .one_pass import FULL, OnePass, Variant, evaluate_variants, run_record
 from .pipeline import prune, with_placement
 from .repair import METHODS as REPAIR_METHODS
 from .report import write_report
@@ -84,7 +83,6 @@ LOSS_COLUMNS = ("loss", "loss_stderr", "loss_normalized", "perplexity")
 KLD_COLUMNS = ("kld", "kld_stderr", "kld_p99", "top1_agreement")
 AUTO = "auto"
 FIRST_ROUND = 20  # documents per task in the first round of --limit auto; each round doubles them
-SENSITIVITY_DOCUMENTS = 100  # per task, at most, for the sensitivity map
 RESULT_FIELDS = (
     "strategy",
     "n",
@@ -138,6 +136,11 @@ class SweepConfig:
     sensitivity: bool = field(
         default=True, metadata={"help": "Also map each single layer's effect on each task (about L/2 passes)."}
     )
+    sensitivity_limit: int = field(
+        default=100,
+        metadata={"help": "The sensitivity map's documents per task, at most (and, with --limit auto, at most as "
+                          "many as any point needed)."},
+    )  # fmt: skip
     export: str | None = field(
         default=None,
         metadata={"help": "gguf: also write every pruned point as DIR/gguf/<point>.gguf (from a GGUF, unhealed "
@@ -172,6 +175,8 @@ class SweepConfig:
                 )
         if isinstance(self.limit, int) and self.limit < 1:
             raise LayerpruneError(f"--limit must be at least 1, got {self.limit}")
+        if self.sensitivity_limit < 1:
+            raise LayerpruneError(f"--sensitivity-limit must be at least 1, got {self.sensitivity_limit}")
         if self.export not in (None, "gguf"):
             raise LayerpruneError(f"--export must be gguf, got {self.export!r}")
 
@@ -201,7 +206,8 @@ class SweepConfig:
         raw = {k: v for k, v in flatten(self).items() if not k.startswith("heal_")}
         raw["heal_config"] = asdict(self.heal_config)
         # they change no stored number (beyond rounding), only which points and maps are made
-        changeable = ("ns", "fractions", "strategies", "repairs", "device", "export", "sensitivity")
+        changeable = ("ns", "fractions", "strategies", "repairs", "device", "export", "sensitivity",
+                      "sensitivity_limit")  # fmt: skip
         for key in changeable:
             raw.pop(key)
         raw["tasks"] = sorted(raw["tasks"])
@@ -279,46 +285,6 @@ def _eval_config(config: SweepConfig) -> EvalConfig:
     return build(EvalConfig, settings | {"loss_data": config.loss_data})
 
 
-def _measure(
-    base: tuple[Any, Any],
-    removed: list[int],
-    healed: Any,
-    config: SweepConfig,
-    ledger: Ledger,
-    documents: dict[str, list[str]] | None = None,
-) -> dict[str, Any]:
-    """Evaluate a point on the sweep's tasks (or on `documents`, per task): the `healed` model, or
-    when None the base model with `removed` cut in place; `kld` compares it with the base model
-    (and is not measured for the base model itself, whose divergence from itself is 0). Each
-    task's time and model work go into `ledger`."""
-    model, tokenizer = base
-    subject = model if healed is None else healed
-
-    def cut() -> AbstractContextManager[Any]:
-        return pruned_in_place(model, removed) if healed is None and removed else nullcontext()
-
-    eval_config = _eval_config(config)
-    tasks = [t for t in config.tasks if t != KLD_TASK and (documents is None or t in documents)]
-    evaluated: dict[str, Any] = {"tasks": {}}
-    for task in tasks:  # one at a time, so that each task's cost is its own
-        with ledger.phase(f"evaluate {task}"), ledger.counting(subject), cut():
-            record = evaluate(subject, config=replace(eval_config, tasks=(task,)), tokenizer=tokenizer,
-                              documents=documents)  # fmt: skip
-        evaluated = record | {"tasks": evaluated["tasks"] | record["tasks"]}
-    if KLD_TASK in config.tasks and (documents is None or KLD_TASK in documents) and (healed or removed):
-        own, theirs = logits_of(subject), logits_of(model)
-
-        def candidate(batch: dict) -> Any:
-            with cut():
-                return own(batch)
-
-        vocab = model.config.get_text_config().vocab_size
-        chosen = (documents or {}).get(KLD_TASK)
-        with ledger.phase(f"evaluate {KLD_TASK}"), ledger.counting(subject, model):
-            evaluated["tasks"][KLD_TASK] = closeness(candidate, theirs, tokenizer, vocab, eval_config, chosen)
-    return evaluated
-
-
 def document_orders(config: SweepConfig) -> dict[str, list[str]]:
     """Every task's document ids in a fixed seeded order: the order in which --limit auto takes them."""
     orders = {}
@@ -357,57 +323,30 @@ def _undecided(
     return judge(task, full.get(task), result, config.limits).verdict.state == "undecided"
 
 
-def _adaptive(
-    measure: Callable[[dict[str, list[str]]], dict[str, Any]],
-    full: Callable[[dict[str, list[str]]], dict[str, Any]] | None,
-    config: SweepConfig,
-    orders: dict[str, list[str]],
-) -> dict[str, Any]:
-    """Evaluate a point in rounds of doubling size until each task's comparison with the full model
-    (`full(documents)` returns the full point covering them) decides, or its documents run out.
-    `full` None: this is the full point, which takes one round (the points extend it as needed)."""
-    results: dict[str, dict[str, Any]] = {}
-    record: dict[str, Any] = {}
-    pending, size = list(config.tasks), FIRST_ROUND
-    while pending:
-        wanted = {task: orders[task][:size] for task in pending}
-        reference = full({t: ids for t, ids in wanted.items() if t != KLD_TASK}) if full else None  # kld needs none
-        record = measure(_fresh(wanted, results))
-        for task, result in record["tasks"].items():
-            results[task] = merged(task, results[task], result) if task in results else result
-            results[task]["rounds"] = results[task].get("rounds", 0) + 1
-        pending = [
-            task
-            for task in pending
-            if reference is not None and _undecided(task, size, orders, reference["tasks"], results[task], config)
-        ]
-        size *= 2
-    return record | {"tasks": results}
-
-
 def _adaptive_together(
-    engine: OnePass, tokenizer: Any, config: SweepConfig, orders: dict[str, list[str]], cuts: list[Cut],
+    engine: OnePass, tokenizer: Any, config: SweepConfig, orders: dict[str, list[str]], variants: list[Variant],
     reference: dict[str, Any],
-) -> dict[Cut, dict[str, Any]]:  # fmt: skip
-    """`_adaptive` for many cuts side by side: each round, every cut evaluates the next documents of
-    the tasks it has not decided, all in one pass, and the full model (`reference`: its task results
-    so far, extended here) whatever documents they need that it lacks; FULL among `cuts` is the full
-    point itself, which takes at least the first round."""
+) -> dict[Variant, dict[str, Any]]:  # fmt: skip
+    """--limit auto for many variants side by side: in rounds of doubling size (20, 40, 80, ...),
+    every variant evaluates the next documents of the tasks whose comparison with the full model has
+    not decided, all in one pass, and the full model (`reference`: its task results so far, extended
+    here) whatever documents they need that it lacks; FULL among `variants` is the full point itself,
+    which takes at least the first round."""
     eval_config = _eval_config(config)
-    results: dict[Cut, dict[str, Any]] = {cut: {} for cut in cuts if cut}
+    results: dict[Variant, dict[str, Any]] = {v: {} for v in variants if v}
     pending = {cut: list(config.tasks) for cut in results}
-    own_round = FULL in cuts
+    own_round = FULL in variants
     size = FIRST_ROUND
     while own_round or any(pending.values()):
         wanted = {cut: {task: orders[task][:size] for task in tasks} for cut, tasks in pending.items() if tasks}
         needed = {t for tasks in pending.values() for t in tasks} | (set(config.tasks) if own_round else set())
         wanted[FULL] = {task: orders[task][:size] for task in needed if task != KLD_TASK}
         known = {FULL: reference, **results}
-        documents: dict[Cut, dict[str, list[str]] | None] = {}
+        documents: dict[Variant, dict[str, list[str]] | None] = {}
         for cut, asked in wanted.items():
             if fresh := _fresh(asked, known[cut]):
                 documents[cut] = fresh
-        for cut, record in evaluate_cuts(engine, tokenizer, eval_config, documents).items():
+        for cut, record in evaluate_variants(engine, tokenizer, eval_config, documents).items():
             for task, result in record["tasks"].items():
                 merged_result = merged(task, known[cut][task], result) if task in known[cut] else result
                 if cut:
@@ -421,17 +360,16 @@ def _adaptive_together(
     return {FULL: record | {"tasks": reference}} | {cut: record | {"tasks": tasks} for cut, tasks in results.items()}
 
 
-def _run_together(
-    points: list[Point], base: tuple[Any, Any], analysis: AnalysisResult, config: SweepConfig, out: Path,
-    orders: dict[str, list[str]] | None, after: Callable[[Point, dict], None],
+def _run_points(
+    points: list[Point], base: tuple[Any, Any], src: Path, analysis: AnalysisResult, config: SweepConfig, out: Path,
+    orders: dict[str, list[str]] | None, store: Callable[[Point, dict], None], bar: Any,
 ) -> None:  # fmt: skip
-    """The unhealed, unrepaired points, evaluated side by side (`one_pass`): the full model runs each
-    batch once and every cut resumes from its prefix. Each point is then stored as `_run_point`
-    stores it. The full model's pass is the full point's cost, or when that is stored already (its
-    tasks extended by any documents it gained as the reference of --limit auto), shared evenly by
-    the cuts it served."""
-    model, tokenizer = base
-    num_layers = analysis.num_layers
+    """Every point of `points`, evaluated side by side (`one_pass`). First the unhealed cuts: the
+    full model runs each batch once and every cut resumes from its prefix. Then the healed or
+    repaired points in groups of as many as fit in memory beside the base (`_group_size`): each
+    group's checkpoints are made (`_prepare`), then run beside the base as models of their own,
+    sharing its logits as kld's reference. A point that removes what another removed (same layers,
+    healing and repair) is computed once and stored for both."""
     removed = {p: _removed_layers(p, base, analysis, config, out) if p.n else [] for p in points}
     fresh = []
     for point in points:
@@ -439,32 +377,98 @@ def _run_together(
         if twin is None:
             fresh.append(point)
         else:
-            after(point, twin)
-    cuts = list(dict.fromkeys(tuple(removed[p]) for p in fresh))
-    if not cuts:
-        return
-    engine = OnePass(model, [c for c in cuts if c])
+            store(point, twin)
+    leaders: dict[tuple, Point] = {}
+    for point in fresh:
+        leaders.setdefault((tuple(removed[point]), point.healed, point.repair), point)
+    cuts = [p for p in leaders.values() if not p.healed and p.repair == "none"]
+    own = [p for p in leaders.values() if p not in cuts]
+    if cuts:
+        bar.set_postfix_str(f"{len(cuts)} unhealed points side by side")
+        _evaluate_together(cuts, {}, base, config, out, orders, removed, store)
+    size = _group_size(base[0])
+    for group in [own[i : i + size] for i in range(0, len(own), size)]:
+        prepared = {}
+        for point in group:
+            bar.set_postfix_str(f"{point.key}: {'heal' if point.healed else 'repair'}")
+            prepared[point] = _prepare(point, src, removed[point], config, out / "work" / point.key)
+        bar.set_postfix_str(f"{len(group)} {'healed' if group[0].healed else 'repaired'} points side by side")
+        _evaluate_together([], prepared, base, config, out, orders, removed, store)
+    for point in fresh:  # the others: twins of a point stored above
+        twin = None if point in leaders.values() else _twin(out, point, removed[point])
+        if twin is not None:
+            store(point, twin)
+
+
+def _group_size(model: Any) -> int:
+    """How many models of the base's size fit at once beside it: FIT_SHARE of the memory free now
+    where it runs (a GPU's, or the host's); one at least."""
+    weight = model.get_input_embeddings().weight
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(1, int(FIT_SHARE * memory_free(weight.device) // size))
+
+
+def _prepare(point: Point, src: Path, removed: list[int], config: SweepConfig, work: Path) -> tuple[Path, dict, Ledger]:
+    """A healed or repaired point's own checkpoint in `work`: pruned on disk (and repaired), then
+    healed if asked; with what it records (healing, repair) and what making it cost. A checkpoint a
+    killed run finished is taken as it is (each is published whole), and a killed heal resumes."""
+    checkpoint, spent = work / ("healed" if point.healed else "pruned"), work / "cost.json"
+    if not checkpoint.is_dir():
+        ledger = Ledger()
+        with ledger.phase("prune and repair" if point.repair != "none" else "prune"):
+            pruned = prune(src, work / "pruned", layers=removed, repair=point.repair, calibration=config.calibration,
+                           placement=config.placement, overwrite=True)  # fmt: skip
+        if point.healed:  # resumes if a killed run left checkpoints
+            with ledger.phase("heal"):
+                heal(pruned.path, checkpoint, with_placement(config.heal_config, config.placement))
+            shutil.rmtree(pruned.path)  # only the healed checkpoint is used from here on
+        write_atomically(spent, json.dumps(ledger.record(1)))
+    record = read_record(checkpoint) or {}
+    extras = {"healing": {k: v for k, v in record["healing"].items() if k != "curve"}} if point.healed else {}
+    if record.get("repair"):
+        extras["repair_record"] = {k: v for k, v in record["repair"].items() if k != "calibration"}
+    return checkpoint, extras, _ledger_of(json.loads(spent.read_text()) if spent.is_file() else None)
+
+
+def _evaluate_together(
+    cuts: list[Point], prepared: dict[Point, tuple[Path, dict, Ledger]], base: tuple[Any, Any], config: SweepConfig,
+    out: Path, orders: dict[str, list[str]] | None, removed: dict[Point, list[int]],
+    store: Callable[[Point, dict], None],
+) -> None:  # fmt: skip
+    """Unhealed `cuts` of the base model, and own-weight points (their `prepared` checkpoints, loaded
+    here), evaluated in one engine and stored. The full model's pass is the full point's cost, or
+    when that is stored already (its tasks extended by any documents it gained as the reference of
+    --limit auto), shared evenly by the variants it served."""
+    model, tokenizer = base
+    num_layers = find_architecture(model.config).num_layers(model.config)
+    models = {}
+    for point, (checkpoint, _, ledger) in prepared.items():
+        with ledger.phase("load"):
+            models[point] = load_model(checkpoint, config.placement)[0]
+    variants: dict[Point, Variant] = {p: tuple(removed[p]) for p in cuts} | {p: p.key for p in prepared}
+    engine = OnePass(model, [tuple(removed[p]) for p in cuts if p.n], {p.key: m for p, m in models.items()})
+    keys = list(variants.values())
     full_path = out / "points" / f"{Point('full', 0, False).key}.json"
-    stored = json.loads(full_path.read_text()) if FULL not in cuts and full_path.is_file() else None
+    stored = json.loads(full_path.read_text()) if FULL not in keys and full_path.is_file() else None
     if orders is None:
-        evaluated = evaluate_cuts(engine, tokenizer, _eval_config(config), dict.fromkeys(cuts))
+        evaluated = evaluate_variants(engine, tokenizer, _eval_config(config), dict.fromkeys(keys))
     else:
         reference = {t: dict(r) for t, r in stored["tasks"].items()} if stored else {}
-        evaluated = _adaptive_together(engine, tokenizer, config, orders, cuts, reference)
+        evaluated = _adaptive_together(engine, tokenizer, config, orders, keys, reference)
     ledgers = dict(engine.ledgers)
-    if stored is not None:  # the full point is stored: its pass now served only these cuts, and is theirs
-        shared = engine.ledgers[FULL].share(len(cuts))
-        ledgers = {cut: ledger.merged(shared) for cut, ledger in ledgers.items()}
+    if stored is not None:  # the full point is stored: its pass now served only these variants, and is theirs
+        shared = engine.ledgers[FULL].share(len(keys))
+        ledgers = {key: ledger.merged(shared) for key, ledger in ledgers.items()}
         if orders is not None and evaluated[FULL]["tasks"] != stored["tasks"]:  # documents it gained as reference
             _write_json(full_path, stored | {"tasks": evaluated[FULL]["tasks"]})
-    for point in fresh:
-        cut = tuple(removed[point])
-        twin = _twin(out, point, removed[point])  # an earlier point of this loop with the same cut
-        if twin is not None:
-            after(point, twin)
+    for point, key in variants.items():
+        if point in models:
+            _, extras, ledger = prepared[point]
+            store(point, _row(point, removed[point], num_layers, models[point], evaluated[key] | extras,
+                              ledgers[key].merged(ledger)))  # fmt: skip
             continue
-        with pruned_in_place(model, removed[point]) if cut else nullcontext():
-            after(point, _row(point, removed[point], num_layers, model, evaluated[cut], ledgers[cut]))
+        with pruned_in_place(model, removed[point]) if removed[point] else nullcontext():
+            store(point, _row(point, removed[point], num_layers, model, evaluated[key], ledgers[key]))
 
 
 def _removed_layers(point: Point, base: tuple[Any, Any], analysis: AnalysisResult, config: SweepConfig, out: Path):
@@ -501,41 +505,6 @@ def _twin(out: Path, point: Point, removed: list[int]) -> dict[str, Any] | None:
     return None
 
 
-def _run_point(point: Point, base: tuple, src: Path, removed: list[int], config: SweepConfig, work: Path,
-               orders: dict[str, list[str]] | None, full: Callable | None) -> dict:  # fmt: skip
-    """One point: the base pruned in place (restored after) and evaluated, or pruned (and repaired)
-    on disk, healed if asked, loaded and evaluated (beside the base, for kld). With `orders`, in
-    rounds (`_adaptive`)."""
-    model, tokenizer = base
-    num_layers = find_architecture(model.config).num_layers(model.config)
-    ledger = Ledger()
-    healing = repair = None
-    candidate = None
-    if point.healed or point.repair != "none":
-        with ledger.phase("prune and repair" if point.repair != "none" else "prune"):
-            pruned = prune(src, work / "pruned", layers=removed, repair=point.repair, calibration=config.calibration,
-                           placement=config.placement, overwrite=True)  # fmt: skip
-        repair, checkpoint = pruned.record.get("repair"), pruned.path
-        if point.healed:  # resumes if a killed run left checkpoints
-            with ledger.phase("heal"):
-                healed = heal(pruned.path, work / "healed", with_placement(config.heal_config, config.placement))
-            healing, checkpoint = {k: v for k, v in healed.healing.items() if k != "curve"}, healed.path
-        with ledger.phase("load"):
-            candidate, _ = load_model(checkpoint, config.placement)
-    if orders is None:
-        evaluated = _measure(base, removed, candidate, config, ledger)
-    else:
-        evaluated = _adaptive(
-            lambda documents: _measure(base, removed, candidate, config, ledger, documents), full, config, orders
-        )
-    if healing:
-        evaluated["healing"] = healing
-    if repair:
-        evaluated["repair_record"] = {k: v for k, v in repair.items() if k != "calibration"}
-    with pruned_in_place(model, removed) if candidate is None and removed else nullcontext():
-        return _row(point, removed, num_layers, candidate or model, evaluated, ledger)
-
-
 def _export_point(
     model: str | Path, src: Path, point: Point, removed: list[int], work: Path, folder: Path, twin: Point | None
 ) -> None:
@@ -559,24 +528,6 @@ def _export_point(
             if source is not None:
                 warnings.warn(f"{point.key}.gguf converted to f16: {err}", LayerpruneWarning, stacklevel=2)
             export_gguf(prune(src, work / "pruned", layers=removed, overwrite=True).path, path, overwrite=True)
-
-
-def _full_covering(out: Path, base: tuple[Any, Any], config: SweepConfig, documents: dict[str, list[str]]) -> dict:
-    """The full point, extended (and stored again) to cover `documents`: --limit auto's reference."""
-    path = out / "points" / f"{Point('full', 0, False).key}.json"
-    row = json.loads(path.read_text())
-    missing = {}
-    for task, ids in documents.items():
-        known = set(row["tasks"][task]["documents"]["id"])
-        missing[task] = [d for d in ids if d not in known]
-    missing = {t: ids for t, ids in missing.items() if ids}
-    if missing:
-        ledger = _ledger_of(row.get("cost"))
-        for task, result in _measure(base, [], None, config, ledger, missing)["tasks"].items():
-            row["tasks"][task] = merged(task, row["tasks"][task], result)
-        row["cost"] = ledger.record(row["num_layers"])  # the full point's cost includes its extensions
-        _write_json(path, row)
-    return row
 
 
 def _ledger_of(cost: dict[str, Any] | None) -> Ledger:
@@ -683,26 +634,17 @@ def _run_sweep(model: str | Path, out: Path, config: SweepConfig, progress: bool
         missing.insert(0, first)  # every point's reference under --limit auto: first, whatever the shard
     bar = tqdm(total=len(mine), initial=len(mine) - len(missing), desc="sweep", unit="point", disable=not progress)
 
-    def store(point: Point, result: dict[str, Any], work: Path | None = None) -> None:
+    def store(point: Point, result: dict[str, Any]) -> None:
+        work = out / "work" / point.key  # a healed or repaired point's checkpoints
         if config.export and point.n:
             twin = Point(result["same_as"], point.n, point.healed, point.repair) if "same_as" in result else None
-            _export_point(model, src, point, result["layers_removed"], work or out / "work" / point.key,
-                          out / "gguf", twin)  # fmt: skip
+            _export_point(model, src, point, result["layers_removed"], work, out / "gguf", twin)
         _write_json(out / "points" / f"{point.key}.json", result)
+        shutil.rmtree(work, ignore_errors=True)
         bar.update()
 
-    together = [p for p in missing if not p.healed and p.repair == "none"]
-    if together:
-        bar.set_postfix_str(f"{len(together)} unhealed points side by side")
-        _run_together(together, base, analysis, config, out, orders, store)
-    full = None if orders is None else lambda documents: _full_covering(out, base, config, documents)
-    for point in [p for p in missing if p not in together]:
-        bar.set_postfix_str(point.key)
-        work = out / "work" / point.key
-        removed = _removed_layers(point, base, analysis, config, out) if point.n else []
-        result = _twin(out, point, removed) or _run_point(point, base, src, removed, config, work, orders, full)
-        store(point, result, work)
-        shutil.rmtree(work, ignore_errors=True)
+    if missing:
+        _run_points(missing, base, src, analysis, config, out, orders, store, bar)
     bar.close()
     complete = all((out / "points" / f"{p.key}.json").is_file() for p in points)
     if complete:  # the last shard to finish reports
@@ -733,15 +675,24 @@ def _shared_analysis(out: Path, base: tuple[Any, Any], config: SweepConfig, prog
 
 
 def _sensitivity_map(out: Path, base: tuple[Any, Any], config: SweepConfig) -> None:
-    """The single-layer sensitivity of the base model on the sweep's tasks (kld aside), stored for the report."""
+    """The single-layer sensitivity of the base model on the sweep's tasks (kld aside), stored for
+    the report: each task on at most --sensitivity-limit documents, and with --limit auto at most as
+    many as the points needed (the loss comparisons often decide on the first 20 passages)."""
     tasks = tuple(t for t in config.tasks if t != KLD_TASK)
     if not tasks:
         return
-    limit = (
-        SENSITIVITY_DOCUMENTS if config.adaptive or config.limit is None else min(config.limit, SENSITIVITY_DOCUMENTS)
-    )
-    settings = {"tasks": tasks, "limit": limit, "batch_size": config.calibration.batch_size}
-    sensitivity(*base, build(EvalConfig, settings | {"loss_data": config.loss_data})).save(out / "sensitivity")
+    cap = config.sensitivity_limit
+    if isinstance(config.limit, int):
+        cap = min(cap, config.limit)
+    limits = dict.fromkeys(tasks, cap)
+    if config.adaptive:
+        rows = [json.loads(p.read_text()) for p in (out / "points").glob("*.json")]
+        for task in tasks:
+            used = [len(r["tasks"][task]["documents"]["id"]) for r in rows if r["n"] and task in r["tasks"]]
+            limits[task] = min(cap, max(used, default=cap))
+    settings = {"tasks": tasks, "limit": cap, "batch_size": config.calibration.batch_size}
+    eval_config = build(EvalConfig, settings | {"loss_data": config.loss_data})
+    sensitivity(*base, eval_config, limits).save(out / "sensitivity")
 
 
 def collect(out: Path) -> list[dict[str, Any]]:

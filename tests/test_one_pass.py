@@ -10,7 +10,7 @@ from conftest import tiny_model, tiny_tokenizer
 
 from layerprune.config import build
 from layerprune.evaluation import EvalConfig, closeness, evaluate, logits_of, loss_rows
-from layerprune.one_pass import FULL, OnePass, evaluate_cuts
+from layerprune.one_pass import FULL, OnePass, evaluate_variants
 from layerprune.surgery import pruned_in_place
 
 CUTS = [(4,), (1, 2), (0, 3), (2, 3, 4)]  # sizes 1-3, starts 0-4, one not contiguous
@@ -22,35 +22,56 @@ def cut(model, removed):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2", "gpt_neox"])
-def test_every_cut_computes_what_it_computes_alone(family):
-    """Log-likelihoods as lm-eval's HF model scores them (sliding windows included: 8 tokens, on
-    longer inputs), losses and KL to the full model on the same batch."""
+def test_every_variant_computes_what_it_computes_alone(family):
+    """Each cut, and a model with weights of its own (as a healed one), gives the log-likelihoods
+    lm-eval's HF model scores alone (sliding windows included: 8 tokens, on longer inputs), the
+    same losses, and KL to the full model on the same batch."""
     from lm_eval.models.huggingface import HFLM
 
-    model, tokenizer = tiny_model(family, seed=3), tiny_tokenizer()
-    engine = OnePass(model, CUTS)
+    from layerprune.evaluation import divergence_rows
+
+    model, own, tokenizer = tiny_model(family, seed=3), tiny_model(family, seed=4), tiny_tokenizer()
+    engine = OnePass(model, CUTS, {"healed": own})
     generator = torch.Generator().manual_seed(0)
     requests = [
         (torch.randint(3, 272, (int(c),), generator=generator).tolist(), torch.randint(3, 272, (k,)).tolist())
         for c, k in zip(torch.randint(5, 40, (9,), generator=generator), [1, 2, 3] * 3, strict=True)
     ]
-    together = engine.loglikelihoods(requests, CUTS, batch_size=4, max_length=512)
+    together = engine.loglikelihoods(requests, engine.cuts, batch_size=4, max_length=512)
     found = engine.text_tasks(tokenizer, TEXTS, 40, 2, {c: {"loss", "kld"} if c else {"loss"} for c in engine.cuts})
-    for removed in engine.cuts:
-        with cut(model, removed):
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3, device="cpu")
+    assert engine.cuts == [FULL, *CUTS, "healed"]
+    for variant in engine.cuts:
+        subject = own if variant == "healed" else model
+        with cut(model, () if variant == "healed" else variant):
+            lm = HFLM(pretrained=subject, tokenizer=tokenizer, batch_size=3, device="cpu")
             alone = lm._loglikelihood_tokens([(("", ""), c, k) for c, k in requests], disable_tqdm=True)
-            losses = []
+            losses, divergences = [], []
             for text in TEXTS:
                 batch = tokenizer([text], truncation=True, max_length=40, return_tensors="pt")
                 with torch.inference_mode():
-                    losses += loss_rows(model(**batch).logits, batch)
-        assert [g for _, g in together[removed]] == [g for _, g in alone]
-        assert max(abs(a - b) for (a, _), (b, _) in zip(together[removed], alone, strict=True)) < 1e-4
-        assert [n for _, n in found[removed]["loss"]] == [n for _, n in losses]
-        assert max(abs(a - b) for (a, _), (b, _) in zip(found[removed]["loss"], losses, strict=True)) < 1e-4
-        if removed:
-            assert all(kl > 0 for kl, *_ in found[removed]["kld"])
+                    logits = subject(**batch).logits
+                    losses += loss_rows(logits, batch)
+                    if variant == "healed":
+                        divergences += divergence_rows(logits, model(**batch).logits, batch)
+        assert [g for _, g in together[variant]] == [g for _, g in alone]
+        assert max(abs(a - b) for (a, _), (b, _) in zip(together[variant], alone, strict=True)) < 1e-4
+        assert [n for _, n in found[variant]["loss"]] == [n for _, n in losses]
+        assert max(abs(a - b) for (a, _), (b, _) in zip(found[variant]["loss"], losses, strict=True)) < 1e-4
+        if variant:
+            assert all(kl > 0 for kl, *_ in found[variant]["kld"])
+        if variant == "healed":  # against the full model's logits of the same batch
+            assert [r[1:3] for r in found[variant]["kld"]] == [r[1:3] for r in divergences]
+            assert [r[0] for r in found[variant]["kld"]] == pytest.approx([r[0] for r in divergences], rel=1e-4)
+
+
+def test_a_variant_with_its_own_weights_alone_needs_no_full_pass_unless_kld_asks():
+    """Only own-weight variants, and no kld: the full model does not run; with kld it runs once."""
+    model, own, tokenizer = tiny_model("llama", seed=3), tiny_model("llama", seed=4), tiny_tokenizer()
+    engine = OnePass(model, [], {"healed": own})
+    engine.text_tasks(tokenizer, TEXTS, 40, 2, {"healed": {"loss"}})
+    assert engine.ledgers[FULL].layer_tokens == 0 and engine.ledgers["healed"].layer_tokens > 0
+    engine.text_tasks(tokenizer, TEXTS, 40, 2, {"healed": {"kld"}})
+    assert engine.ledgers[FULL].layer_tokens == engine.ledgers["healed"].layer_tokens / 2
 
 
 def test_the_work_is_one_full_pass_and_each_cut_s_suffix():
@@ -95,7 +116,7 @@ def test_packaged_models_give_the_per_point_results(name, limit, request):
     layers = model.config.num_hidden_layers
     cuts = [tuple(range(layers - 6, layers - 2)), (2, 7, 9)] + ([(3, 4, 5)] if name == "smollm2" else [])
     config = build(EvalConfig, {"tasks": ("sciq", "piqa", "loss", "kld"), "limit": limit, "batch_size": 4})
-    together = evaluate_cuts(OnePass(model, cuts), tokenizer, config, dict.fromkeys([FULL, *cuts]))
+    together = evaluate_variants(OnePass(model, cuts), tokenizer, config, dict.fromkeys([FULL, *cuts]))
     for removed in [FULL, *cuts]:
         alone, ours = _alone(model, tokenizer, removed, config), together[removed]["tasks"]
         for task in ("sciq", "piqa"):
