@@ -17,7 +17,9 @@ samples come out of lm-eval's result processing as for any model.
 
 Memory beyond the models, per batch: the residual stream at each distinct cut start, the full
 model's logits and one variant's logits at a time (the text tasks keep a logits tensor within
-`evaluation.LOGITS_BUDGET`); across batches, only the per-document results.
+`evaluation.LOGITS_BUDGET`); across batches, only the per-document results. At its peak: at most
+4 batches of logits (the full model's, a variant's, and their log-softmax) and (distinct cut
+starts + 2) residual states; more cuts add only the states at their starts (asserted in tests).
 """
 
 from __future__ import annotations

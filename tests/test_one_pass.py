@@ -130,3 +130,42 @@ def test_packaged_models_give_the_per_point_results(name, limit, request):
         if removed:
             assert ours["kld"]["kld"] == pytest.approx(alone["kld"]["kld"], abs=1e-5)
             assert ours["kld"]["top1_agreement"] == alone["kld"]["top1_agreement"]
+
+
+def _peak_allocated(work) -> int:
+    """The most bytes torch's CPU allocator held at once during `work()`, beyond what it held before
+    (from the profiler's allocation and free events, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    held = peak = 0
+    for event in events:
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
+def test_memory_beyond_the_models_is_one_batch_s_logits_and_a_state_per_cut_start():
+    """The stated bound: at most 4 batches of logits (the full model's, one variant's, and their
+    log-softmax) plus one residual state per distinct cut start and 2 more; a cut adds only its
+    start's state, and a model with weights of its own adds nothing that stays."""
+    model, own, tokenizer = tiny_model("llama", seed=3), tiny_model("llama", seed=4), tiny_tokenizer()
+    rows, length = 4, 40
+    texts = [text * 3 for text in TEXTS[:rows]]  # each at least `length` tokens: full batches
+    logits = rows * length * model.config.vocab_size * 4
+    state = rows * length * model.config.hidden_size * 4
+    peaks = {}
+    for cuts in ([(4,)], CUTS, [*CUTS, (1,), (3,)]):
+        for extra in ({}, {"healed": own}):
+            engine = OnePass(model, cuts, extra)
+            wanted = {c: {"loss", "kld"} if c else {"loss"} for c in engine.cuts}
+            peaks[len(cuts), bool(extra)] = peak = _peak_allocated(
+                lambda e=engine, w=wanted: e.text_tasks(tokenizer, texts, length, rows, w)
+            )
+            starts = len({c[0] for c in cuts})
+            assert peak <= 4 * logits + (starts + 2) * state, (cuts, extra, peak)
+    for (k, extra), peak in peaks.items():  # adding cuts: no more than the states at their new starts
+        assert peak - peaks[1, extra] <= len({c[0] for c in [*CUTS, (1,), (3,)][:k]}) * state
+    assert all(peaks[k, True] - peaks[k, False] <= state for k in (1, 4, 6))
