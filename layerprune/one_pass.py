@@ -55,26 +55,60 @@ FULL: Cut = ()
 Variant = Cut | str  # a cut, or the name of a model with weights of its own
 
 
+def shared_prefix(model: Any, other: Any) -> int:
+    """How many first layers `other` shares with `model`, weights bitwise equal (embeddings
+    included; 0 if they differ): a model healed near its cut only (`--target-layers near-cut`)
+    computes the full model's residual stream up to its first adapted layer."""
+    import torch
+
+    def same(first: Any, second: Any) -> bool:
+        ours, theirs = dict(first.named_parameters()), dict(second.named_parameters())
+        return ours.keys() == theirs.keys() and all(
+            ours[k].shape == theirs[k].shape
+            and "meta" not in (ours[k].device.type, theirs[k].device.type)  # offloaded: not compared
+            and torch.equal(ours[k], theirs[k].to(ours[k].device))
+            for k in ours
+        )
+
+    if type(model) is not type(other) or not same(model.get_input_embeddings(), other.get_input_embeddings()):
+        return 0
+    arch = find_architecture(model.config)
+    ours, theirs = arch.layer_list(model), arch.layer_list(other)
+    count = 0
+    while count < min(len(ours), len(theirs) - 1) and same(ours[count], theirs[count]):
+        count += 1
+    return count
+
+
 class OnePass:
     """The cuts of one loaded model, run side by side from the full model's prefix, and models
-    with weights of their own (`own`: name -> loaded model, on the same device) beside it. Each
-    variant's work (seconds under the current `phase`, tokens through layers and the head) goes
-    to its own ledger; the full model's pass to FULL's."""
+    with weights of their own (`own`: name -> loaded model, on the same device) beside it, each
+    resumed from the full model's residual stream after the layers it shares with it
+    (`shared_prefix`). Each variant's work (seconds under the current `phase`, tokens through
+    layers and the head) goes to its own ledger; the full model's pass to FULL's."""
 
     def __init__(self, model: Any, cuts: Sequence[Sequence[int]], own: dict[str, Any] | None = None) -> None:
         self.model = model
         self.arch = find_architecture(model.config)
         self.num_layers = self.arch.num_layers(model.config)
         self.own = dict(own or {})
+        self.shared = {name: shared_prefix(model, other) for name, other in self.own.items()}
         self.cuts: list[Variant] = [*dict.fromkeys([FULL, *(tuple(sorted(c)) for c in cuts)]), *self.own]
         self.ledgers = {cut: Ledger() for cut in self.cuts}
         self.phase = "evaluate"
         self.busy = 0.0  # seconds spent in `run`, all ledgers together
         self.bar: Any = None  # a progress bar to count batches on; else each call shows its own
 
-    def suffix(self, cut: Variant) -> list[int]:
-        """The layers a cut runs after its prefix: those it keeps from its first removed one on."""
-        return [i for i in range(cut[0], self.num_layers) if i not in cut] if isinstance(cut, tuple) and cut else []
+    def suffix(self, variant: Variant) -> list[int]:
+        """The layers a variant runs after its prefix: a cut's, those it keeps from its first removed
+        one on; a model of its own, its layers from the first it does not share with the full model."""
+        if isinstance(variant, str):
+            return list(range(self.shared[variant], len(self.arch.layer_list(self.own[variant]))))
+        return [i for i in range(variant[0], self.num_layers) if i not in variant] if variant else []
+
+    def _start(self, variant: Variant) -> int:
+        """The layer whose input, in the full model, a variant resumes from (0: it runs whole)."""
+        return self.shared[variant] if isinstance(variant, str) else variant[0] if variant else 0
 
     @contextmanager
     def _spent(self, variant: Variant) -> Iterator[None]:
@@ -88,12 +122,11 @@ class OnePass:
     ) -> dict[Variant, Any]:  # fmt: skip
         """`reduce(variant, its logits, the full model's logits)` for every variant in `variants`
         (FULL among them or not), on one batch of `inputs` (on the model's input device). The full
-        model runs when FULL or a cut is asked for, or when `reference` logits are (else the full
-        logits passed are None)."""
+        model runs when FULL or a variant that resumes from its prefix is asked for, or when
+        `reference` logits are (else the full logits passed are None)."""
         import torch
 
         started = time.perf_counter()
-        cuts = [v for v in variants if isinstance(v, tuple) and v]
         layers = self.arch.layer_list(self.model)
         states: dict[int, Any] = {}
 
@@ -102,8 +135,9 @@ class OnePass:
 
         results: dict[Variant, Any] = {}
         full = None
-        if FULL in variants or cuts or reference:
-            handles = [layers[s].register_forward_pre_hook(keep(s), with_kwargs=True) for s in {c[0] for c in cuts}]
+        starts = {self._start(v) for v in variants if v} - {0}
+        if FULL in variants or starts or reference:
+            handles = [layers[s].register_forward_pre_hook(keep(s), with_kwargs=True) for s in starts]
             try:
                 with torch.inference_mode(), self._spent(FULL):
                     full = self.model(**inputs, use_cache=False).logits
@@ -113,12 +147,11 @@ class OnePass:
                 for handle in handles:
                     handle.remove()
         with torch.inference_mode():
-            for cut in cuts:
-                with self._spent(cut), running_from(self.model, self.arch, self.suffix(cut), states[cut[0]]):
-                    results[cut] = reduce(cut, self.model(**inputs, use_cache=False).logits, full)
-            for name in [v for v in variants if isinstance(v, str)]:
-                with self._spent(name):
-                    results[name] = reduce(name, self.own[name](**inputs, use_cache=False).logits, full)
+            for variant in [v for v in variants if v]:
+                model: Any = self.own[variant] if isinstance(variant, str) else self.model
+                resumed = running_from(model, self.arch, self.suffix(variant), states.get(self._start(variant)))
+                with self._spent(variant), resumed:  # from the embeddings where it starts at layer 0
+                    results[variant] = reduce(variant, model(**inputs, use_cache=False).logits, full)
         self.busy += time.perf_counter() - started
         return results
 

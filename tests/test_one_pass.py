@@ -169,3 +169,38 @@ def test_memory_beyond_the_models_is_one_batch_s_logits_and_a_state_per_cut_star
     for (k, extra), peak in peaks.items():  # adding cuts: no more than the states at their new starts
         assert peak - peaks[1, extra] <= len({c[0] for c in [*CUTS, (1,), (3,)][:k]}) * state
     assert all(peaks[k, True] - peaks[k, False] <= state for k in (1, 4, 6))
+
+
+def test_a_model_healed_near_its_cut_resumes_from_the_full_model_s_prefix():
+    """A model whose first layers are the full model's, bitwise (as one healed with --target-layers
+    near-cut), runs only from its first changed layer, from the full model's residual stream there,
+    and computes what it computes alone; a model with other embeddings runs whole."""
+    import copy
+
+    from lm_eval.models.huggingface import HFLM
+
+    from layerprune.one_pass import shared_prefix
+
+    model, tokenizer = tiny_model("llama", seed=3), tiny_tokenizer()
+    near, other = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        near.model.layers[3].mlp.down_proj.weight.mul_(1.5)  # the adapted layer: 3 of 6
+        other.model.embed_tokens.weight.add_(0.01)
+    assert (shared_prefix(model, near), shared_prefix(model, other), shared_prefix(model, model)) == (3, 0, 5)
+    engine = OnePass(model, [(4,)], {"near": near, "other": other})
+    requests = [([5 + i, 9, 17 + i, 30, 41], [60 + i, 7]) for i in range(6)]
+    together = engine.loglikelihoods(requests, ["near", "other"], batch_size=4, max_length=512)
+    found = engine.text_tasks(tokenizer, TEXTS, 40, 2, {"near": {"loss"}, "other": {"loss"}})
+    for name, subject in (("near", near), ("other", other)):
+        lm = HFLM(pretrained=subject, tokenizer=tokenizer, batch_size=3, device="cpu")
+        alone = lm._loglikelihood_tokens([(("", ""), c, k) for c, k in requests], disable_tqdm=True)
+        assert max(abs(a - b) for (a, _), (b, _) in zip(together[name], alone, strict=True)) < 1e-4
+        losses = []
+        for text in TEXTS:
+            batch = tokenizer([text], truncation=True, max_length=40, return_tensors="pt")
+            with torch.inference_mode():
+                losses += loss_rows(subject(**batch).logits, batch)
+        assert max(abs(a - b) for (a, _), (b, _) in zip(found[name]["loss"], losses, strict=True)) < 1e-4
+    ledgers = engine.ledgers
+    assert ledgers["near"].layer_tokens == 3 * ledgers["near"].head_tokens > 0  # layers 3-5 only
+    assert ledgers["other"].layer_tokens == 6 * ledgers["other"].head_tokens

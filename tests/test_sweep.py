@@ -319,3 +319,17 @@ def test_bad_tolerances_and_limits_are_one_line(setup, tmp_path, flags, message)
     result = CliRunner().invoke(app, ["sweep", str(base), "--out", str(tmp_path / "s"), "--n", "0,1", *flags])
     assert result.exit_code == 1 and result.stderr == f"error: {message}\n"
     assert not (tmp_path / "s").exists()
+
+
+def test_a_point_healed_near_its_cut_runs_from_the_full_model_s_prefix(setup, tmp_path):
+    """--heal-target-layers near-cut: the healed model shares the layers before the cut with the full
+    model, bitwise, so it is evaluated from the full model's residual stream there."""
+    base, text = setup
+    settings = config(text, ns=(0, 2), strategies=("angular",), tasks=("loss", "kld"), sensitivity=False)
+    settings = replace(settings, heal_config=replace(settings.heal_config, target_layers="near-cut"))
+    rows = json.loads((run_sweep(base, tmp_path / "s", settings, progress=False).path / "results.json").read_text())
+    healed = next(r for r in rows if r["healed"])
+    shared = max(min(healed["layers_removed"]) - 1, 0)  # the layer before the cut is adapted, and those after
+    cost = healed["cost"]  # its layers from the first adapted one, and the full model's pass (kld, its prefix)
+    assert 2 * cost["layer_tokens"] == (4 - shared + 6) * cost["head_tokens"] > 0, shared
+    assert healed["tasks"]["kld"]["kld"] > 0 and healed["healing"]["config"]["target_layers"] == "near-cut"
