@@ -1,13 +1,14 @@
-"""The one-pass evaluation of many cuts (`layerprune.one_pass`) against evaluating each cut on its
+"""The one-pass evaluation of many variants (`layerprune.one_pass`) against evaluating each on its
 own (the sweep's path before it), side by side in one process, on the same documents.
 
-python bench/one_pass.py --limit 100
+python bench/one_pass.py --limit 100 [--own healed1,healed2,...]
 
 The cuts default to `make demo`'s unhealed points on SmolLM2-135M (angular and deepest at 4, 9
 and 14 of 30 layers, as its analysis chose them) and the full model; the tasks to the demo's
-(piqa, arc_easy, loss, kld). Prints the model work in full-model token passes (tokens through
-decoder layers over the layer count), the wall time of each path, their ratios, and the largest
-per-document differences between the two paths.
+(piqa, arc_easy, loss, kld). `--own` adds checkpoints with weights of their own (healed points),
+each evaluated on its own with kld beside the full model, or beside it in the one pass. Prints
+the model work in full-model token passes (tokens through decoder layers over the layer count),
+the wall time of each path, their ratios, and the largest per-document differences.
 """
 
 from __future__ import annotations
@@ -35,23 +36,25 @@ def parse_cuts(text: str) -> list[tuple[int, ...]]:
     return cuts
 
 
-def alone(model, tokenizer, removed, config, ledger: Ledger) -> dict:
-    """One cut on its own: lm-eval's HF model on the model cut in place; kld beside the full model."""
+def alone(model, tokenizer, removed, config, ledger: Ledger, subject=None) -> dict:
+    """One variant on its own: lm-eval's HF model on the model cut in place (or on `subject`, a model
+    of its own); kld beside the full model."""
+    subject = subject or model
 
     def cut():
-        return pruned_in_place(model, list(removed)) if removed else nullcontext()
+        return pruned_in_place(model, list(removed)) if removed and subject is model else nullcontext()
 
     tasks = tuple(t for t in config.tasks if t != KLD_TASK)
-    with ledger.phase("evaluate"), ledger.counting(model), cut():
-        result = evaluate(model, config=replace(config, tasks=tasks), tokenizer=tokenizer)
-    if removed and KLD_TASK in config.tasks:
+    with ledger.phase("evaluate"), ledger.counting(subject), cut():
+        result = evaluate(subject, config=replace(config, tasks=tasks), tokenizer=tokenizer)
+    if (removed or subject is not model) and KLD_TASK in config.tasks:
 
         def own(batch):
             with cut():
-                return logits_of(model)(batch)
+                return logits_of(subject)(batch)
 
         vocab = model.config.get_text_config().vocab_size
-        with ledger.phase("evaluate"), ledger.counting(model):
+        with ledger.phase("evaluate"), ledger.counting(subject, model):
             result["tasks"][KLD_TASK] = closeness(own, logits_of(model), tokenizer, vocab, config)
     return result["tasks"]
 
@@ -74,31 +77,35 @@ def main() -> None:
     parser.add_argument("--cuts", default=DEMO_CUTS, help="first-last;first-last;... (removed layers)")
     parser.add_argument("--tasks", default="piqa,arc_easy,loss,kld")
     parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--own", default="", help="checkpoint folders with weights of their own, comma-separated")
     args = parser.parse_args()
     model, tokenizer = load_model(resolve_model(args.model))
     layers = model.config.get_text_config().num_hidden_layers
-    cuts = parse_cuts(args.cuts)
+    cuts = parse_cuts(args.cuts) if args.cuts else []
+    own = {path: load_model(path)[0] for path in filter(None, args.own.split(","))}
     config = build(EvalConfig, {"tasks": args.tasks, "limit": args.limit, "batch_size": 8})
     evaluate(model, config=build(EvalConfig, {"tasks": "piqa", "limit": 1}), tokenizer=tokenizer)  # lm-eval warm
 
     started = time.perf_counter()
-    engine = OnePass(model, cuts)
-    together = evaluate_variants(engine, tokenizer, config, dict.fromkeys([FULL, *cuts]))
+    engine = OnePass(model, cuts, own)
+    together = evaluate_variants(engine, tokenizer, config, dict.fromkeys([FULL, *cuts, *own]))
     one_pass_seconds = time.perf_counter() - started
     one_pass_work = sum(ledger.layer_tokens for ledger in engine.ledgers.values()) / layers
 
     started = time.perf_counter()
     ledger = Ledger()
     separate = {removed: alone(model, tokenizer, removed, config, ledger) for removed in [FULL, *cuts]}
+    separate |= {path: alone(model, tokenizer, (), config, ledger, subject) for path, subject in own.items()}
     alone_seconds = time.perf_counter() - started
     alone_work = ledger.layer_tokens / layers
 
     worst: dict[str, float] = {}
-    for removed in [FULL, *cuts]:
+    for removed in [FULL, *cuts, *own]:
         for task, difference in largest_differences(together[removed]["tasks"], separate[removed]).items():
             worst[task] = max(worst.get(task, 0.0), difference)
     suffixes = sum(len(engine.suffix(c)) for c in cuts) / layers
-    print(f"{args.model}: the full model and {len(cuts)} cuts, tasks {args.tasks}, {args.limit} documents each")
+    print(f"{args.model}: the full model, {len(cuts)} cuts and {len(own)} models of their own, tasks {args.tasks}, "
+          f"{args.limit} documents each")  # fmt: skip
     print(f"one by one: {alone_work:,.0f} full-model token passes, {alone_seconds:.0f} s")
     print(f"one pass:   {one_pass_work:,.0f} full-model token passes, {one_pass_seconds:.0f} s")
     print(f"ratio: work {one_pass_work / alone_work:.3f}, wall time {one_pass_seconds / alone_seconds:.3f}")
