@@ -167,7 +167,7 @@ def test_smollm2_paired_intervals_are_at_least_twice_narrower_than_unpaired(smol
     from layerprune.uncertainty import compare
 
     model, tokenizer = load_model(smollm2)
-    settings = dict(limit=100, tokenizer=tokenizer, batch_size=8)
+    settings = dict(limit=60, tokenizer=tokenizer, batch_size=8)
     full = evaluate(model, ["piqa", "loss"], **settings)["tasks"]
     with pruned_in_place(model, [12, 13, 14, 15]):  # the angular rule's block of 4 on SmolLM2
         pruned = evaluate(model, ["piqa", "loss"], **settings)["tasks"]
@@ -177,8 +177,8 @@ def test_smollm2_paired_intervals_are_at_least_twice_narrower_than_unpaired(smol
         paired, unpaired = (high - low for low, high in (found.change_interval, found.unpaired_interval))
         print(f"{task}: change {found.change:+.4f}, paired width {paired:.4f}, unpaired width {unpaired:.4f}")
         widths[task] = paired, unpaired
-    # the loss, every token of a document paired: measured 0.067 against 0.230; the accuracy, a
-    # right-or-wrong answer per document, gains less (measured 0.16 against 0.26)
+    # the loss, every token of a document paired: measured 0.085 against 0.31 (60 documents); the
+    # accuracy, a right-or-wrong answer per document, gains less (measured 0.22 against 0.33)
     assert widths["loss"][0] * 2 <= widths["loss"][1] and widths["piqa"][0] < widths["piqa"][1], widths
 
 
