@@ -8,7 +8,9 @@ model once, with its residual stream kept where some cut starts, and every cut r
 through its kept layers, the final norm and the head. K cuts then cost 1 + the sum of their suffix
 fractions full passes, where evaluating them one by one costs K + 1, and `kld`'s reference logits
 K more: here the full model's logits of the same batch are the reference. A variant with its own
-weights runs whole on the same batch, and its `kld` takes the same reference logits.
+weights runs on the same batch, from the full model's residual stream after the first layers it
+shares with it bitwise (a model healed near its cut; none for one healed everywhere), and its
+`kld` takes the same reference logits.
 
 lm-eval stays the authority on prompts, requests and metrics: `TableLM` is lm-eval's own HF model
 (its request encoding, truncation and scoring rule), answering log-likelihood requests from a
@@ -93,8 +95,8 @@ class OnePass:
         self.num_layers = self.arch.num_layers(model.config)
         self.own = dict(own or {})
         self.shared = {name: shared_prefix(model, other) for name, other in self.own.items()}
-        self.cuts: list[Variant] = [*dict.fromkeys([FULL, *(tuple(sorted(c)) for c in cuts)]), *self.own]
-        self.ledgers = {cut: Ledger() for cut in self.cuts}
+        self.variants: list[Variant] = [*dict.fromkeys([FULL, *(tuple(sorted(c)) for c in cuts)]), *self.own]
+        self.ledgers = {cut: Ledger() for cut in self.variants}
         self.phase = "evaluate"
         self.busy = 0.0  # seconds spent in `run`, all ledgers together
         self.bar: Any = None  # a progress bar to count batches on; else each call shows its own
@@ -268,7 +270,7 @@ def table_lm(engine: OnePass, tokenizer: Any, batch_size: int) -> Any:
             return [known[k] for k in keys]
 
     lm = TableLM(pretrained=engine.model, tokenizer=tokenizer, batch_size=batch_size, device=str(engine._device()))
-    lm.table, lm.cut, lm.active = {}, FULL, list(engine.cuts)
+    lm.table, lm.cut, lm.active = {}, FULL, list(engine.variants)
     return lm
 
 

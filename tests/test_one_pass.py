@@ -37,10 +37,10 @@ def test_every_variant_computes_what_it_computes_alone(family):
         (torch.randint(3, 272, (int(c),), generator=generator).tolist(), torch.randint(3, 272, (k,)).tolist())
         for c, k in zip(torch.randint(5, 40, (9,), generator=generator), [1, 2, 3] * 3, strict=True)
     ]
-    together = engine.loglikelihoods(requests, engine.cuts, batch_size=4, max_length=512)
-    found = engine.text_tasks(tokenizer, TEXTS, 40, 2, {c: {"loss", "kld"} if c else {"loss"} for c in engine.cuts})
-    assert engine.cuts == [FULL, *CUTS, "healed"]
-    for variant in engine.cuts:
+    together = engine.loglikelihoods(requests, engine.variants, batch_size=4, max_length=512)
+    found = engine.text_tasks(tokenizer, TEXTS, 40, 2, {c: {"loss", "kld"} if c else {"loss"} for c in engine.variants})
+    assert engine.variants == [FULL, *CUTS, "healed"]
+    for variant in engine.variants:
         subject = own if variant == "healed" else model
         with cut(model, () if variant == "healed" else variant):
             lm = HFLM(pretrained=subject, tokenizer=tokenizer, batch_size=3, device="cpu")
@@ -78,7 +78,7 @@ def test_the_work_is_one_full_pass_and_each_cut_s_suffix():
     """K cuts cost 1 + the sum of their suffix fractions full passes, counted by the ledgers."""
     model, tokenizer = tiny_model("llama", seed=3), tiny_tokenizer()
     engine = OnePass(model, CUTS)
-    engine.text_tasks(tokenizer, TEXTS, 40, 2, {c: {"loss"} for c in engine.cuts})
+    engine.text_tasks(tokenizer, TEXTS, 40, 2, {c: {"loss"} for c in engine.variants})
     full = engine.ledgers[FULL]
     assert full.layer_tokens == 6 * full.head_tokens > 0
     for removed in CUTS:
@@ -160,7 +160,7 @@ def test_memory_beyond_the_models_is_one_batch_s_logits_and_a_state_per_cut_star
     for cuts in ([(4,)], CUTS, [*CUTS, (1,), (3,)]):
         for extra in ({}, {"healed": own}):
             engine = OnePass(model, cuts, extra)
-            wanted = {c: {"loss", "kld"} if c else {"loss"} for c in engine.cuts}
+            wanted = {c: {"loss", "kld"} if c else {"loss"} for c in engine.variants}
             peaks[len(cuts), bool(extra)] = peak = _peak_allocated(
                 lambda e=engine, w=wanted: e.text_tasks(tokenizer, texts, length, rows, w)
             )
