@@ -101,11 +101,15 @@ class OnePass:
         self.busy = 0.0  # seconds spent in `run`, all ledgers together
         self.bar: Any = None  # a progress bar to count batches on; else each call shows its own
 
+    def _model(self, variant: Variant) -> Any:
+        """The model a variant runs: its own, or the full model (cut in place for a cut)."""
+        return self.own[variant] if isinstance(variant, str) else self.model
+
     def suffix(self, variant: Variant) -> list[int]:
         """The layers a variant runs after its prefix: a cut's, those it keeps from its first removed
         one on; a model of its own, its layers from the first it does not share with the full model."""
         if isinstance(variant, str):
-            return list(range(self.shared[variant], len(self.arch.layer_list(self.own[variant]))))
+            return list(range(self.shared[variant], len(self.arch.layer_list(self._model(variant)))))
         return [i for i in range(variant[0], self.num_layers) if i not in variant] if variant else []
 
     def _start(self, variant: Variant) -> int:
@@ -115,7 +119,7 @@ class OnePass:
     @contextmanager
     def _spent(self, variant: Variant) -> Iterator[None]:
         ledger = self.ledgers[variant]
-        with ledger.phase(self.phase), ledger.counting(self.own.get(variant, self.model)):  # type: ignore[arg-type]
+        with ledger.phase(self.phase), ledger.counting(self._model(variant)):
             yield
 
     def run(
@@ -150,7 +154,7 @@ class OnePass:
                     handle.remove()
         with torch.inference_mode():
             for variant in [v for v in variants if v]:
-                model: Any = self.own[variant] if isinstance(variant, str) else self.model
+                model = self._model(variant)
                 resumed = running_from(model, self.arch, self.suffix(variant), states.get(self._start(variant)))
                 with self._spent(variant), resumed:  # from the embeddings where it starts at layer 0
                     results[variant] = reduce(variant, model(**inputs, use_cache=False).logits, full)
@@ -289,7 +293,7 @@ def evaluate_variants(
     on its own documents per task (None: the first `config.limit`), side by side: a QA task's requests
     are answered for every variant that asks for them in one pass, then scored by lm-eval one by one;
     `loss` and `kld` (not for FULL) are computed together in one pass over their passages. Returns
-    one record per cut, as `evaluation.evaluate` does (its tasks, settings and versions)."""
+    one record per variant, as `evaluation.evaluate` does (its tasks, settings and versions)."""
     record = run_record(engine, config)
     results: dict[Variant, dict[str, Any]] = {cut: record | {"tasks": {}} for cut in documents}
 

@@ -392,7 +392,7 @@ def _run_points(
         for point in group:
             bar.set_postfix_str(f"{point.key}: {'heal' if point.healed else 'repair'}")
             prepared[point] = _prepare(point, src, removed[point], config, out / "work" / point.key)
-        bar.set_postfix_str(f"{len(group)} {'healed' if group[0].healed else 'repaired'} points side by side")
+        bar.set_postfix_str(f"{len(group)} healed or repaired points side by side")
         _evaluate_together([], prepared, base, config, out, orders, removed, store)
     for point in fresh:  # the others: twins of a point stored above
         twin = None if point in leaders.values() else _twin(out, point, removed[point])
@@ -440,14 +440,13 @@ def _evaluate_together(
     when that is stored already (its tasks extended by any documents it gained as the reference of
     --limit auto), shared evenly by the variants it served."""
     model, tokenizer = base
-    num_layers = find_architecture(model.config).num_layers(model.config)
     models = {}
     for point, (checkpoint, _, ledger) in prepared.items():
         with ledger.phase("load"):
             models[point] = load_model(checkpoint, config.placement)[0]
     variants: dict[Point, Variant] = {p: tuple(removed[p]) for p in cuts} | {p: p.key for p in prepared}
-    engine = OnePass(model, [tuple(removed[p]) for p in cuts if p.n], {p.key: m for p, m in models.items()})
-    keys = list(variants.values())
+    engine = OnePass(model, [removed[p] for p in cuts], {p.key: m for p, m in models.items()})
+    num_layers, keys = engine.num_layers, list(variants.values())
     full_path = out / "points" / f"{Point('full', 0, False).key}.json"
     stored = json.loads(full_path.read_text()) if FULL not in keys and full_path.is_file() else None
     if orders is None:
