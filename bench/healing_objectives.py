@@ -205,7 +205,7 @@ def finished_runs(out: Path) -> list[dict]:
 
 def report(out: Path, figure: Path | None) -> None:
     """The grid's tables (markdown) and, with `figure`, its validation curves against steps and time."""
-    from layerprune.evaluation import documents_of
+    from layerprune.tasks import task_of
     from layerprune.uncertainty import compare
 
     cases: dict[tuple[str, str, int], list[dict]] = {}
@@ -233,7 +233,8 @@ def report(out: Path, figure: Path | None) -> None:
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for run in runs:
             tasks = run["tasks"]
-            loss = compare(documents_of("loss", base["tasks"]["loss"]), documents_of("loss", tasks["loss"]), False)
+            loss_task = task_of("loss")
+            loss = compare(loss_task.documents(base["tasks"]["loss"]), loss_task.documents(tasks["loss"]), False)
             qa = compare(qa_documents(base["tasks"]), qa_documents(tasks), True)
             accuracy = " | ".join(f"{tasks[t]['acc']:.2f} ± {tasks[t]['acc_stderr']:.2f}" for t in QA_TASKS)
             print(f"| {run['objective']} | {run['target_layers']} | {run['trainable_parameters']:,} | "
@@ -247,10 +248,10 @@ def report(out: Path, figure: Path | None) -> None:
 
 def qa_documents(tasks: dict) -> Any:
     """The QA tasks' documents pooled into one paired sample (ids prefixed by their task)."""
-    from layerprune.evaluation import documents_of
+    from layerprune.tasks import task_of
     from layerprune.uncertainty import Documents
 
-    parts = [documents_of(task, tasks[task]) for task in QA_TASKS]
+    parts = [task_of(task).documents(tasks[task]) for task in QA_TASKS]
     return Documents(
         tuple(f"{task}/{doc}" for task, part in zip(QA_TASKS, parts, strict=True) for doc in part.ids),
         tuple(value for part in parts for value in part.num),

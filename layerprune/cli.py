@@ -47,6 +47,7 @@ from .report import answers, write_report
 from .sensitivity import run_sensitivity
 from .strategies import STRATEGIES
 from .sweep import Shard, SweepConfig, collect, run_sweep
+from .tasks import task_of
 
 
 class _Commands(TyperGroup):
@@ -443,28 +444,9 @@ def evaluate(
         return
     typer.echo(f"{'task':14} {'n':>6} {'acc':>14} {'acc_norm':>14} {'chance':>7}")
     for name, metrics in record["tasks"].items():
-        if name == "kld":
-            m = metrics
-            typer.echo(
-                f"{'kld':14} {m['n']:>6} KL {m['kld']:.4f} ± {m['kld_stderr'] or float('nan'):.4f} nats/token, "
-                f"99th percentile {m['kld_p99']:.3f}, same top token {m['top1_agreement']:.1%} "
-                f"(against {record['reference']})"
-            )
-            continue
-        if name == "loss":
-            m = metrics
-            typer.echo(
-                f"{'loss':14} {m['n']:>6} loss {m['loss']:.3f} ± {m['loss_stderr'] or float('nan'):.3f}, "
-                f"normalized {m['loss_normalized']:.3f}, "
-                f"perplexity {m['perplexity']:.1f} ({m['tokens']} tokens of {m['data']})"
-            )
-            continue
-        cells = [
-            f"{metrics[m]:.3f} ± {metrics[m + '_stderr'] or float('nan'):.3f}" if m in metrics else "-"
-            for m in ("acc", "acc_norm")
-        ]
-        chance = f"{metrics['chance']:.3f}" if "chance" in metrics else "-"
-        typer.echo(f"{name:14} {metrics['n']:>6} {cells[0]:>14} {cells[1]:>14} {chance:>7}")
+        task = task_of(name)
+        against = f" (against {record['reference']})" if task.reference else ""
+        typer.echo(f"{name:14} {metrics['n']:>6} {task.describe(metrics)}{against}")
     typer.echo(f"{record['seconds']:.0f} s" + (f"; wrote {out}" if out else ""))
 
 

@@ -2,10 +2,11 @@
 
 Each settings class (`Calibration`, `PruneConfig`, `HealConfig`, `EvalConfig`, `SweepConfig`,
 ...) declares its fields once, with their help in the field's metadata. A nested config field
-adds its fields under an optional prefix (`metadata={"prefix": "heal_"}`); a field may name its
-command-line flag and other names for it (`metadata={"flag": "n", "aliases": ("counts",)}`). The
-flat view gives
-the CLI one option per field and the API one keyword per field, so a new setting is one field.
+adds its fields under an optional prefix (`metadata={"prefix": "heal_"}`), some of them without it
+(`"bare": ("tasks",)`) and some not at all (`"omit": ("limit",)`: left at their defaults, for the
+owner to set); a field may name its command-line flag and other names for it (`metadata={"flag":
+"n", "aliases": ("counts",)}`). The flat view gives the CLI one option per field and the API one
+keyword per field, so a new setting is one field.
 """
 
 from __future__ import annotations
@@ -49,24 +50,32 @@ def _default(field: dataclasses.Field) -> Any:
     return None
 
 
-def flat_fields(cls: Any, prefix: str = "", path: tuple[str, ...] = ()) -> Iterator[FlatField]:
-    """Every setting of a config class, nested configs expanded in place."""
+def flat_fields(
+    cls: Any, prefix: str = "", path: tuple[str, ...] = (), outer: str = "", bare: tuple = (), omit: tuple = ()
+) -> Iterator[FlatField]:
+    """Every setting of a config class, nested configs expanded in place (`bare`: fields that keep
+    the `outer` prefix rather than the nested one; `omit`: fields left at their defaults, unseen)."""
     for field in dataclasses.fields(cls):
+        if field.name in omit:
+            continue
+        own = outer if field.name in bare else prefix
         annotation = _hints(cls)[field.name]
         if dataclasses.is_dataclass(annotation):
-            yield from flat_fields(annotation, prefix + field.metadata.get("prefix", ""), (*path, field.name))
+            meta = field.metadata
+            yield from flat_fields(annotation, own + meta.get("prefix", ""), (*path, field.name), own,
+                                   meta.get("bare", ()), meta.get("omit", ()))  # fmt: skip
             continue
         choices = field.metadata.get("choices", ())
         yield FlatField(
-            name=prefix + field.name,
+            name=own + field.name,
             path=(*path, field.name),
             annotation=annotation,
             default=_default(field),
             help=field.metadata.get("help", ""),
             choices=tuple(choices() if callable(choices) else choices),
-            prefix=prefix,
-            flag=(prefix + field.metadata.get("flag", field.name)).replace("_", "-"),
-            aliases=tuple((prefix + alias).replace("_", "-") for alias in field.metadata.get("aliases", ())),
+            prefix=own,
+            flag=(own + field.metadata.get("flag", field.name)).replace("_", "-"),
+            aliases=tuple((own + alias).replace("_", "-") for alias in field.metadata.get("aliases", ())),
         )
 
 
@@ -88,15 +97,22 @@ def _nested_names(cls: Any) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(_hints(cls)[f.name])}
 
 
-def _build(cls: Any, values: Mapping[str, Any], prefix: str) -> Any:
+def _build(
+    cls: Any, values: Mapping[str, Any], prefix: str, outer: str = "", bare: tuple = (), omit: tuple = ()
+) -> Any:
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
+        if field.name in omit:
+            continue
+        own = outer if field.name in bare else prefix
         annotation = _hints(cls)[field.name]
         if dataclasses.is_dataclass(annotation):
+            meta = field.metadata
             given = values.get(field.name) if not prefix else None
-            kwargs[field.name] = given or _build(annotation, values, prefix + field.metadata.get("prefix", ""))
-        elif prefix + field.name in values:
-            kwargs[field.name] = values[prefix + field.name]
+            kwargs[field.name] = given or _build(annotation, values, own + meta.get("prefix", ""), own,
+                                                 meta.get("bare", ()), meta.get("omit", ()))  # fmt: skip
+        elif own + field.name in values:
+            kwargs[field.name] = values[own + field.name]
     return cls(**kwargs)
 
 

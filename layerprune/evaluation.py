@@ -48,16 +48,12 @@ from .devices import (
     process_state,
     visible_gpus,
 )
-from .divergence import divergences
 from .errors import LayerpruneError, require
 from .models import load_model, load_tokenizer, model_inputs, resolve_model
 from .packages import package_dir
-from .residual import next_token_losses
-from .uncertainty import Comparison, Documents, Verdict, compare, upper_bound, verdict
+from .tasks import KLD_TASK, LOSS_TASK, TEXT_TASKS, task_of
+from .uncertainty import Comparison, Verdict, compare, upper_bound, verdict
 
-LOSS_TASK = "loss"
-KLD_TASK = "kld"
-TEXT_TASKS = (LOSS_TASK, KLD_TASK)  # measured on held-out text, not through lm-eval
 DEFAULT_LOSS_DATA = "lambada"
 TEXT_DOCUMENTS = 200  # passages of `loss` and `kld` when no --limit is given: their corpora run to thousands
 DEFAULT_TASKS = ("sciq", "piqa", "arc_easy", LOSS_TASK)
@@ -429,14 +425,6 @@ def logits_of(model: Any) -> Any:
     return logits
 
 
-def loss_rows(logits: Any, batch: dict) -> list[tuple[float, int]]:
-    """Each document's summed next-token cross-entropy and number of predicted tokens, from a
-    batch's logits (per document, so two models can be compared pair by pair)."""
-    losses, mask = next_token_losses(logits, batch)
-    sums = losses.masked_fill(~mask, 0.0).sum(dim=1)
-    return list(zip(sums.tolist(), mask.sum(dim=1).tolist(), strict=True))
-
-
 def document_losses(
     model: Any, tokenizer: Any, texts: list[str], seq_len: int, batch_size: int
 ) -> list[tuple[float, int]]:
@@ -447,19 +435,9 @@ def document_losses(
 
     def work(batch: dict) -> list[tuple[float, int]]:
         with torch.inference_mode():
-            return loss_rows(logits(batch), batch)
+            return TEXT_TASKS[LOSS_TASK].rows(logits(batch), None, batch)
 
     return _per_batch(_text_batches(tokenizer, texts, seq_len, batch_size), work, LOSS_TASK)
-
-
-def loss_result(ids: list[str], per_document: list[tuple[float, int]], vocab: int, data: str | Path) -> dict:
-    """The loss task's record from `loss_rows` of the documents `ids` of held-out `data`."""
-    documents: dict[str, list] = {
-        "id": ids,
-        "loss": [s for s, _ in per_document],
-        "tokens": [c for _, c in per_document],
-    }
-    return loss_summary(documents, vocab) | {"available": len(load_documents(data)), "data": str(data)}
 
 
 def heldout_loss(
@@ -473,18 +451,12 @@ def heldout_loss(
 ) -> dict:
     """Mean next-token cross-entropy over every predicted token of held-out documents, with its
     standard error over documents (the ratio estimator's, as the mean is weighted by tokens)."""
-    ids, texts = text_documents(data, samples, chosen)
-    per_document = document_losses(model, tokenizer, texts, seq_len, batch_size)
-    return loss_result(ids, per_document, model.config.get_text_config().vocab_size, data)
+    config = EvalConfig(tasks=(LOSS_TASK,), limit=samples, loss_data=str(data), seq_len=seq_len, batch_size=batch_size)
+    vocab, documents = model.config.get_text_config().vocab_size, {LOSS_TASK: chosen} if chosen else None
+    return text_results(logits_of(model), None, tokenizer, vocab, config, documents)[LOSS_TASK]
 
 
-LOGITS_BUDGET = 2**28  # bytes of fp32 logits per model and pass in `kl_divergence`: 256 MiB
-
-
-def token_divergences(candidate: Any, reference: Any, mask: Any, chunk: int | None = None) -> tuple[Any, Any]:
-    """Per predicted token that `mask` marks: KL(reference || candidate) of the next-token
-    distributions, and whether their top tokens agree (`divergence.divergences`, chunked)."""
-    return divergences(candidate[:, :-1][mask], reference[:, :-1][mask], chunk)
+LOGITS_BUDGET = 2**28  # bytes of fp32 logits per model and pass in `text_results`: 256 MiB
 
 
 def logits_rows(seq_len: int, vocab: int, batch_size: int) -> int:
@@ -493,139 +465,37 @@ def logits_rows(seq_len: int, vocab: int, batch_size: int) -> int:
     return max(1, min(batch_size, LOGITS_BUDGET // (4 * seq_len * vocab)))
 
 
-def divergence_rows(ours: Any, theirs: Any, batch: dict) -> list[tuple[float, int, float, list[float]]]:
-    """Per document of a batch, from two models' logits: summed KL(theirs || ours) over its predicted
-    tokens, their number, how many top tokens agree, and each token's KL."""
-    mask = batch["attention_mask"][:, 1:].bool()
-    results = []
-    for row in range(mask.shape[0]):
-        kl, agree = token_divergences(ours[row : row + 1], theirs[row : row + 1], mask[row : row + 1].to(ours.device))
-        results.append((float(kl.sum()), int(kl.numel()), float(agree.sum()), kl.tolist()))
-    return results
-
-
-def kld_result(ids: list[str], per_document: list[tuple[float, int, float, list[float]]], data: str | Path) -> dict:
-    """The kld task's record from `divergence_rows` of the documents `ids` of held-out `data`."""
-    import torch
-
-    values = torch.tensor([v for *_, kls in per_document for v in kls], dtype=torch.float64)
-    counts = torch.histogram(values.clamp(KL_BINS[0], KL_BINS[-1]), torch.tensor(KL_BINS, dtype=torch.float64))
-    documents: dict[str, list] = {
-        "id": ids,
-        "kl": [k for k, _, _, _ in per_document],
-        "tokens": [c for _, c, _, _ in per_document],
-        "agree": [a for _, _, a, _ in per_document],
-    }
-    summary = kld_summary(documents, [int(c) for c in counts.hist.tolist()])
-    return summary | {"available": len(load_documents(data)), "data": str(data)}
-
-
-def kl_divergence(
-    candidate: Any,
-    reference: Any,
-    tokenizer: Any,
-    texts: list[str],
-    ids: list[str],
-    seq_len: int,
-    batch_size: int,
-    vocab: int,
-    data: str | Path,
-) -> dict[str, Any]:
-    """llama.cpp's --kl-divergence numbers for `candidate` against `reference` (each a batch ->
-    logits function, see `logits_of`) on held-out documents: the mean KL divergence per token with
-    its standard error, its 99th percentile, and the rate at which both models' top token agree.
-
-    Both models run side by side on each pass, so no logits are stored: memory is two logits
+def text_results(
+    candidate: Any, reference: Any, tokenizer: Any, vocab: int, config: EvalConfig,
+    documents: dict[str, list[str]] | None = None,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """The held-out text tasks of `config` (`loss`, `kld`) for `candidate`, a batch -> logits
+    function (`logits_of`), in one pass over their passages (each task's first `--limit`, or those
+    `documents` names): its logits once per batch, and `reference`'s beside them where a task takes
+    them (`kld`: llama.cpp's --kl-divergence numbers). No logits are stored: memory is two logits
     tensors of at most LOGITS_BUDGET bytes each (`logits_rows`) plus one float per token."""
     import torch
 
-    batches = _text_batches(tokenizer, texts, seq_len, logits_rows(seq_len, vocab, batch_size))
+    tasks = [TEXT_TASKS[t] for t in config.tasks if t in TEXT_TASKS]
+    first = text_documents(config.loss_data, text_samples(config))[0]
+    chosen = {task.name: (documents or {}).get(task.name) or first for task in tasks}
+    ids, texts = text_documents(config.loss_data, 0, list(dict.fromkeys(d for c in chosen.values() for d in c)))
+    paired = any(task.reference for task in tasks)
+    rows = logits_rows(config.seq_len, vocab, config.loss_batch_size) if paired else config.loss_batch_size
 
-    def work(batch: dict) -> list[tuple[float, int, float, list[float]]]:
+    def work(batch: dict) -> list[tuple]:
         with torch.inference_mode():
-            return divergence_rows(candidate(batch), reference(batch), batch)
+            logits, theirs = candidate(batch), reference(batch) if paired else None
+            return list(zip(*(task.rows(logits, theirs, batch) for task in tasks), strict=True))
 
-    return kld_result(ids, _per_batch(batches, work, KLD_TASK), data)
-
-
-# Per-token KL divergences are kept as counts in log-spaced bins (1e-6 to 1e3 nats, 20 per decade), a
-# compact form that adds up across rounds of `--limit auto`; the 99th percentile is read off it to
-# within one bin (12%).
-KL_BINS = [10 ** (-6 + i / 20) for i in range(181)]
-
-
-def _percentile(counts: list[int], q: float) -> float:
-    """The q-th quantile of binned values: the geometric middle of the bin where it falls."""
-    target, seen = q * sum(counts), 0
-    for index, count in enumerate(counts):
-        seen += count
-        if seen >= target and count:
-            return math.sqrt(KL_BINS[index] * KL_BINS[index + 1])
-    return 0.0
-
-
-def _ratio_stderr(num: list[float], den: list[float]) -> float | None:
-    """The standard error of sum(num) / sum(den) over documents (the ratio estimator's)."""
-    n, total = len(num), sum(den)
-    if n < 2 or not total:
-        return None
-    mean = sum(num) / total
-    return math.sqrt(n / (n - 1) * sum((x - mean * d) ** 2 for x, d in zip(num, den, strict=True))) / total
-
-
-def kld_summary(documents: dict[str, list], histogram: list[int]) -> dict[str, Any]:
-    """The kld task's figures from its per-document columns and its binned per-token divergences."""
-    tokens = sum(documents["tokens"])
+    found = _per_batch(_text_batches(tokenizer, texts, config.seq_len, rows), work, "+".join(chosen))
+    position = {d: i for i, d in enumerate(ids)}
     return {
-        "kld": sum(documents["kl"]) / tokens,
-        "kld_stderr": _ratio_stderr(documents["kl"], documents["tokens"]),
-        "kld_p99": _percentile(histogram, 0.99),
-        "top1_agreement": sum(documents["agree"]) / tokens,
-        "tokens": tokens,
-        "n": len(documents["id"]),
-        "histogram": histogram,
-        "documents": documents,
+        task.name: task.result(
+            chosen[task.name], [found[position[d]][k] for d in chosen[task.name]], vocab, config.loss_data
+        )  # fmt: skip
+        for k, task in enumerate(tasks)
     }
-
-
-def loss_summary(documents: dict[str, list], vocab: int) -> dict[str, Any]:
-    """The loss task's figures from its per-document columns."""
-    count = sum(documents["tokens"])
-    loss = sum(documents["loss"]) / count
-    return {
-        "loss": loss,
-        "loss_stderr": _ratio_stderr(documents["loss"], documents["tokens"]),
-        "perplexity": math.exp(loss),
-        "loss_normalized": loss / math.log(vocab),
-        "tokens": count,
-        "n": len(documents["id"]),
-        "vocab": vocab,
-        "documents": documents,
-    }
-
-
-def accuracy_summary(documents: dict[str, list]) -> dict[str, Any]:
-    """acc and acc_norm with their standard errors, from the per-document columns."""
-    summary: dict[str, Any] = {"n": len(documents["id"])}
-    for metric, column in (("acc", "correct"), ("acc_norm", "correct_norm")):
-        values = documents[column]
-        summary[metric] = sum(values) / len(values)
-        summary[f"{metric}_stderr"] = _ratio_stderr(values, [1.0] * len(values))
-    return summary | {"documents": documents}
-
-
-def merged(task: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Two evaluations of one task on different documents, as one (the figures recomputed)."""
-    known = set(old["documents"]["id"])
-    keep = [i for i, d in enumerate(new["documents"]["id"]) if d not in known]
-    documents = {k: v + [new["documents"][k][i] for i in keep] for k, v in old["documents"].items()}
-    rest = {k: v for k, v in old.items() if k not in ("documents", "histogram")}
-    if task == LOSS_TASK:
-        return rest | loss_summary(documents, old["vocab"])
-    if task == KLD_TASK:
-        histogram = [a + b for a, b in zip(old["histogram"], new["histogram"], strict=True)]
-        return rest | kld_summary(documents, histogram)
-    return rest | accuracy_summary(documents)
 
 
 @dataclass(frozen=True)
@@ -646,16 +516,6 @@ class Tolerance:
             raise LayerpruneError(f"--kl-threshold must be above 0, got {self.kl_threshold}")
 
 
-def documents_of(task: str, result: dict[str, Any]) -> Documents:
-    """A task result's per-document figures as a ratio estimator's columns (see `uncertainty`)."""
-    stored = result["documents"]
-    if task == LOSS_TASK:
-        return Documents.of(stored, "loss", "tokens")
-    if task == KLD_TASK:
-        return Documents.of(stored, "kl", "tokens")
-    return Documents.of(stored, "correct")
-
-
 @dataclass(frozen=True)
 class Judgement:
     """A point's task against the tolerance: the paired comparison with the full model (none for
@@ -669,10 +529,11 @@ class Judgement:
 
 def judge(task: str, full: dict[str, Any] | None, point: dict[str, Any], limits: Tolerance) -> Judgement:
     """Whether a point's harm on `task` is within the tolerance (kld: its KL within the threshold)."""
-    if task == KLD_TASK or full is None:
-        estimate, low, high = upper_bound(documents_of(task, point))
+    kind = task_of(task)
+    if kind.reference or full is None:
+        estimate, low, high = upper_bound(kind.documents(point))
         return Judgement(verdict(estimate, low, high, limits.kl_threshold, point["n"]), estimate, (low, high))
-    comparison = compare(documents_of(task, full), documents_of(task, point), higher_is_better=task != LOSS_TASK)
+    comparison = compare(kind.documents(full), kind.documents(point), higher_is_better=kind.higher_is_better)
     found = verdict(
         comparison.harm, comparison.harm_lower, comparison.harm_upper, limits.tolerance, comparison.documents
     )
@@ -689,11 +550,9 @@ def closeness(
     candidate: Any, reference: Any, tokenizer: Any, vocab: int, config: EvalConfig, chosen: list[str] | None = None
 ) -> dict[str, Any]:
     """The `kld` task on `config`'s held-out text: `candidate` against `reference`, each a batch ->
-    logits function (`logits_of`), so that a sweep can compare a model pruned in place with itself."""
-    ids, texts = text_documents(config.loss_data, text_samples(config), chosen)
-    return kl_divergence(
-        candidate, reference, tokenizer, texts, ids, config.seq_len, config.loss_batch_size, vocab, config.loss_data
-    )
+    logits function (`logits_of`), so that a model pruned in place can be compared with itself."""
+    config, documents = replace(config, tasks=(KLD_TASK,)), {KLD_TASK: chosen} if chosen else None
+    return text_results(candidate, reference, tokenizer, vocab, config, documents)[KLD_TASK]
 
 
 def documents_limit(limit: float | None, available: int) -> int | None:
@@ -744,7 +603,7 @@ def evaluate(
     `documents` names, per task, which documents to evaluate.
     """
     config = config or build(EvalConfig, {**settings, **({"tasks": tasks} if tasks is not None else {})})
-    if KLD_TASK in config.tasks and reference is None and config.reference is None:
+    if _compares(config) and reference is None and config.reference is None:
         config = replace(config, reference=_recorded_source(model))
     if out is None:
         return _evaluate(model, config, tokenizer, reference, documents)
@@ -755,6 +614,11 @@ def evaluate(
         record = {"layerprune_version": __version__, **_evaluate(model, config, tokenizer, reference, documents)}
         on_main_process(lambda: _write_results(out, record, overwrite, inputs))
     return record
+
+
+def _compares(config: EvalConfig) -> bool:
+    """Whether a task of `config` compares with a reference model (kld)."""
+    return any(task_of(task).reference for task in config.tasks)
 
 
 def _recorded_source(model: Any) -> str | None:
@@ -786,13 +650,13 @@ def _evaluate(
     check_tasks(list(config.tasks))
     if any(task not in TEXT_TASKS for task in config.tasks):  # QA tasks run through lm-eval
         require("lm_eval", "datasets")
-    if KLD_TASK in config.tasks and reference is None and config.reference is None:
+    if _compares(config) and reference is None and config.reference is None:
         raise LayerpruneError(
             "the kld task needs --reference MODEL: the model to compare with (a model layerprune wrote defaults to "
             "the source its layerprune.json names, when that is found)"
         )
     reference_path = None
-    if KLD_TASK in config.tasks and reference is None and config.reference is not None:
+    if _compares(config) and reference is None and config.reference is not None:
         reference_path = resolve_model(config.reference, config.placement)
         if isinstance(model, (str, os.PathLike)):  # tokenizers first: refused before any weights load
             check_same_tokenizer(
@@ -833,15 +697,11 @@ def _evaluate(
     if qa_tasks and lm is None:
         lm = language_model(model, tokenizer, config.batch_size)
     results = qa_accuracy(lm, qa_tasks, config.limit, config.num_fewshot, documents) if qa_tasks else {}
-    if LOSS_TASK in config.tasks:
-        results[LOSS_TASK] = heldout_loss(
-            model, tokenizer, config.loss_data, text_samples(config), config.seq_len, config.loss_batch_size,
-            (documents or {}).get(LOSS_TASK),
-        )  # fmt: skip
-    if KLD_TASK in config.tasks:
+    if any(task in TEXT_TASKS for task in config.tasks):  # loss and kld: one pass over their passages
         vocab = model.config.get_text_config().vocab_size
-        chosen = (documents or {}).get(KLD_TASK)
-        results[KLD_TASK] = closeness(logits_of(model), logits_of(reference), tokenizer, vocab, config, chosen)
+        theirs = logits_of(reference) if reference is not None else None
+        results |= text_results(logits_of(model), theirs, tokenizer, vocab, config, documents)
+    if _compares(config):
         record["reference"] = str(config.reference or getattr(reference, "name_or_path", "given"))
     record.update(tasks=results, **settings_record(config), seconds=round(time.perf_counter() - start, 2))
     return record

@@ -35,22 +35,9 @@ from typing import Any
 from .architectures import find_architecture
 from .cost import Ledger
 from .data import token_batches
-from .evaluation import (
-    KLD_TASK,
-    LOSS_TASK,
-    TEXT_TASKS,
-    EvalConfig,
-    divergence_rows,
-    kld_result,
-    logits_rows,
-    loss_result,
-    loss_rows,
-    qa_accuracy,
-    settings_record,
-    text_documents,
-    text_samples,
-)
+from .evaluation import EvalConfig, logits_rows, qa_accuracy, settings_record, text_documents, text_samples
 from .residual import hidden_state, running_from
+from .tasks import TEXT_TASKS, task_of
 
 Cut = tuple[int, ...]  # the layers a cut removes, sorted; () is the full model
 FULL: Cut = ()
@@ -226,24 +213,20 @@ class OnePass:
     def text_tasks(
         self, tokenizer: Any, texts: list[str], seq_len: int, batch_size: int, wanted: dict[Variant, set[str]]
     ) -> dict[Variant, dict[str, list]]:
-        """Per held-out document, for each variant and the text tasks `wanted` of it: `loss_rows`,
-        and `divergence_rows` against the full model on the same batch for `kld` (one pass for both)."""
+        """Per held-out document, for each variant and the text tasks `wanted` of it, the task's rows
+        (`tasks.Task.rows`), against the full model's logits of the same batch where the task takes a
+        reference (`kld`): one pass for all."""
         from tqdm.auto import tqdm
 
         batches = token_batches(tokenizer, texts, len(texts), seq_len, self.text_rows(seq_len, batch_size))
         found: dict[Variant, dict[str, list]] = {v: {task: [] for task in tasks} for v, tasks in wanted.items()}
-        reference = any(KLD_TASK in tasks for tasks in wanted.values())
+        reference = any(task_of(task).reference for tasks in wanted.values() for task in tasks)
         bar = self.bar or tqdm(total=len(batches), desc="held-out text, all cuts at once", unit="batch", leave=False)
         for batch in batches:
             inputs = {k: v.to(self._device()) for k, v in batch.items()}
 
             def reduce(cut: Variant, logits: Any, full: Any, inputs: dict = inputs) -> dict[str, list]:
-                tasks, rows = wanted.get(cut, set()), dict[str, list]()
-                if LOSS_TASK in tasks:
-                    rows[LOSS_TASK] = loss_rows(logits, inputs)
-                if KLD_TASK in tasks:
-                    rows[KLD_TASK] = divergence_rows(logits, full, inputs)
-                return rows
+                return {task: TEXT_TASKS[task].rows(logits, full, inputs) for task in wanted.get(cut, ())}
 
             for cut, rows in self.run(inputs, list(wanted), reduce, reference).items():
                 for task, values in rows.items():
@@ -299,7 +282,7 @@ def evaluate_variants(
 
     def asking(task: str) -> list[Variant]:
         cuts = [cut for cut, chosen in documents.items() if chosen is None or task in chosen]
-        return [cut for cut in cuts if cut] if task == KLD_TASK else cuts
+        return [cut for cut in cuts if cut] if task_of(task).reference else cuts
 
     lm = None
     for task in [t for t in config.tasks if t not in TEXT_TASKS and asking(t)]:
@@ -338,7 +321,5 @@ def _text_tasks(
     results: dict[Variant, dict[str, Any]] = {}
     for (cut, task), chosen in own.items():
         rows = [found[cut][task][position[d]] for d in chosen]
-        record = loss_result(chosen, rows, vocab, config.loss_data) if task == LOSS_TASK else kld_result(
-            chosen, rows, config.loss_data)  # fmt: skip
-        results.setdefault(cut, {})[task] = record
+        results.setdefault(cut, {})[task] = TEXT_TASKS[task].result(chosen, rows, vocab, config.loss_data)
     return results

@@ -16,9 +16,10 @@ from ._version import __version__
 from .checkpoint import read_json
 from .destinations import write_atomically
 from .errors import LayerpruneError
-from .evaluation import KLD_TASK, LOSS_TASK, TEXT_TASKS, Judgement, Tolerance, documents_of, judge
+from .evaluation import Judgement, Tolerance, judge
 from .plots import metric_by_fraction, series, series_label
 from .strategies import STRATEGIES
+from .tasks import KLD_TASK, LOSS_TASK, TEXT_TASKS, task_of
 from .uncertainty import METHOD, break_point, compare
 
 
@@ -102,14 +103,14 @@ def how_far(rows: list[dict], task: str, limits: Tolerance) -> dict[str, Answer]
 
 
 def _value(task: str, result: dict) -> float:
-    return result["acc"] if "acc" in result else result[task]
+    return result[task_of(task).metric]
 
 
 def break_points(rows: list[dict], task: str) -> dict[str, float | None]:
     """Per series: where the curve of `task` against the fraction removed breaks (the knot of a
     two-piece linear fit through the full model and every point; see `uncertainty.break_point`)."""
     full = _full(rows)["tasks"].get(task)
-    start = 0.0 if task == KLD_TASK else (_value(task, full) if full else None)  # the full model's KL from itself: 0
+    start = 0.0 if task_of(task).reference else (_value(task, full) if full else None)  # its KL from itself: 0
     found = {}
     for label, points in series(rows).items():
         pairs = ([(0.0, start)] if start is not None else []) + [(r["fraction"], _value(task, r["tasks"][task]))
@@ -194,8 +195,9 @@ def _repair_comparisons(rows: list[dict], tasks: list[str]) -> str:
         for task in tasks:
             if other is None or task not in row["tasks"] or task not in other["tasks"]:
                 continue
-            c = compare(documents_of(task, other["tasks"][task]), documents_of(task, row["tasks"][task]),
-                        higher_is_better=task not in TEXT_TASKS)  # fmt: skip
+            kind = task_of(task)
+            c = compare(kind.documents(other["tasks"][task]), kind.documents(row["tasks"][task]),
+                        higher_is_better=kind.higher_is_better)  # fmt: skip
             cells = [series_label(row), row["n"], task, c.documents, f"{c.reference:.4f}", f"{c.candidate:.4f}",
                      f"{c.change:+.4f}", "[{:+.4f}, {:+.4f}]".format(*c.change_interval)]  # fmt: skip
             lines.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>")
@@ -258,15 +260,15 @@ def _plots(rows: list[dict], tasks: list[str], figures: Path, limits: Tolerance,
     plots = []
     for task in tasks:
         breaks = {k: v for k, v in break_points(rows, task).items() if v is not None}
-        if task == KLD_TASK and paired:
+        if task_of(task).reference and paired:
             bounds = {id(r): judge(task, None, r["tasks"][task], limits).bounds
                       for r in rows if r["n"]}  # fmt: skip
-            value = lambda r, b=bounds: (r["tasks"][KLD_TASK]["kld"], *b[id(r)]) if r["n"] else 0.0  # noqa: E731
+            value = lambda r, b=bounds, t=task: (r["tasks"][t]["kld"], *b[id(r)]) if r["n"] else 0.0  # noqa: E731
             plots.append(metric_by_fraction(rows, value, "mean KL divergence (nats/token)",
                          "KL divergence from the full model (95% bootstrap bounds)", figures / "kld.png",
                          (kl_threshold, f"threshold ({kl_threshold:g})"), breaks))  # fmt: skip
             continue
-        metric = "acc" if task != LOSS_TASK else "loss"
+        metric = task_of(task).metric
 
         def spread(r: dict, t: str = task, m: str = metric) -> tuple[float, float, float]:
             result = r["tasks"][t]
@@ -302,7 +304,7 @@ def headline(rows: list[dict], task: str, limits: Tolerance) -> str:
 def _sentence(task: str, found: dict[str, Answer], limits: Tolerance) -> str:
     """`headline` from the task's answers per series (`how_far`)."""
     label, best = max(found.items(), key=lambda item: item[1].fraction)
-    within = f"mean KL divergence within {limits.kl_threshold:g} nats" if task == KLD_TASK else (
+    within = f"mean KL divergence within {limits.kl_threshold:g} nats" if task_of(task).reference else (
         f"{task} within {limits.tolerance:.0%} of the full model")  # fmt: skip
     if best.fraction:
         return f"You can remove up to {best.cut(best.fraction)} and keep {within}, with 95% confidence ({label})."
@@ -348,7 +350,7 @@ def _breaks_section(rows: list[dict], tasks: list[str]) -> str:
         for label in labels
     )
     sentences = []
-    qa = [t for t in tasks if t not in TEXT_TASKS]
+    qa = [t for t in tasks if not task_of(t).text]
     for label in labels:
         loss_break = found.get(LOSS_TASK, {}).get(label)
         qa_breaks = [f"{t} at {found[t][label]:.2f}" for t in qa if found[t][label] is not None]

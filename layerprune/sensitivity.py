@@ -19,10 +19,11 @@ from typing import Any
 from .architectures import find_architecture
 from .destinations import check_destination, claimed, staged, write_atomically
 from .errors import LayerpruneError
-from .evaluation import KLD_TASK, LOSS_TASK, EvalConfig, answer_requests, check_tasks, text_documents, text_samples
+from .evaluation import EvalConfig, answer_requests, check_tasks, text_documents, text_samples
 from .models import load_model, model_inputs, resolve_model
 from .one_pass import FULL, Cut, OnePass, Variant, table_lm
 from .plots import sensitivity_heatmap
+from .tasks import task_of
 from .uncertainty import METHOD, Documents, compare
 
 RESULT_FILE = "sensitivity.json"
@@ -55,27 +56,25 @@ def draw_heatmap(record: dict[str, Any], path: Path) -> Path:
     return sensitivity_heatmap(grid, tasks, f"{Path(record['model']).name}: removing one layer", path)
 
 
-def _scores(ids: list[str], full: list[float], without: list[list[float]], den: list[float] | None) -> dict[str, Any]:
+def _scores(full: Documents, without: list[Documents], higher_is_better: bool) -> dict[str, Any]:
     """The full model's per-document scores, and for each layer the paired change without it: a
-    log-likelihood per document (higher is better), or with `den` (tokens) a loss per token."""
-    higher_is_better = den is None
-    weights = tuple(den or [1.0] * len(ids))
-    reference = Documents(tuple(ids), tuple(full), weights)
+    log-likelihood per document (higher is better), or a loss per token."""
     per_layer = []
     for layer, values in enumerate(without):
-        comparison = compare(reference, Documents(tuple(ids), tuple(values), weights), higher_is_better)
+        comparison = compare(full, values, higher_is_better)
         per_layer.append(
             {"layer": layer, "change": comparison.change, "interval": list(comparison.change_interval),
              "harm": comparison.harm, "harm_interval": [comparison.harm_lower, comparison.harm_upper]}
         )  # fmt: skip
     unit = "log-likelihood of the correct answer (nats per document)" if higher_is_better else "loss per token"
-    return {"unit": unit, "full": reference.estimate(), "documents": len(ids), "layers": per_layer}
+    return {"unit": unit, "full": full.estimate(), "documents": len(full.ids), "layers": per_layer}
 
 
 def _check(config: EvalConfig) -> None:
     check_tasks(list(config.tasks))
-    if KLD_TASK in config.tasks:
-        raise LayerpruneError("sensitivity measures QA tasks and loss; kld is not one of them")
+    taking = [t for t in config.tasks if task_of(t).reference]
+    if taking:
+        raise LayerpruneError(f"sensitivity measures QA tasks and loss; {', '.join(taking)} is not one of them")
 
 
 def _task_scores(engine: OnePass, tokenizer: Any, task: str, asked: Any, config: EvalConfig) -> dict[str, Any]:
@@ -83,26 +82,28 @@ def _task_scores(engine: OnePass, tokenizer: Any, task: str, asked: Any, config:
     of its correct answer (lm-eval's prompt, encoding and scoring), with every single layer removed."""
     layers = [(layer,) for layer in range(engine.num_layers)]
     ids, work = asked
-    if task == LOSS_TASK:
-        wanted: dict[Variant, set[str]] = {cut: {LOSS_TASK} for cut in (FULL, *layers)}
+    kind = task_of(task)
+    if kind.text:
+        wanted: dict[Variant, set[str]] = {cut: {task} for cut in (FULL, *layers)}
         found = engine.text_tasks(tokenizer, work, config.seq_len, config.loss_batch_size, wanted)
-        tokens = [float(n) for _, n in found[FULL][LOSS_TASK]]
-        return _scores(ids, [s for s, _ in found[FULL][LOSS_TASK]], [[s for s, _ in found[c][LOSS_TASK]]
-                                                                     for c in layers], tokens)  # fmt: skip
+        vocab = engine.model.config.get_text_config().vocab_size
+        scored = {cut: kind.documents(kind.result(ids, found[cut][task], vocab, config.loss_data)) for cut in found}
+        return _scores(scored[FULL], [scored[c] for c in layers], kind.higher_is_better)
     lm = table_lm(engine, tokenizer, config.loss_batch_size)
     lm.active = layers
 
-    def answers(cut: Cut) -> list[float]:
+    def answers(cut: Cut) -> Documents:
         lm.cut = cut
-        return [loglik for loglik, _ in lm.loglikelihood(work, disable_tqdm=True)]
+        found = [loglik for loglik, _ in lm.loglikelihood(work, disable_tqdm=True)]
+        return Documents(tuple(ids), tuple(found), (1.0,) * len(ids))
 
-    return _scores(ids, answers(FULL), [answers(c) for c in layers], None)
+    return _scores(answers(FULL), [answers(c) for c in layers], True)
 
 
 def _asked(task: str, config: EvalConfig) -> tuple[list[str], list[Any]]:
     """A task's document ids and work: held-out passages for `loss`, else each question's prompt and
     correct answer as an lm-eval request."""
-    if task == LOSS_TASK:
+    if task_of(task).text:
         return text_documents(config.loss_data, text_samples(config))
     from lm_eval.api.instance import Instance
 
@@ -124,7 +125,7 @@ def sensitivity(
     engine = OnePass(model, [(layer,) for layer in range(find_architecture(model.config).num_layers(model.config))])
     limits = limits or {}
     asked = {task: _asked(task, replace(config, limit=limits.get(task, config.limit))) for task in config.tasks}
-    rows = {task: engine.text_rows(config.seq_len, config.loss_batch_size) if task == LOSS_TASK
+    rows = {task: engine.text_rows(config.seq_len, config.loss_batch_size) if task_of(task).text
             else config.loss_batch_size for task in config.tasks}  # fmt: skip
     total = sum(-(-len(asked[task][0]) // rows[task]) for task in config.tasks)
     tasks = {}

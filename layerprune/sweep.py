@@ -36,7 +36,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,18 +52,7 @@ from .deployment import InferenceSettings, export_gguf, measure
 from .destinations import check_destination, claimed, write_atomically
 from .devices import Placement, process_rank, work_alone
 from .errors import LayerpruneError, LayerpruneWarning
-from .evaluation import (
-    DEFAULT_LOSS_DATA,
-    DEFAULT_TASKS,
-    KLD_TASK,
-    TEXT_TASKS,
-    EvalConfig,
-    Tolerance,
-    check_tasks,
-    judge,
-    merged,
-    task_documents,
-)
+from .evaluation import EvalConfig, Tolerance, check_tasks, judge, task_documents
 from .gguf_surgery import prune_gguf
 from .healing import HealConfig, heal
 from .layer_sets import check_fraction
@@ -78,9 +67,8 @@ from .sensitivity import RESULT_FILE as SENSITIVITY_FILE
 from .sensitivity import sensitivity
 from .strategies import MODEL, STRATEGIES, Request, get_strategy, strategy_names
 from .surgery import pruned_in_place
+from .tasks import task_of
 
-LOSS_COLUMNS = ("loss", "loss_stderr", "loss_normalized", "perplexity")
-KLD_COLUMNS = ("kld", "kld_stderr", "kld_p99", "top1_agreement")
 AUTO = "auto"
 FIRST_ROUND = 20  # documents per task in the first round of --limit auto; each round doubles them
 RESULT_FIELDS = (
@@ -124,8 +112,11 @@ class SweepConfig:
     )  # fmt: skip
     heal: bool = field(default=True, metadata={"help": "Also heal every pruned point."})
     heal_config: HealConfig = field(default_factory=HealConfig, metadata={"prefix": "heal_"})
-    tasks: tuple[str, ...] = field(default=DEFAULT_TASKS, metadata={"help": "Tasks, as in `evaluate`."})
-    loss_data: str = field(default=DEFAULT_LOSS_DATA, metadata={"help": "Held-out text for `loss` and `kld`."})
+    evaluation: EvalConfig = field(
+        default_factory=EvalConfig,  # its documents per task are --limit's, its model the sweep's
+        metadata={"prefix": "eval_", "bare": ("tasks", "loss_data", "num_fewshot"),
+                  "omit": ("limit", "backend", "reference", "placement")},
+    )  # fmt: skip
     limit: int | str | None = field(
         default=100,
         metadata={"help": "Documents per task; or auto: in rounds (20, 40, 80, ...) until each "
@@ -207,7 +198,7 @@ class SweepConfig:
         raw["heal_config"] = asdict(self.heal_config)
         # they change no stored number (beyond rounding), only which points and maps are made
         changeable = ("ns", "fractions", "strategies", "repairs", "device", "export", "sensitivity",
-                      "sensitivity_limit")  # fmt: skip
+                      "sensitivity_limit", "eval_batch_size")  # fmt: skip
         for key in changeable:
             raw.pop(key)
         raw["tasks"] = sorted(raw["tasks"])
@@ -280,17 +271,18 @@ def _points_settings(config: SweepConfig) -> dict[str, Any]:
 
 
 def _eval_config(config: SweepConfig) -> EvalConfig:
-    limit = None if config.adaptive else config.limit
-    settings = {"tasks": config.tasks, "limit": limit, "batch_size": config.calibration.batch_size}
-    return build(EvalConfig, settings | {"loss_data": config.loss_data})
+    """The evaluation's settings: the sweep's --limit (under auto, each round names its documents)
+    and its placement."""
+    limit = config.limit if isinstance(config.limit, int) else None
+    return replace(config.evaluation, limit=limit, placement=config.placement)
 
 
 def document_orders(config: SweepConfig) -> dict[str, list[str]]:
     """Every task's document ids in a fixed seeded order: the order in which --limit auto takes them."""
     orders = {}
-    for task in config.tasks:
-        if task in TEXT_TASKS:
-            ids = [str(i) for i in range(len(load_documents(config.loss_data)))]
+    for task in config.evaluation.tasks:
+        if task_of(task).text:
+            ids = [str(i) for i in range(len(load_documents(config.evaluation.loss_data)))]
         else:
             ids = task_documents(task)
         random.Random(f"layerprune:{task}").shuffle(ids)
@@ -334,13 +326,13 @@ def _adaptive_together(
     which takes at least the first round."""
     eval_config = _eval_config(config)
     results: dict[Variant, dict[str, Any]] = {v: {} for v in variants if v}
-    pending = {cut: list(config.tasks) for cut in results}
+    pending = {cut: list(eval_config.tasks) for cut in results}
     own_round = FULL in variants
     size = FIRST_ROUND
     while own_round or any(pending.values()):
         wanted = {cut: {task: orders[task][:size] for task in tasks} for cut, tasks in pending.items() if tasks}
-        needed = {t for tasks in pending.values() for t in tasks} | (set(config.tasks) if own_round else set())
-        wanted[FULL] = {task: orders[task][:size] for task in needed if task != KLD_TASK}
+        needed = {t for tasks in pending.values() for t in tasks} | (set(eval_config.tasks) if own_round else set())
+        wanted[FULL] = {task: orders[task][:size] for task in needed if not task_of(task).reference}
         known = {FULL: reference, **results}
         documents: dict[Variant, dict[str, list[str]] | None] = {}
         for cut, asked in wanted.items():
@@ -348,7 +340,7 @@ def _adaptive_together(
                 documents[cut] = fresh
         for cut, record in evaluate_variants(engine, tokenizer, eval_config, documents).items():
             for task, result in record["tasks"].items():
-                merged_result = merged(task, known[cut][task], result) if task in known[cut] else result
+                merged_result = task_of(task).merge(known[cut][task], result) if task in known[cut] else result
                 if cut:
                     merged_result["rounds"] = merged_result.get("rounds", 0) + 1
                 known[cut][task] = merged_result
@@ -607,7 +599,7 @@ def run_sweep(
     shard = shard or Shard.of_launcher()  # first: a launched process works alone from here on
     out = Path(out)
     inputs = model_inputs(model)
-    check_tasks(list(config.tasks))
+    check_tasks(list(config.evaluation.tasks))
     # one run per shard at a time; shards of one sweep may run at once
     lock = out.with_name(f"{out.name}.shard-{shard.index}-of-{shard.count}") if shard else out
     with claimed(lock, partial(check_destination, out, inputs, overwrite=False, resume="sweep.json")):
@@ -677,7 +669,7 @@ def _sensitivity_map(out: Path, base: tuple[Any, Any], config: SweepConfig) -> N
     """The single-layer sensitivity of the base model on the sweep's tasks (kld aside), stored for
     the report: each task on at most --sensitivity-limit documents, and with --limit auto at most as
     many as the points needed (the loss comparisons often decide on the first 20 passages)."""
-    tasks = tuple(t for t in config.tasks if t != KLD_TASK)
+    tasks = tuple(t for t in config.evaluation.tasks if not task_of(t).reference)
     if not tasks:
         return
     cap = config.sensitivity_limit
@@ -689,9 +681,7 @@ def _sensitivity_map(out: Path, base: tuple[Any, Any], config: SweepConfig) -> N
         for task in tasks:
             used = [len(r["tasks"][task]["documents"]["id"]) for r in rows if r["n"] and task in r["tasks"]]
             limits[task] = min(cap, max(used, default=cap))
-    settings = {"tasks": tasks, "limit": cap, "batch_size": config.calibration.batch_size}
-    eval_config = build(EvalConfig, settings | {"loss_data": config.loss_data})
-    sensitivity(*base, eval_config, limits).save(out / "sensitivity")
+    sensitivity(*base, replace(_eval_config(config), tasks=tasks, limit=cap), limits).save(out / "sensitivity")
 
 
 def collect(out: Path) -> list[dict[str, Any]]:
@@ -702,12 +692,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
     rows.sort(key=lambda r: (r["n"], r["strategy"], REPAIR_METHODS.index(r.get("repair", "none")), r["healed"]))
     _write_json(out / "results.json", rows)
     tasks = sorted({t for r in rows for t in r["tasks"]})
-    columns = list(RESULT_FIELDS)
-    for task in tasks:
-        if task in TEXT_TASKS:
-            columns += list(LOSS_COLUMNS if task == "loss" else KLD_COLUMNS)
-        else:
-            columns += [f"{task}_{m}" for m in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")]
+    columns = list(RESULT_FIELDS) + [column for task in tasks for column in task_of(task).columns()]
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -715,10 +700,7 @@ def collect(out: Path) -> list[dict[str, Any]]:
         flat = {k: row.get(k) for k in RESULT_FIELDS}
         flat["layers_removed"] = " ".join(map(str, row["layers_removed"]))
         for task, metrics in row["tasks"].items():
-            if task in TEXT_TASKS:
-                flat.update({m: metrics.get(m) for m in LOSS_COLUMNS + KLD_COLUMNS if m in metrics})
-            else:
-                flat.update({f"{task}_{m}": value for m, value in metrics.items() if m != "documents"})
+            flat.update(task_of(task).table(metrics))
         writer.writerow(flat)
     write_atomically(out / "results.csv", table.getvalue())
     return rows

@@ -10,6 +10,7 @@ from conftest import save_tiny, tiny_model, tiny_tokenizer
 import layerprune.evaluation as evaluation
 from layerprune.errors import LayerpruneError
 from layerprune.evaluation import _data_root, evaluate, lm_eval_command_line
+from layerprune.tasks import task_of, token_divergences
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +227,8 @@ def test_divergences_taken_in_chunks_equal_those_taken_at_once():
     ours, theirs = torch.randn(2, 9, 50), torch.randn(2, 9, 50)
     mask = torch.ones(2, 8, dtype=torch.bool)
     mask[1, 5:] = False
-    whole = evaluation.token_divergences(ours, theirs, mask, chunk=1024)
-    chunked = evaluation.token_divergences(ours, theirs, mask, chunk=3)
+    whole = token_divergences(ours, theirs, mask, chunk=1024)
+    chunked = token_divergences(ours, theirs, mask, chunk=3)
     torch.testing.assert_close(whole[0], chunked[0], rtol=0, atol=1e-6)
     assert torch.equal(whole[1], chunked[1]) and whole[0].numel() == 13
 
@@ -251,7 +252,7 @@ def test_evaluations_of_two_document_sets_merge_into_the_evaluation_of_both(tmp_
     b = evaluate(model, tasks, documents=second, **settings)["tasks"]
     whole = evaluate(model, tasks, documents=both, **settings)["tasks"]
     for task in tasks:
-        joined = evaluation.merged(task, a[task], b[task])
+        joined = task_of(task).merge(a[task], b[task])
         assert by_id(joined) == by_id(whole[task])
         for key in ("acc", "acc_stderr", "loss", "loss_stderr", "kld", "kld_stderr", "top1_agreement", "n"):
             if key in whole[task]:

@@ -9,9 +9,10 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from layerprune.config import build
-from layerprune.evaluation import EvalConfig, closeness, evaluate, logits_of, loss_rows
+from layerprune.evaluation import EvalConfig, closeness, evaluate, logits_of
 from layerprune.one_pass import FULL, OnePass, evaluate_variants
 from layerprune.surgery import pruned_in_place
+from layerprune.tasks import TEXT_TASKS
 
 CUTS = [(4,), (1, 2), (0, 3), (2, 3, 4)]  # sizes 1-3, starts 0-4, one not contiguous
 TEXTS = [f"Passage {i}: the cat sat on the mat while the dog slept by the warm door. " * (1 + i % 3) for i in range(5)]
@@ -28,7 +29,6 @@ def test_every_variant_computes_what_it_computes_alone(family):
     same losses, and KL to the full model on the same batch."""
     from lm_eval.models.huggingface import HFLM
 
-    from layerprune.evaluation import divergence_rows
 
     model, own, tokenizer = tiny_model(family, seed=3), tiny_model(family, seed=4), tiny_tokenizer()
     engine = OnePass(model, CUTS, {"healed": own})
@@ -50,9 +50,9 @@ def test_every_variant_computes_what_it_computes_alone(family):
                 batch = tokenizer([text], truncation=True, max_length=40, return_tensors="pt")
                 with torch.inference_mode():
                     logits = subject(**batch).logits
-                    losses += loss_rows(logits, batch)
+                    losses += TEXT_TASKS["loss"].rows(logits, None, batch)
                     if variant == "healed":
-                        divergences += divergence_rows(logits, model(**batch).logits, batch)
+                        divergences += TEXT_TASKS["kld"].rows(logits, model(**batch).logits, batch)
         assert [g for _, g in together[variant]] == [g for _, g in alone]
         assert max(abs(a - b) for (a, _), (b, _) in zip(together[variant], alone, strict=True)) < 1e-4
         assert [n for _, n in found[variant]["loss"]] == [n for _, n in losses]
@@ -199,7 +199,7 @@ def test_a_model_healed_near_its_cut_resumes_from_the_full_model_s_prefix():
         for text in TEXTS:
             batch = tokenizer([text], truncation=True, max_length=40, return_tensors="pt")
             with torch.inference_mode():
-                losses += loss_rows(subject(**batch).logits, batch)
+                losses += TEXT_TASKS["loss"].rows(subject(**batch).logits, None, batch)
         assert max(abs(a - b) for (a, _), (b, _) in zip(found[name]["loss"], losses, strict=True)) < 1e-4
     ledgers = engine.ledgers
     assert ledgers["near"].layer_tokens == 3 * ledgers["near"].head_tokens > 0  # layers 3-5 only

@@ -162,8 +162,9 @@ def test_kl_divergence_grows_with_the_deepest_layers_removed(real):
 
 
 def test_smollm2_paired_intervals_are_at_least_twice_narrower_than_unpaired(smollm2):
-    from layerprune.evaluation import documents_of, evaluate
+    from layerprune.evaluation import evaluate
     from layerprune.surgery import pruned_in_place
+    from layerprune.tasks import task_of
     from layerprune.uncertainty import compare
 
     model, tokenizer = load_model(smollm2)
@@ -173,7 +174,7 @@ def test_smollm2_paired_intervals_are_at_least_twice_narrower_than_unpaired(smol
         pruned = evaluate(model, ["piqa", "loss"], **settings)["tasks"]
     widths = {}
     for task in ("piqa", "loss"):
-        found = compare(documents_of(task, full[task]), documents_of(task, pruned[task]), task != "loss")
+        found = compare(task_of(task).documents(full[task]), task_of(task).documents(pruned[task]), task != "loss")
         paired, unpaired = (high - low for low, high in (found.change_interval, found.unpaired_interval))
         print(f"{task}: change {found.change:+.4f}, paired width {paired:.4f}, unpaired width {unpaired:.4f}")
         widths[task] = paired, unpaired

@@ -85,7 +85,7 @@ def test_the_rendered_numbers_table_matches_the_results_cell_by_cell(finished, t
 
 
 def test_the_rendered_comparisons_are_the_paired_bootstrap_of_the_stored_documents(finished, tmp_path):
-    from layerprune.evaluation import documents_of
+    from layerprune.tasks import task_of
     from layerprune.uncertainty import compare
 
     tables = rendered_tables((finished / "report.html").read_text(), tmp_path)
@@ -102,7 +102,7 @@ def test_the_rendered_comparisons_are_the_paired_bootstrap_of_the_stored_documen
             r for r in results if r["strategy"] == strategy and r["n"] == int(cell["n"]) and r["healed"] == healed
         )
         task = cell["task"]
-        expected = compare(documents_of(task, full["tasks"][task]), documents_of(task, point["tasks"][task]),
+        expected = compare(task_of(task).documents(full["tasks"][task]), task_of(task).documents(point["tasks"][task]),
                            higher_is_better=task != "loss")  # fmt: skip
         low, high = (float(x) for x in cell["paired 95% CI"].strip("[]").split(", "))
         assert (low, high) == pytest.approx(expected.change_interval, abs=5e-5)

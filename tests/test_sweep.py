@@ -333,3 +333,20 @@ def test_a_point_healed_near_its_cut_runs_from_the_full_model_s_prefix(setup, tm
     cost = healed["cost"]  # its layers from the first adapted one, and the full model's pass (kld, its prefix)
     assert 2 * cost["layer_tokens"] == (4 - shared + 6) * cost["head_tokens"] > 0, shared
     assert healed["tasks"]["kld"]["kld"] > 0 and healed["healing"]["config"]["target_layers"] == "near-cut"
+
+
+def test_the_evaluation_s_own_settings_reach_every_point_and_are_kept(setup, tmp_path):
+    """The sweep nests the evaluation's settings (`--eval-seq-len`, `--num-fewshot`, ...): each point
+    is measured with them, a rerun that changes one is refused, and one that changes only the batch is not."""
+    base, text = setup
+    out = tmp_path / "sweep"
+    settings = config(text, ns=(0, 1), strategies=("deepest",), heal=False, sensitivity=False, tasks=("loss",),
+                      eval_seq_len=9, num_fewshot=1)  # fmt: skip
+    run_sweep(base, out, settings, progress=False)
+    rows = json.loads((out / "results.json").read_text())
+    for row in rows:
+        assert row["settings"]["seq_len"] == 9 and row["settings"]["num_fewshot"] == 1
+        assert max(row["tasks"]["loss"]["documents"]["tokens"]) == 8  # 9 tokens: 8 predicted
+    with pytest.raises(LayerpruneError, match="other settings.*eval_seq_len"):
+        run_sweep(base, out, replace(settings, evaluation=replace(settings.evaluation, seq_len=10)), progress=False)
+    run_sweep(base, out, replace(settings, evaluation=replace(settings.evaluation, batch_size=3)), progress=False)
