@@ -25,7 +25,7 @@ import sys
 CHILD = r"""
 import json, math, resource, sys, time, torch
 torch.set_num_threads(1)
-from layerprune.analysis import measure
+from layerprune.analysis import layer_distances
 from layerprune.data import load_documents, token_batches
 from layerprune.models import load_model, resolve_model
 
@@ -56,7 +56,7 @@ def best(table):
 
 start = time.perf_counter()
 if method == "layerprune":
-    angular, _ = measure(model, batches, progress=False)
+    angular, _ = layer_distances(model, batches, progress=False)
     choice = best(angular)
 elif method == "floor":
     with torch.inference_mode():

@@ -243,12 +243,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     from layerprune import Calibration, HealConfig, heal, prune
-    from layerprune.analysis import measure
+    from layerprune.analysis import layer_distances
     from layerprune.deployment import InferenceSettings, benchmark
     from layerprune.devices import Placement, Plan
     from layerprune.evaluation import heldout_loss
     from layerprune.models import load_model
-    from layerprune.streaming import measure_streaming
+    from layerprune.streaming import layer_distances_streamed
 
     device, dtype, skip = args.device, "bfloat16", set(filter(None, args.skip.split(",")))
     root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -275,7 +275,7 @@ def main() -> None:
         return {}
 
     def in_memory() -> dict[str, Any]:
-        state["angular"], _ = measure(state["model"], batches, progress=False)
+        state["angular"], _ = layer_distances(state["model"], batches, progress=False)
         return {"best_block_n4": min(range(len(state["angular"][4])), key=state["angular"][4].__getitem__)}
 
     floor = step("plain forward with output_hidden_states (the floor)", plain_forward, device)
@@ -299,7 +299,7 @@ def main() -> None:
     def streamed() -> dict[str, Any]:
         os.system("sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null")
         budget = size / 4  # a quarter of the model: it cannot sit on the device whole under this cap
-        angular, _ = measure_streaming(big, batches, budget, Plan(device, dtype), progress=False)
+        angular, _ = layer_distances_streamed(big, batches, budget, Plan(device, dtype), progress=False)
         return {
             "budget_gib": round(budget / 2**30, 2),
             "max_diff_to_in_memory": round(max_diff(angular, state["angular"]), 5),

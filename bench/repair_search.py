@@ -33,7 +33,7 @@ def searches(model: str, n: int, samples: int, out: Path) -> dict[str, dict]:
     for search in ("loss", "loss-repair"):
         started = time.perf_counter()
         selection = select_by_loss(loaded, batches, n, search)
-        found[search] = {"removed": selection.removed, "candidates": selection.candidates,
+        found[search] = {"removed": selection.removed, "candidates": selection.scored,
                          "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
         print(search, selection.removed, found[search]["seconds"], "s", flush=True)
     path.write_text(json.dumps(found, indent=1))

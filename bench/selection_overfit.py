@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from layerprune.analysis import measure
+from layerprune.analysis import layer_distances
 from layerprune.data import Calibration, load_documents
 from layerprune.evaluation import document_losses
 from layerprune.layer_sets import parse_layers
@@ -56,11 +56,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for samples in map(int, filter(None, args.samples.split(","))):  # "" compares --blocks only
         batches = calibration_batches(Calibration(args.data, samples, args.seq_len, 8), tokenizer, documents)
-        angular, _ = measure(model, batches, progress=False)
+        angular, _ = layer_distances(model, batches, progress=False)
         start = min(range(len(angular[args.n]) - 1), key=angular[args.n].__getitem__)
         angular_block = list(range(start, start + args.n))
         chosen = select_by_loss(model, batches, args.n, "loss")
-        calibration = min(c["loss"] for c in chosen.candidates)
+        calibration = min(c["loss"] for c in chosen.scored)
         print(
             f"| {samples} × {args.seq_len} | {angular_block[0]}–{angular_block[-1]} "
             f"| {heldout_loss(angular_block):.3f} "

@@ -36,7 +36,7 @@ from .errors import LayerpruneError
 from .models import load_model, load_tokenizer, model_inputs, resolve_model
 from .plots import angular_heatmap
 from .residual import AngularSums, final_rows, last_token_index, stream_modules, watching
-from .streaming import measure_streaming
+from .streaming import layer_distances_streamed
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,9 @@ def check_analysis(analysis: AnalysisResult, path: Path) -> None:
         )
 
 
-def measure(model: Any, batches: list[dict], progress: bool = True) -> tuple[dict[int, list[float]], list[float]]:
+def layer_distances(
+    model: Any, batches: list[dict], progress: bool = True
+) -> tuple[dict[int, list[float]], list[float]]:
     """Angular table and Block Influence of a loaded model over token batches, in one pass."""
     import torch
     from tqdm.auto import tqdm
@@ -231,7 +233,7 @@ def _analyze(
             plan = replace(plan, device_map=None, max_memory=None)  # one layer at a time on the device
             batches = calibration.batches(load_tokenizer(path), documents)
             budget = memory_budget_mb * 2**20 if memory_budget_mb is not None else None
-            angular, block_influence = measure_streaming(path, batches, budget, plan, progress=progress)
+            angular, block_influence = layer_distances_streamed(path, batches, budget, plan, progress=progress)
         else:
             model, tokenizer = load_model(path, plan)
     elif tokenizer is None:
@@ -242,7 +244,7 @@ def _analyze(
     if not offload:
         fingerprint = model_fingerprint(model.config)
         batches = calibration.batches(tokenizer, documents)
-        angular, block_influence = measure(model, batches, progress=progress)
+        angular, block_influence = layer_distances(model, batches, progress=progress)
     result = AnalysisResult(
         num_layers=len(block_influence),
         angular=angular,

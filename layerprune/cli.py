@@ -466,23 +466,23 @@ def sweep(
     assert config is not None
     done = run_sweep(model, out, config, shard=Shard.parse(shard) if shard else None)
     if done.complete:
-        for line in answers(out, config.limits):
+        for line in answers(out, config.verdicts):
             typer.echo(line)
         typer.echo(f"wrote {out}/results.csv, results.json and {out / 'report.html'}")
     else:
         typer.echo(f"wrote this shard's points to {out}/points; the last shard to finish writes the report")
 
 
-@command(limits=Tolerance)
+@command(verdicts=Tolerance)
 def report(
     folder: Annotated[Path, typer.Argument(help="A sweep folder.")],
-    limits: Tolerance | None = None,
+    verdicts: Tolerance | None = None,
 ) -> None:
     """Rebuild report.html from a sweep's stored results (no model is run)."""
     if (folder / "points").is_dir():  # a published folder keeps only results.json
         collect(folder)
-    written = write_report(folder, limits)
-    for line in answers(folder, limits):
+    written = write_report(folder, verdicts)
+    for line in answers(folder, verdicts):
         typer.echo(line)
     typer.echo(f"wrote {written}")
 

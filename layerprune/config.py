@@ -98,8 +98,10 @@ def _nested_names(cls: Any) -> set[str]:
 
 
 def _build(
-    cls: Any, values: Mapping[str, Any], prefix: str, outer: str = "", bare: tuple = (), omit: tuple = ()
-) -> Any:
+    cls: Any, values: Mapping[str, Any], prefix: str, outer: str = "", bare: tuple = (), omit: tuple = (),
+    template: Any = None,
+) -> Any:  # fmt: skip
+    """`cls` from the flat `values`; with `omit`, the fields left out keep `template`'s values."""
     kwargs: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         if field.name in omit:
@@ -109,11 +111,12 @@ def _build(
         if dataclasses.is_dataclass(annotation):
             meta = field.metadata
             given = values.get(field.name) if not prefix else None
+            inner = _default(field) if meta.get("omit") else None
             kwargs[field.name] = given or _build(annotation, values, own + meta.get("prefix", ""), own,
-                                                 meta.get("bare", ()), meta.get("omit", ()))  # fmt: skip
+                                                 meta.get("bare", ()), meta.get("omit", ()), inner)  # fmt: skip
         elif own + field.name in values:
             kwargs[field.name] = values[own + field.name]
-    return cls(**kwargs)
+    return dataclasses.replace(template, **kwargs) if template is not None else cls(**kwargs)
 
 
 def flatten(config: Any) -> dict[str, Any]:

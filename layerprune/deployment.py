@@ -64,7 +64,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(model: Any, settings: InferenceSettings) -> dict[str, Any]:
+def inference_speed(model: Any, settings: InferenceSettings) -> dict[str, Any]:
     """Prefill and decode throughput and time to first token of a loaded model."""
     import torch
 
@@ -114,7 +114,7 @@ def benchmark_one(model: str | Path, settings: InferenceSettings, placement: Pla
     path = resolve_model(model, placement)
     plan = plan_placement(placement, path)
     loaded, _ = load_model(path, plan)
-    figures = measure(loaded, settings)
+    figures = inference_speed(loaded, settings)
     on_gpu = plan.device.startswith("cuda")
     gguf = gguf_file(model)
     return {

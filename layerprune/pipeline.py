@@ -111,6 +111,22 @@ def choose_layers(
     if config.layers is not None:
         return check_removal(num_layers, parse_layers(config.layers, num_layers), config.allow_final), {}
     count = layer_count(num_layers, config.n, config.fraction)  # refuse a bad n before any long work
+    return choose_counts(num_layers, [count], source, config, analysis, progress)[count]
+
+
+def choose_counts(
+    num_layers: int,
+    counts: list[int],
+    source: Callable[[], Path],
+    config: PruneConfig,
+    analysis: AnalysisResult | None = None,
+    progress: bool = True,
+    loaded: tuple[Any, Any] | None = None,
+) -> dict[int, tuple[list[int], dict[str, Any]]]:
+    """For each of `counts`, the layers `config`'s strategy removes and what led to them (one run
+    for all where the strategy shares the work, as `iterative`). The analysis is computed if the
+    strategy needs it and none is given; the model, if it needs it, is `loaded` (model, tokenizer)
+    or loaded from `source()`."""
     strategy = get_strategy(config.strategy)
     if ANALYSIS in strategy.needs and analysis is None:
         analysis = analyze(
@@ -118,32 +134,38 @@ def choose_layers(
         )
     model = batches = None
     if MODEL in strategy.needs:
-        src = source()
-        plan = plan_placement(config.placement, src)
-        if plan.device == "cpu" and not fits_on_device(plan, src):
-            raise LayerpruneError(
-                f"strategy {strategy.name} scores blocks with the whole model in memory, and its weights "
-                f"({model_bytes(src, plan.dtype) / 2**30:.1f} GiB in {plan.dtype}) would not fit in the "
-                f"{memory_available() / 2**30:.1f} GiB available; use angular or bi (their analysis runs one "
-                "layer at a time) or deepest"
-            )
-        documents = config.calibration.documents()
-        model, tokenizer = load_model(src, plan)
+        documents = config.calibration.documents()  # a bad --data is refused before the weights load
+        model, tokenizer = loaded or _loaded_whole(source(), config, strategy.name)
         batches = calibration_batches(config.calibration, tokenizer, documents)
-    request = Request(num_layers, count, config.allow_final, analysis, model, batches, config.candidates, config.seed,
-                      progress)  # fmt: skip
-    choice = strategy.choose(request)
-    selection = dict(choice.provenance)
-    if MODEL in strategy.needs:
-        selection["calibration"] = asdict(config.calibration)
-        selection["placement"] = plan_of(model).record()
-    if analysis is not None:
-        selection.update(
-            angular_distances_for_n=analysis.angular.get(count),
-            block_influence=analysis.block_influence,
-            analysis={k: getattr(analysis, k) for k in ("model", "data", "samples", "seq_len")},
+    request = Request(num_layers, counts[0], config.allow_final, analysis, model, batches, config.candidates,
+                      config.seed, progress)  # fmt: skip
+    found = {}
+    for count, choice in strategy.choose_many(request, counts).items():
+        selection = dict(choice.provenance)
+        if MODEL in strategy.needs:
+            selection["calibration"] = asdict(config.calibration)
+            selection["placement"] = plan_of(model).record()
+        if analysis is not None:
+            selection.update(
+                angular_distances_for_n=analysis.angular.get(count),
+                block_influence=analysis.block_influence,
+                analysis={k: getattr(analysis, k) for k in ("model", "data", "samples", "seq_len")},
+            )
+        found[count] = check_removal(num_layers, choice.layers, config.allow_final), selection
+    return found
+
+
+def _loaded_whole(src: Path, config: PruneConfig, strategy: str) -> tuple[Any, Any]:
+    """The model and tokenizer, for a strategy that scores blocks with the whole model in memory."""
+    plan = plan_placement(config.placement, src)
+    if plan.device == "cpu" and not fits_on_device(plan, src):
+        raise LayerpruneError(
+            f"strategy {strategy} scores blocks with the whole model in memory, and its weights "
+            f"({model_bytes(src, plan.dtype) / 2**30:.1f} GiB in {plan.dtype}) would not fit in the "
+            f"{memory_available() / 2**30:.1f} GiB available; use angular or bi (their analysis runs one "
+            "layer at a time) or deepest"
         )
-    return check_removal(num_layers, choice.layers, config.allow_final), selection
+    return load_model(src, plan)
 
 
 def prune(

@@ -42,7 +42,7 @@ class Selection:
     """The layers chosen, every candidate scored, and the cost in full-forward-pass equivalents."""
 
     removed: list[int]
-    candidates: list[dict[str, Any]] = field(default_factory=list)  # {"layers": [...], "loss": float}
+    scored: list[dict[str, Any]] = field(default_factory=list)  # {"layers": [...], "loss": float}
     forward_passes: float = 0.0
     seconds: float = 0.0
 
@@ -258,7 +258,7 @@ def _iterative(scorer: Scorer, n: int, allow_final: bool, started: float) -> tup
 
 def nested_prefix(selection: Selection, n: int) -> Selection:
     """The `iterative` answer for a smaller n, read off a longer greedy path at no cost."""
-    rounds = selection.candidates[:n]
+    rounds = selection.scored[:n]
     return Selection(rounds[-1]["layers"], rounds, rounds[-1]["forward_passes"], rounds[-1]["seconds"])
 
 

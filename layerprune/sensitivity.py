@@ -114,17 +114,17 @@ def _asked(task: str, config: EvalConfig) -> tuple[list[str], list[Any]]:
 
 
 def sensitivity(
-    model: Any, tokenizer: Any, config: EvalConfig, limits: dict[str, int] | None = None
+    model: Any, tokenizer: Any, config: EvalConfig, counts: dict[str, int] | None = None
 ) -> SensitivityResult:
     """Remove each layer of a loaded model in turn and measure every task of `config` (QA tasks
-    and `loss`; `config.limit` documents each, or the task's number in `limits`)."""
+    and `loss`; `config.limit` documents each, or the task's number in `counts`)."""
     from tqdm.auto import tqdm
 
     _check(config)
     started = time.perf_counter()
     engine = OnePass(model, [(layer,) for layer in range(find_architecture(model.config).num_layers(model.config))])
-    limits = limits or {}
-    asked = {task: _asked(task, replace(config, limit=limits.get(task, config.limit))) for task in config.tasks}
+    counts = counts or {}
+    asked = {task: _asked(task, replace(config, limit=counts.get(task, config.limit))) for task in config.tasks}
     rows = {task: engine.text_rows(config.seq_len, config.loss_batch_size) if task_of(task).text
             else config.loss_batch_size for task in config.tasks}  # fmt: skip
     total = sum(-(-len(asked[task][0]) // rows[task]) for task in config.tasks)

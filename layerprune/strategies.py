@@ -127,8 +127,8 @@ def _by_loss(request: Request, search: str) -> Selection:
 
 
 def _chosen(selection: Selection) -> Choice:
-    provenance = {k: getattr(selection, k) for k in ("candidates", "forward_passes", "seconds")}
-    return Choice(selection.removed, provenance)
+    provenance = {"candidates": selection.scored, "forward_passes": selection.forward_passes}
+    return Choice(selection.removed, provenance | {"seconds": selection.seconds})
 
 
 @strategy("angular", needs=[ANALYSIS], cost="1 forward pass")

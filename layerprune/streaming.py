@@ -240,7 +240,7 @@ class LayerStream:
             states.close()
 
 
-def measure_streaming(
+def layer_distances_streamed(
     path: Path,
     batches: list[dict],
     memory_budget: float | None = None,

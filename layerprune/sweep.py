@@ -48,7 +48,7 @@ from .checkpoint import read_json, read_record
 from .config import build, flatten
 from .cost import Ledger
 from .data import Calibration, load_documents
-from .deployment import InferenceSettings, export_gguf, measure
+from .deployment import InferenceSettings, export_gguf, inference_speed
 from .destinations import check_destination, claimed, write_atomically
 from .devices import Placement, process_rank, work_alone
 from .errors import LayerpruneError, LayerpruneWarning
@@ -59,13 +59,12 @@ from .layer_sets import check_fraction
 from .memory import FIT_SHARE, memory_free
 from .models import gguf_file, load_model, model_inputs, resolve_model
 from .one_pass import FULL, OnePass, Variant, evaluate_variants, run_record
-from .pipeline import prune, with_placement
+from .pipeline import PruneConfig, choose_counts, prune, with_placement
 from .repair import METHODS as REPAIR_METHODS
 from .report import write_report
-from .scoring import calibration_batches
 from .sensitivity import RESULT_FILE as SENSITIVITY_FILE
 from .sensitivity import sensitivity
-from .strategies import MODEL, STRATEGIES, Request, get_strategy, strategy_names
+from .strategies import STRATEGIES, get_strategy, strategy_names
 from .surgery import pruned_in_place
 from .tasks import task_of
 
@@ -123,7 +122,7 @@ class SweepConfig:
                           "point's paired comparison with the full model decides the tolerance question, or "
                           "the task's documents (auto:N: its first N) run out."},
     )  # fmt: skip
-    limits: Tolerance = field(default_factory=Tolerance)
+    verdicts: Tolerance = field(default_factory=Tolerance)
     sensitivity: bool = field(
         default=True, metadata={"help": "Also map each single layer's effect on each task (about L/2 passes)."}
     )
@@ -137,8 +136,18 @@ class SweepConfig:
         metadata={"help": "gguf: also write every pruned point as DIR/gguf/<point>.gguf (from a GGUF, unhealed "
                           "points keep its quantization; healed points are converted to f16).", "choices": ("gguf",)},
     )  # fmt: skip
-    calibration: Calibration = field(default_factory=Calibration)
-    placement: Placement = field(default_factory=Placement)
+    prune: PruneConfig = field(
+        default_factory=lambda: PruneConfig(n=1),  # each point sets its own n, strategy and repair
+        metadata={"omit": ("layers", "n", "fraction", "strategy", "repair")},
+    )
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.prune.calibration
+
+    @property
+    def placement(self) -> Placement:
+        return self.prune.placement
 
     def __post_init__(self) -> None:
         if bool(self.ns) == bool(self.fractions):
@@ -198,7 +207,7 @@ class SweepConfig:
         raw["heal_config"] = asdict(self.heal_config)
         # they change no stored number (beyond rounding), only which points and maps are made
         changeable = ("ns", "fractions", "strategies", "repairs", "device", "export", "sensitivity",
-                      "sensitivity_limit", "eval_batch_size")  # fmt: skip
+                      "sensitivity_limit", "eval_batch_size", "offload")  # fmt: skip
         for key in changeable:
             raw.pop(key)
         raw["tasks"] = sorted(raw["tasks"])
@@ -218,7 +227,7 @@ class Point:
             "-healed" if self.healed else "")  # fmt: skip
 
 
-def plan(config: SweepConfig, num_layers: int) -> list[Point]:
+def sweep_points(config: SweepConfig, num_layers: int) -> list[Point]:
     points = [Point("full", 0, False)]
     for n in config.counts(num_layers):
         if n:
@@ -312,7 +321,7 @@ def _undecided(
     with the full model's task results `full` not decided."""
     if size >= len(orders[task]):
         return False
-    return judge(task, full.get(task), result, config.limits).verdict.state == "undecided"
+    return judge(task, full.get(task), result, config.verdicts).verdict.state == "undecided"
 
 
 def _adaptive_together(
@@ -362,7 +371,7 @@ def _run_points(
     group's checkpoints are made (`_prepare`), then run beside the base as models of their own,
     sharing its logits as kld's reference. A point that removes what another removed (same layers,
     healing and repair) is computed once and stored for both."""
-    removed = {p: _removed_layers(p, base, analysis, config, out) if p.n else [] for p in points}
+    removed = {p: _removed_layers(p, base, src, analysis, config, out) if p.n else [] for p in points}
     fresh = []
     for point in points:
         twin = _twin(out, point, removed[point])
@@ -408,8 +417,8 @@ def _prepare(point: Point, src: Path, removed: list[int], config: SweepConfig, w
     if not checkpoint.is_dir():
         ledger = Ledger()
         with ledger.phase("prune and repair" if point.repair != "none" else "prune"):
-            pruned = prune(src, work / "pruned", layers=removed, repair=point.repair, calibration=config.calibration,
-                           placement=config.placement, overwrite=True)  # fmt: skip
+            settings = replace(config.prune, layers=",".join(map(str, removed)), n=None, repair=point.repair)
+            pruned = prune(src, work / "pruned", settings, overwrite=True)
         if point.healed:  # resumes if a killed run left checkpoints
             with ledger.phase("heal"):
                 heal(pruned.path, checkpoint, with_placement(config.heal_config, config.placement))
@@ -462,22 +471,23 @@ def _evaluate_together(
             store(point, _row(point, removed[point], num_layers, model, evaluated[key], ledgers[key]))
 
 
-def _removed_layers(point: Point, base: tuple[Any, Any], analysis: AnalysisResult, config: SweepConfig, out: Path):
-    """The layers a strategy removes at a point. Every strategy's choices are stored in
-    `selections/` (with what led to them), so healed points and reruns reuse them; a strategy
+def _removed_layers(
+    point: Point, base: tuple[Any, Any], src: Path, analysis: AnalysisResult, config: SweepConfig, out: Path
+) -> list[int]:
+    """The layers a strategy removes at a point, chosen as `prune` chooses them (`pipeline.choose_counts`,
+    with the sweep's prune settings: --candidates, --seed, ...). Every strategy's choices are stored
+    in `selections/` (with what led to them), so healed points and reruns reuse them; a strategy
     that answers several n from one run (`iterative`) is asked for all the sweep's n at once."""
     folder = out / "selections"
     stored = folder / f"{point.strategy}-n{point.n}.json"
     if not stored.is_file():
-        strategy = get_strategy(point.strategy)
-        model, tokenizer = base
-        batches = calibration_batches(config.calibration, tokenizer) if MODEL in strategy.needs else None
-        request = Request(analysis.num_layers, point.n, analysis=analysis, model=model, batches=batches)
         ns = [n for n in config.counts(analysis.num_layers) if n]
+        settings = replace(config.prune, strategy=point.strategy)
+        found = choose_counts(analysis.num_layers, ns, lambda: src, settings, analysis, progress=False, loaded=base)
         folder.mkdir(parents=True, exist_ok=True)
-        for n, choice in strategy.choose_many(request, ns).items():
+        for n, (removed, selection) in found.items():
             if not (folder / f"{point.strategy}-n{n}.json").is_file():
-                _write_json(folder / f"{point.strategy}-n{n}.json", {"removed": choice.layers, **choice.provenance})
+                _write_json(folder / f"{point.strategy}-n{n}.json", {"removed": removed, **selection})
     return json.loads(stored.read_text())["removed"]
 
 
@@ -530,7 +540,7 @@ def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluate
     """A point's stored result: what was removed, the model's size and decode speed, its evaluation,
     and what it cost (`cost.Ledger`; the decode-speed measurement is timed, not counted)."""
     with ledger.phase("decode speed"):
-        speed = measure(model, SPEED_SETTINGS)["decode_tokens_per_s"]["median"]
+        speed = inference_speed(model, SPEED_SETTINGS)["decode_tokens_per_s"]["median"]
     cost = ledger.record(num_layers)
     return {
         "strategy": point.strategy,
@@ -614,7 +624,7 @@ def _run_sweep(model: str | Path, out: Path, config: SweepConfig, progress: bool
     check_destination(out, [src], overwrite=False, resume="sweep.json")
     base = load_model(src, config.placement)
     num_layers = find_architecture(base[0].config).num_layers(base[0].config)
-    points = plan(config, num_layers)
+    points = sweep_points(config, num_layers)
     _open_sweep(out, str(model), config)
     analysis = _shared_analysis(out, base, config, progress)
     mine = points[shard.index :: shard.count] if shard else points
@@ -643,7 +653,7 @@ def _run_sweep(model: str | Path, out: Path, config: SweepConfig, progress: bool
         if config.sensitivity and not (out / "sensitivity" / SENSITIVITY_FILE).is_file():
             _sensitivity_map(out, base, config)
         collect(out)
-        write_report(out, config.limits)
+        write_report(out, config.verdicts)
     return SweepResult(out, complete)
 
 
@@ -675,13 +685,13 @@ def _sensitivity_map(out: Path, base: tuple[Any, Any], config: SweepConfig) -> N
     cap = config.sensitivity_limit
     if isinstance(config.limit, int):
         cap = min(cap, config.limit)
-    limits = dict.fromkeys(tasks, cap)
+    counts = dict.fromkeys(tasks, cap)
     if config.adaptive:
         rows = [json.loads(p.read_text()) for p in (out / "points").glob("*.json")]
         for task in tasks:
             used = [len(r["tasks"][task]["documents"]["id"]) for r in rows if r["n"] and task in r["tasks"]]
-            limits[task] = min(cap, max(used, default=cap))
-    sensitivity(*base, replace(_eval_config(config), tasks=tasks, limit=cap), limits).save(out / "sensitivity")
+            counts[task] = min(cap, max(used, default=cap))
+    sensitivity(*base, replace(_eval_config(config), tasks=tasks, limit=cap), counts).save(out / "sensitivity")
 
 
 def collect(out: Path) -> list[dict[str, Any]]:

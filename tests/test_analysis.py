@@ -5,7 +5,7 @@ import torch
 from conftest import save_tiny, tiny_model, tiny_tokenizer
 from reference import assert_same_tables, direct_tables
 
-from layerprune.analysis import AnalysisResult, analyze, measure
+from layerprune.analysis import AnalysisResult, analyze, layer_distances
 from layerprune.data import token_batches
 from layerprune.errors import LayerpruneError
 
@@ -21,7 +21,7 @@ DOCS = [
 def test_table_and_block_influence_match_a_direct_computation(family):
     model = tiny_model(family)
     batches = token_batches(tiny_tokenizer(), DOCS, samples=5, seq_len=40, batch_size=3)
-    angular, block_influence = measure(model, batches, progress=False)
+    angular, block_influence = layer_distances(model, batches, progress=False)
     expected_angular, expected_bi = direct_tables(model, batches)
     assert sorted(angular) == list(range(1, 6))
     for n, row in expected_angular.items():
@@ -33,8 +33,8 @@ def test_table_and_block_influence_match_a_direct_computation(family):
 def test_padding_does_not_change_the_result():
     model = tiny_model("llama")
     tokenizer = tiny_tokenizer()
-    one_by_one = measure(model, token_batches(tokenizer, DOCS, 5, 40, 1), progress=False)
-    padded = measure(model, token_batches(tokenizer, DOCS, 5, 40, 5), progress=False)
+    one_by_one = layer_distances(model, token_batches(tokenizer, DOCS, 5, 40, 1), progress=False)
+    padded = layer_distances(model, token_batches(tokenizer, DOCS, 5, 40, 5), progress=False)
     for n in one_by_one[0]:
         assert padded[0][n] == pytest.approx(one_by_one[0][n], abs=1e-6)
     assert padded[1] == pytest.approx(one_by_one[1], abs=1e-6)
@@ -81,7 +81,7 @@ def test_identity_layers_have_zero_distance():
     layer = model.model.layers[2]
     for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
         torch.nn.init.zeros_(module.weight)
-    angular, block_influence = measure(model, token_batches(tiny_tokenizer(), DOCS, 5, 40, 2), progress=False)
+    angular, block_influence = layer_distances(model, token_batches(tiny_tokenizer(), DOCS, 5, 40, 2), progress=False)
     assert angular[1][2] == pytest.approx(0.0, abs=1e-6)
     assert block_influence[2] == pytest.approx(0.0, abs=1e-6)  # float32 cosines
     assert min(angular[1][:2] + angular[1][3:]) > 0.01
@@ -108,8 +108,8 @@ def test_bf16_on_the_cpu_gives_the_fp32_choices_within_a_stated_tolerance(family
 
     model = tiny_model(family)
     batches = token_batches(tiny_tokenizer(), DOCS * 2, 10, 40, 4)
-    angular, block_influence = measure(model, batches, progress=False)
-    angular16, block_influence16 = measure(copy.deepcopy(model).to(torch.bfloat16), batches, progress=False)
+    angular, block_influence = layer_distances(model, batches, progress=False)
+    angular16, block_influence16 = layer_distances(copy.deepcopy(model).to(torch.bfloat16), batches, progress=False)
     for n, row in angular.items():
         assert angular16[n] == pytest.approx(row, abs=ANGULAR_TOLERANCE)
         best, best16 = min(range(len(row)), key=row.__getitem__), min(range(len(row)), key=angular16[n].__getitem__)
@@ -131,8 +131,8 @@ def test_a_model_dispatched_over_cpu_and_disk_gives_the_same_table(tmp_path):
     ).eval()
     assert {getattr(layer, "_hf_hook", None) is not None for layer in dispatched.model.layers} == {True}
     batches = token_batches(tiny_tokenizer(), DOCS, 5, 40, 3)
-    expected_angular, expected_bi = measure(model, batches, progress=False)
-    angular, block_influence = measure(dispatched, batches, progress=False)
+    expected_angular, expected_bi = layer_distances(model, batches, progress=False)
+    angular, block_influence = layer_distances(dispatched, batches, progress=False)
     assert_same_tables((angular, block_influence), (expected_angular, expected_bi), 1e-6)
 
 

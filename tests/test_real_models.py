@@ -10,7 +10,7 @@ from reference import assert_same_tables, direct_tables, greedy
 from transformers import AutoModelForCausalLM
 
 from layerprune import analyze, load_model, prune, prune_model
-from layerprune.analysis import measure
+from layerprune.analysis import layer_distances
 from layerprune.data import load_documents, token_batches
 
 pytestmark = pytest.mark.real
@@ -76,12 +76,12 @@ def test_smollm2_sciq_matches_lm_eval_command_line(smollm2):
 
 
 def test_real_offload_analysis_equals_in_memory(real):
-    from layerprune.streaming import measure_streaming
+    from layerprune.streaming import layer_distances_streamed
 
     path, model, tokenizer = real
     batches = token_batches(tokenizer, load_documents("coqa"), 4, 48, 2)
-    expected_angular, expected_bi = measure(model, batches, progress=False)
-    angular, block_influence = measure_streaming(path, batches, progress=False)
+    expected_angular, expected_bi = layer_distances(model, batches, progress=False)
+    angular, block_influence = layer_distances_streamed(path, batches, progress=False)
     assert_same_tables((angular, block_influence), (expected_angular, expected_bi), 1e-5)
 
 
@@ -192,7 +192,7 @@ def test_smollm2_sensitivity_agrees_with_the_loss_searchs_single_layer_costs(smo
     model, tokenizer = load_model(smollm2)
     calibration = Calibration(samples=8, seq_len=64, batch_size=4)
     searched = select_by_loss(model, calibration_batches(calibration, tokenizer), 1, allow_final=True)
-    costs = {block["layers"][0]: block["loss"] for block in searched.candidates}
+    costs = {block["layers"][0]: block["loss"] for block in searched.scored}
     config = EvalConfig(tasks=("loss",), limit=8, loss_data=calibration.data, seq_len=64, batch_size=4)
     found = sensitivity(model, tokenizer, config)
     # the loss search's cost: each layer's suffix and one LM head (a fifth of a pass here) per layer, not L passes

@@ -9,7 +9,7 @@ from conftest import save_tiny, tiny_model, tiny_tokenizer
 from reference import greedy
 from transformers import AutoModelForCausalLM
 
-from layerprune.analysis import measure
+from layerprune.analysis import layer_distances
 from layerprune.architectures import find_architecture
 from layerprune.data import token_batches
 from layerprune.errors import LayerpruneError
@@ -39,8 +39,8 @@ def test_loss_search_equals_brute_force(family):
     batches = token_batches(tiny_tokenizer(), DOCS, 6, 40, 4)
     selection = select_by_loss(model, batches, n=2)
     expected = {tuple(range(s, s + 2)): brute_force_loss(model, batches, list(range(s, s + 2))) for s in range(4)}
-    assert [tuple(c["layers"]) for c in selection.candidates] == list(expected)
-    for candidate in selection.candidates:
+    assert [tuple(c["layers"]) for c in selection.scored] == list(expected)
+    for candidate in selection.scored:
         assert candidate["loss"] == pytest.approx(expected[tuple(candidate["layers"])], rel=1e-5)
     assert tuple(selection.removed) == min(expected, key=expected.get)
     # cost: one pass over the 6 layers without the head, then per block the layers after it and the head
@@ -61,26 +61,26 @@ def test_loss_repair_scores_each_block_as_the_repaired_checkpoint_computes(famil
     model = tiny_model(family, seed=4)
     batches = token_batches(tiny_tokenizer(), DOCS * 8, 48, 40, 8)  # more tokens than hidden units
     selection = select_by_loss(model, batches, n=2, strategy="loss-repair")
-    assert [c["layers"] for c in selection.candidates] == [[1, 2], [2, 3], [3, 4]]
-    for candidate in selection.candidates:
+    assert [c["layers"] for c in selection.scored] == [[1, 2], [2, 3], [3, 4]]
+    for candidate in selection.scored:
         repaired = copy.deepcopy(model)
         fits = repair_model(repaired, batches, candidate["layers"], "linear", progress=False)
         assert candidate["fit_residual"] == pytest.approx(fits[0].residual, abs=1e-6)
         assert candidate["loss"] == pytest.approx(brute_force_loss(repaired, batches, candidate["layers"]), rel=1e-5)
-    assert selection.removed == min(selection.candidates, key=lambda c: c["loss"])["layers"]
+    assert selection.removed == min(selection.scored, key=lambda c: c["loss"])["layers"]
 
 
 def test_angular_rerank_scores_the_k_most_similar_blocks():
     model = tiny_model("qwen3", seed=5)
     batches = token_batches(tiny_tokenizer(), DOCS, 6, 40, 3)
-    angular, bi = measure(model, batches, progress=False)
+    angular, bi = layer_distances(model, batches, progress=False)
     from layerprune.analysis import AnalysisResult
 
     analysis = AnalysisResult(num_layers=6, angular=angular, block_influence=bi)
     selection = select_by_loss(model, batches, n=2, strategy="angular-rerank", analysis=analysis, candidates=2)
     ranked = sorted(range(4), key=lambda s: angular[2][s])[:2]
-    assert [c["layers"][0] for c in selection.candidates] == ranked
-    assert selection.removed == min(selection.candidates, key=lambda c: c["loss"])["layers"]
+    assert [c["layers"][0] for c in selection.scored] == ranked
+    assert selection.removed == min(selection.scored, key=lambda c: c["loss"])["layers"]
     with pytest.raises(LayerpruneError, match="--candidates must be between 1 and 4"):
         select_by_loss(model, batches, n=2, strategy="angular-rerank", analysis=analysis, candidates=5)
     with pytest.raises(LayerpruneError, match="--candidates"):
@@ -92,7 +92,7 @@ def test_iterative_removes_greedily_and_gives_a_valid_noncontiguous_checkpoint(t
     batches = token_batches(tiny_tokenizer(), DOCS, 6, 40, 3)
     selection = select_by_loss(model, batches, n=3, strategy="iterative")
     first = min(range(5), key=lambda i: brute_force_loss(model, batches, [i]))
-    assert selection.candidates[0]["layers"] == [first]
+    assert selection.scored[0]["layers"] == [first]
     assert len(selection.removed) == 3 and 5 not in selection.removed
     src = save_tiny(model, tmp_path / "src")
     out = prune(src, tmp_path / "out", layers=selection.removed).path
@@ -111,7 +111,7 @@ def test_iterative_path_is_nested_so_a_smaller_n_is_its_prefix():
     longer = select_by_loss(model, batches, n=3, strategy="iterative")
     shorter = select_by_loss(model, batches, n=2, strategy="iterative")
     prefix = nested_prefix(longer, 2)
-    assert prefix.removed == shorter.removed and prefix.candidates == longer.candidates[:2]
+    assert prefix.removed == shorter.removed and prefix.scored == longer.scored[:2]
     assert 0 < prefix.forward_passes == shorter.forward_passes < longer.forward_passes
 
 
@@ -123,8 +123,8 @@ def test_bf16_loss_search_agrees_with_fp32(family):
     batches = token_batches(tiny_tokenizer(), DOCS + DOCS[:2], 8, 40, 4)
     full = select_by_loss(model, batches, n=2)
     half = select_by_loss(copy.deepcopy(model).to(torch.bfloat16), batches, n=2)
-    losses = {tuple(c["layers"]): c["loss"] for c in full.candidates}
-    for ours, theirs in zip(half.candidates, full.candidates, strict=True):
+    losses = {tuple(c["layers"]): c["loss"] for c in full.scored}
+    for ours, theirs in zip(half.scored, full.scored, strict=True):
         assert ours["layers"] == theirs["layers"] and ours["loss"] == pytest.approx(theirs["loss"], abs=LOSS_TOLERANCE)
     near = losses[tuple(half.removed)] - losses[tuple(full.removed)] <= 2 * LOSS_TOLERANCE
     assert near, "the same block, or one whose fp32 loss is within the tolerance of the best"

@@ -29,7 +29,7 @@ def test_the_loss_row_equals_the_loss_searchs_single_layer_costs(tiny, calibrati
     model, tokenizer = tiny
     calibration = Calibration(data=str(calibration_text), samples=12, seq_len=32, batch_size=4)
     searched = select_by_loss(model, calibration_batches(calibration, tokenizer), 1, allow_final=True)
-    costs = {block["layers"][0]: block["loss"] for block in searched.candidates}
+    costs = {block["layers"][0]: block["loss"] for block in searched.scored}
     config = EvalConfig(tasks=("loss",), limit=12, loss_data=str(calibration_text), seq_len=32, batch_size=4)
     found = sensitivity(model, tokenizer, config).tasks["loss"]
     assert found["documents"] == 12 and len(found["layers"]) == 6

@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-from layerprune.analysis import AnalysisResult, measure
+from layerprune.analysis import AnalysisResult, layer_distances
 from layerprune.cli import app
 from layerprune.data import token_batches
 from layerprune.errors import LayerpruneError
@@ -20,7 +20,7 @@ def request_for():
     """A Request with everything any strategy may need, for a tiny model."""
     model = tiny_model("llama", seed=3)
     batches = token_batches(tiny_tokenizer(), DOCS, 6, 40, 3)
-    angular, bi = measure(model, batches, progress=False)
+    angular, bi = layer_distances(model, batches, progress=False)
     analysis = AnalysisResult(num_layers=6, angular=angular, block_influence=bi)
     return lambda n, **kw: Request(6, n, analysis=analysis, model=model, batches=batches, candidates=2, **kw)
 

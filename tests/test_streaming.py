@@ -12,11 +12,11 @@ from conftest import save_tiny, tiny_model, tiny_tokenizer
 from reference import assert_same_tables
 
 import layerprune.streaming as streaming
-from layerprune.analysis import analyze, measure
+from layerprune.analysis import analyze, layer_distances
 from layerprune.data import token_batches
 from layerprune.destinations import WRITER_SUFFIX, scratch_folder
 from layerprune.errors import LayerpruneError
-from layerprune.streaming import SPILL_PREFIX, measure_streaming, remove_stale_spills
+from layerprune.streaming import SPILL_PREFIX, layer_distances_streamed, remove_stale_spills
 
 DOCS = ["The quick brown fox jumps over the lazy dog.", "A b c", "Layer pruning removes whole blocks.", "Short."]
 
@@ -25,8 +25,8 @@ def test_offload_equals_in_memory(family, tmp_path):
     model = tiny_model(family)
     src = save_tiny(model, tmp_path / "model", shard_size="60KB")
     batches = token_batches(tiny_tokenizer(), DOCS, 4, 40, 3)
-    expected_angular, expected_bi = measure(model, batches, progress=False)
-    angular, block_influence = measure_streaming(src, batches, progress=False)
+    expected_angular, expected_bi = layer_distances(model, batches, progress=False)
+    angular, block_influence = layer_distances_streamed(src, batches, progress=False)
     assert_same_tables((angular, block_influence), (expected_angular, expected_bi), 1e-6)
 
 
@@ -40,8 +40,8 @@ def test_states_spill_to_disk_past_the_budget_and_are_cleaned_up(tmp_path, monke
     real = streaming.scratch_folder
     monkeypatch.setattr(streaming, "scratch_folder", lambda parent, prefix: made.append(real(parent, prefix)) or made[-1])  # noqa: E501
     layer_mib = 0.15  # one tiny layer is about 0.14 MiB in fp32: almost no room for states
-    angular, _ = measure_streaming(src, batches, memory_budget=layer_mib * 2**20, progress=False)
-    assert angular[1] == pytest.approx(measure(model, batches, progress=False)[0][1], abs=1e-6)
+    angular, _ = layer_distances_streamed(src, batches, memory_budget=layer_mib * 2**20, progress=False)
+    assert angular[1] == pytest.approx(layer_distances(model, batches, progress=False)[0][1], abs=1e-6)
     assert len(made) == 1 and made[0].name.startswith("layerprune-spill-"), "the states should have spilled to disk"
     assert glob.glob(str(tmp_path / "spill-root" / "layerprune-spill-*")) == []
 
@@ -50,7 +50,7 @@ def test_a_budget_smaller_than_one_layer_says_what_is_needed(tmp_path):
     src = save_tiny(tiny_model("llama"), tmp_path / "model")
     batches = token_batches(tiny_tokenizer(), DOCS, 2, 20, 2)
     with pytest.raises(LayerpruneError, match=r"0.0 MiB is smaller than one layer: at least 0.1 MiB is needed"):
-        measure_streaming(src, batches, memory_budget=1000, progress=False)
+        layer_distances_streamed(src, batches, memory_budget=1000, progress=False)
 
 
 def test_analyze_with_offload_records_it(tmp_path):
@@ -148,10 +148,10 @@ def test_offload_in_bf16_equals_in_memory_bf16(tmp_path, budget_layers):
     model = tiny_model("qwen3").to(torch.bfloat16)
     src = save_tiny(model, tmp_path / "model")
     batches = token_batches(tiny_tokenizer(), DOCS, 4, 40, 2)
-    expected_angular, expected_bi = measure(model, batches, progress=False)
+    expected_angular, expected_bi = layer_distances(model, batches, progress=False)
     budget = None
     if budget_layers:
         layer = _layer_bytes(tensor_entries(src), find_architecture(model.config), 0, "bfloat16")
         budget = budget_layers * layer + 2**20  # room for one layer and the states, not for two layers
-    angular, block_influence = measure_streaming(src, batches, budget, Plan("cpu", "bfloat16"), progress=False)
+    angular, block_influence = layer_distances_streamed(src, batches, budget, Plan("cpu", "bfloat16"), progress=False)
     assert_same_tables((angular, block_influence), (expected_angular, expected_bi), 2e-3)

@@ -281,7 +281,7 @@ def test_limit_auto_evaluates_in_rounds_until_each_task_decides(setup, tmp_path)
             if task != "kld":  # the full model covers every point (kld compares with it directly)
                 assert set(ids) <= set(full["tasks"][task]["documents"]["id"])
             if row["n"]:
-                decided = judge(task, full["tasks"].get(task), result, settings.limits).verdict.state != "undecided"
+                decided = judge(task, full["tasks"].get(task), result, settings.verdicts).verdict.state != "undecided"
                 assert decided or len(ids) == len(orders[task]), (row["n"], task)
     assert len(orders["loss"]) == 90 and len(orders["arc_easy"]) == 300  # all 90; the first 300 of 570
     # the sensitivity map: as many documents as any point needed, at most --sensitivity-limit
@@ -350,3 +350,22 @@ def test_the_evaluation_s_own_settings_reach_every_point_and_are_kept(setup, tmp
     with pytest.raises(LayerpruneError, match="other settings.*eval_seq_len"):
         run_sweep(base, out, replace(settings, evaluation=replace(settings.evaluation, seq_len=10)), progress=False)
     run_sweep(base, out, replace(settings, evaluation=replace(settings.evaluation, batch_size=3)), progress=False)
+
+
+def test_points_are_chosen_as_prune_chooses_them_with_the_sweep_s_prune_settings(setup, tmp_path):
+    """The sweep nests prune's settings: --seed and --candidates reach the strategies, and every
+    point removes what `prune` with the same settings removes."""
+    from layerprune.pipeline import choose_layers
+
+    base, text = setup
+    settings = config(text, ns=(0, 2), strategies=("random", "angular-rerank"), heal=False, sensitivity=False,
+                      tasks=("loss",), seed=5, candidates=2)  # fmt: skip
+    out = run_sweep(base, tmp_path / "sweep", settings, progress=False).path
+    rows = {r["strategy"]: r for r in json.loads((out / "results.json").read_text()) if r["n"]}
+    for strategy in ("random", "angular-rerank"):
+        alone = replace(settings.prune, strategy=strategy, n=2)
+        removed, selection = choose_layers(6, lambda: base, alone, progress=False)
+        assert rows[strategy]["layers_removed"] == removed, strategy
+        stored = json.loads((out / "selections" / f"{strategy}-n2.json").read_text())
+        assert stored["removed"] == removed and stored.get("seed") == selection.get("seed")
+    assert len(json.loads((out / "selections" / "angular-rerank-n2.json").read_text())["candidates"]) == 2
