@@ -2,7 +2,8 @@
 
 A family file declares where the layer list and final norm live, which config key counts
 layers, which per-layer config lists must be sliced, which attribute carries `layer_idx`,
-the state-dict key template that carries the layer index, and the MLP module names.
+the state-dict key template that carries the layer index, the MLP module names, where a repair
+folds in, and its GGUF facts (llama.cpp's name for it, its implicit sliding-window period).
 Adding a family means adding one JSON file; nothing here changes.
 """
 
@@ -39,12 +40,18 @@ class Architecture:
     mlp_term: str  # module, inside one layer, whose output is the MLP's term in the residual add
     repair_fold: str  # module, inside one layer, that takes a repair's map (see `repair`)
     repair_fold_kind: str  # linear (weight [out, in]), conv1d (weight [in, out]) or norm (a diagonal only)
+    gguf_arch: str  # llama.cpp's name for the family in a GGUF (`general.architecture`; Mistral's is llama)
+    # llama.cpp's set_swa_pattern(period) for the family: layer i uses sliding-window attention
+    # unless i % period == period - 1; 0: no implicit pattern
+    gguf_sliding_period: int
 
     def __post_init__(self) -> None:
         if self.layer_key_template.count(LAYER_INDEX) != 1:
             raise ValueError(f"{self.name}: layer_key_template needs one {LAYER_INDEX}")
         if self.repair_fold_kind not in ("linear", "conv1d", "norm"):
             raise ValueError(f"{self.name}: repair_fold_kind must be linear, conv1d or norm")
+        if self.gguf_sliding_period < 0:
+            raise ValueError(f"{self.name}: gguf_sliding_period must be 0 (none) or a period of layers")
 
     def num_layers(self, config: Any) -> int:
         """The layer count from a config object or a config dict."""
@@ -104,7 +111,8 @@ def all_architectures() -> dict[str, Architecture]:
 
 def parse_family(raw: Any, source: str) -> Architecture:
     """A family file checked against its schema, the fields of `Architecture`: every field present,
-    no other, each of its type (a list of strings for the tuples); one line names what is wrong."""
+    no other, each of its type (a list of strings for the tuples, a whole number for the ints, else
+    a non-empty string); one line names what is wrong."""
     if not isinstance(raw, dict):
         raise LayerpruneError(f"family file {source}: expected a JSON object")
     wanted = {f.name: f.type for f in fields(Architecture)}
@@ -113,13 +121,13 @@ def parse_family(raw: Any, source: str) -> Architecture:
         raise LayerpruneError(f"family file {source}: missing {missing}, unknown {unknown}")
     for name, kind in wanted.items():
         value = raw[name]
-        ok = (
-            (isinstance(value, list) and all(isinstance(v, str) for v in value))
-            if "tuple" in str(kind)
-            else (isinstance(value, str) and value != "")
-        )
+        if "tuple" in str(kind):
+            ok, expected = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+        elif kind in (int, "int"):
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        else:
+            ok, expected = isinstance(value, str) and value != "", "a non-empty string"
         if not ok:
-            expected = "a list of strings" if "tuple" in str(kind) else "a non-empty string"
             raise LayerpruneError(f"family file {source}: {name} must be {expected}, got {value!r}")
     try:
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
@@ -147,3 +155,13 @@ def find_architecture(config: Any) -> Architecture:
     raise LayerpruneError(
         f"unsupported architecture {asked!r}.{hint} Supported families: {', '.join(all_architectures())}"
     )
+
+
+def gguf_sliding_period(gguf_arch: str) -> int:
+    """The implicit sliding-window period llama.cpp gives GGUFs of an architecture (0: none)."""
+    return max((a.gguf_sliding_period for a in all_architectures().values() if a.gguf_arch == gguf_arch), default=0)
+
+
+def gguf_architectures() -> tuple[str, ...]:
+    """The GGUF architectures (llama.cpp's names) of the packaged families."""
+    return tuple(sorted({a.gguf_arch for a in all_architectures().values()}))

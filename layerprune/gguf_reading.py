@@ -17,14 +17,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from .architectures import gguf_architectures
 from .errors import LayerpruneError
 
 RECORD_KEY = "layerprune.record"  # the JSON record of what layerprune did, in a GGUF it wrote
 BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
-# GGUF architectures whose decoder layers are all `blk.N.*` tensors counted by `{arch}.block_count`
-# (llama.cpp's names; Mistral GGUFs say llama).
-KNOWN_ARCHITECTURES = ("llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "phi3", "olmo2", "gpt2", "gptneox",
-                       "starcoder2", "stablelm", "granite")  # fmt: skip
+# GGUF architectures (llama.cpp's names) whose decoder layers are all `blk.N.*` tensors counted by
+# `{arch}.block_count`, pruned as files only: no packaged family loads them into transformers.
+# The packaged families' own GGUF architectures are in their family files (`architectures`).
+FILE_ONLY_ARCHITECTURES = ("gemma", "starcoder2", "stablelm", "granite")
 TRUNCATED = "it is truncated: it ends before the data its header describes"
 
 
@@ -183,10 +184,10 @@ def field_value(reader: Any, key: str) -> Any:
 def gguf_layers(reader: Any, path: Path) -> tuple[str, int]:
     """(architecture, block count) of a GGUF, checked against its `blk.N` tensors."""
     arch = field_value(reader, "general.architecture")
-    if arch not in KNOWN_ARCHITECTURES:
+    known = sorted({*gguf_architectures(), *FILE_ONLY_ARCHITECTURES})
+    if arch not in known:
         raise LayerpruneError(
-            f"{path}: GGUF architecture {arch!r} is not one layerprune maps to a decoder family "
-            f"(known: {', '.join(KNOWN_ARCHITECTURES)})"
+            f"{path}: GGUF architecture {arch!r} is not one layerprune knows the layers of (known: {', '.join(known)})"
         )
     count = field_value(reader, f"{arch}.block_count")
     blocks = {int(m.group(1)) for t in reader.tensors if (m := BLOCK.match(t.name))}

@@ -10,8 +10,8 @@ every kept tensor keeps its quantization bit for bit. `blk.N.*` tensors are renu
 to the kept layers. The prune is recorded in the metadata (`layerprune.record`, JSON). The output
 is staged and published by `destinations.staged`.
 
-Some architectures keep per-layer properties only implicitly: llama.cpp derives Gemma 2/3's and
-Command-R 2's sliding and global attention layers from a period. A removal that would change
+Some architectures keep per-layer properties only implicitly: llama.cpp derives Gemma 2/3's sliding
+and global attention layers from a period (in their family files). A removal that would change
 which kept layers are global is refused, with the reason, since GGUF cannot state them per layer.
 """
 
@@ -23,20 +23,20 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .architectures import gguf_sliding_period
 from .destinations import check_destination, staged
 from .errors import LayerpruneError
 from .gguf_reading import BLOCK, RECORD_KEY, field_value, gguf_layers, read_gguf
 from .layer_sets import check_removal
 
 BUFFER_BYTES = 16 * 2**20  # bytes copied at a time
-# llama.cpp's set_swa_pattern(period): layer i uses sliding-window attention unless i % period == period - 1.
-SLIDING_PERIOD = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
 
 
 def check_sliding_pattern(arch: str, num_layers: int, keep: list[int]) -> None:
-    """Refuse a removal after which llama.cpp would take other kept layers for global attention."""
-    period = SLIDING_PERIOD.get(arch)
-    if period is None:
+    """Refuse a removal after which llama.cpp would take other kept layers for global attention
+    (layer i is global when i % period == period - 1; the period is in the family file)."""
+    period = gguf_sliding_period(arch)
+    if not period:
         return
     is_global = [i % period == period - 1 for i in range(num_layers)]
     changed = [old for new, old in enumerate(keep) if is_global[old] != (new % period == period - 1)]

@@ -62,6 +62,8 @@ def test_fixture_families_cover_every_declared_family():
         (lambda raw: raw.update(final_norm=3), "final_norm must be a non-empty string"),
         (lambda raw: raw.update(repair_fold_kind="bilinear"), "repair_fold_kind must be linear, conv1d or norm"),
         (lambda raw: raw.update(layer_key_template="model.layers."), r"layer_key_template needs one \$\{layer_index\}"),
+        (lambda raw: raw.update(gguf_sliding_period="6"), "gguf_sliding_period must be a whole number"),
+        (lambda raw: raw.pop("gguf_arch"), r"missing \['gguf_arch'\]"),
     ],
 )
 def test_a_family_file_is_checked_against_its_schema_in_one_line(change, message):

@@ -164,6 +164,9 @@ def test_a_removal_that_moves_gemma3s_global_layers_is_refused_by_name():
     with pytest.raises(LayerpruneError, match="would change which layers use global attention .layer 17 among them"):
         check_sliding_pattern("gemma3", 18, [i for i in range(18) if i not in range(13, 17)])
     check_sliding_pattern("llama", 30, [0, 5, 29])  # no implicit pattern
+    check_sliding_pattern("gemma2", 8, [0, 1, 4, 5, 6, 7])  # gemma2's period of 2, from its family file
+    with pytest.raises(LayerpruneError, match="a period of 2"):
+        check_sliding_pattern("gemma2", 8, [0, 2, 3, 4, 5, 6, 7])
 
 
 def refused(tmp_path, args, message, source):
@@ -193,7 +196,7 @@ def test_bad_ggufs_and_outputs_are_one_line_with_nothing_left(tmp_path):
     refused(tmp_path, ["prune", str(miscounted), "--layers", "1", "--out", out],
             "its block count (5) disagrees with its layer tensors (blk.0..blk.2)", miscounted)  # fmt: skip
     refused(tmp_path, ["prune", str(foreign), "--layers", "1", "--out", out],
-            "GGUF architecture 'mamba' is not one layerprune maps to a decoder family", foreign)  # fmt: skip
+            "GGUF architecture 'mamba' is not one layerprune knows the layers of", foreign)  # fmt: skip
     refused(tmp_path, ["prune", str(good), "--layers", "1", "--out", str(tmp_path / "out.onnx")],
             ".onnx names no format layerprune writes", good)  # fmt: skip
     refused(tmp_path, ["prune", str(good), "--layers", "1", "--out", str(good)], "is the input model", good)
