@@ -462,13 +462,37 @@ def _evaluate_together(
         if orders is not None and evaluated[FULL]["tasks"] != stored["tasks"]:  # documents it gained as reference
             _write_json(full_path, stored | {"tasks": evaluated[FULL]["tasks"]})
     for point, key in variants.items():
-        if point in models:
-            _, extras, ledger = prepared[point]
-            store(point, _row(point, removed[point], num_layers, models[point], evaluated[key] | extras,
-                              ledgers[key].merged(ledger)))  # fmt: skip
-            continue
-        with pruned_in_place(model, removed[point]) if removed[point] else nullcontext():
-            store(point, _row(point, removed[point], num_layers, model, evaluated[key], ledgers[key]))
+        own = point in models
+        subject = models[point] if own else model
+        _, extras, made = prepared.get(point, (None, {}, Ledger()))
+        ledger = ledgers[key].merged(made)
+        shape = _shape(model, removed[point], subject)
+        with nullcontext() if own or not removed[point] else pruned_in_place(model, removed[point]):
+            speed = _decode_speed(subject, shape, out, ledger, point.key)
+            store(point, _row(point, removed[point], num_layers, subject, evaluated[key] | extras | speed, ledger))
+
+
+def _shape(base: Any, removed: list[int], subject: Any) -> str:
+    """What a point's decode speed depends on: how many layers it keeps, of which attention types
+    where the family mixes them (Gemma's sliding and global layers), and its dtype; not which
+    layers, nor their weights (a healed or repaired point computes the same per token as its cut)."""
+    text = base.config.get_text_config()
+    kept = [i for i in range(find_architecture(text).num_layers(text)) if i not in removed]
+    types = [text.layer_types[i] for i in kept] if getattr(text, "layer_types", None) else []
+    layers = ", ".join(f"{types.count(t)} {t}" for t in sorted(set(types))) or f"{len(kept)} layers"
+    return f"{layers}, {subject.get_input_embeddings().weight.dtype}".replace("torch.", "")
+
+
+def _decode_speed(model: Any, shape: str, out: Path, ledger: Ledger, key: str) -> dict[str, Any]:
+    """A point's decode speed (tokens/s, `SPEED_SETTINGS`): measured once per `_shape`, and taken
+    from the stored point that measured it for every other point of that shape."""
+    for path in sorted((out / "points").glob("*.json")):
+        row = json.loads(path.read_text())
+        if row.get("decode_shape") == shape:
+            return {k: row[k] for k in ("decode_tokens_per_s", "decode_shape", "decode_measured_on")}
+    with ledger.phase("decode speed"):
+        speed = inference_speed(model, SPEED_SETTINGS)["decode_tokens_per_s"]["median"]
+    return {"decode_tokens_per_s": speed, "decode_shape": shape, "decode_measured_on": key}
 
 
 def _removed_layers(
@@ -537,10 +561,8 @@ def _ledger_of(cost: dict[str, Any] | None) -> Ledger:
 
 
 def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluated: dict, ledger: Ledger) -> dict:
-    """A point's stored result: what was removed, the model's size and decode speed, its evaluation,
+    """A point's stored result: what was removed, the model's size, its evaluation and decode speed,
     and what it cost (`cost.Ledger`; the decode-speed measurement is timed, not counted)."""
-    with ledger.phase("decode speed"):
-        speed = inference_speed(model, SPEED_SETTINGS)["decode_tokens_per_s"]["median"]
     cost = ledger.record(num_layers)
     return {
         "strategy": point.strategy,
@@ -552,7 +574,6 @@ def _row(point: Point, removed: list[int], num_layers: int, model: Any, evaluate
         "num_layers": num_layers - len(removed),
         "parameters": model.num_parameters(),
         "size_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
-        "decode_tokens_per_s": speed,
         **evaluated,
         "seconds": cost["total_seconds"],  # the whole point's, healing included
         "cost": cost,

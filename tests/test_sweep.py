@@ -369,3 +369,18 @@ def test_points_are_chosen_as_prune_chooses_them_with_the_sweep_s_prune_settings
         stored = json.loads((out / "selections" / f"{strategy}-n2.json").read_text())
         assert stored["removed"] == removed and stored.get("seed") == selection.get("seed")
     assert len(json.loads((out / "selections" / "angular-rerank-n2.json").read_text())["candidates"]) == 2
+
+
+def test_decode_speed_is_measured_once_per_shape_and_shared_by_its_points(finished):
+    """Points that keep as many layers (healed or not, whichever layers) run the same per token: one
+    measurement each, named by the point that made it."""
+    rows = json.loads((finished / "results.json").read_text())
+    for n in {r["n"] for r in rows}:
+        same = [r for r in rows if r["n"] == n]
+        assert len({(r["decode_tokens_per_s"], r["decode_shape"], r["decode_measured_on"]) for r in same}) == 1
+        key = lambda r: sweep_module.Point(r["strategy"], r["n"], r["healed"], r["repair"]).key  # noqa: E731
+        measured = [r for r in same if r["decode_measured_on"] == key(r)]
+        assert len(measured) == 1, n
+        assert "decode speed" in measured[0]["cost"]["seconds"]
+        assert all("decode speed" not in r["cost"]["seconds"] for r in same if r is not measured[0])
+    assert len({r["decode_shape"] for r in rows}) == len({r["n"] for r in rows})
