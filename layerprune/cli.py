@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import re
 import signal
 import sys
 import typing
@@ -56,7 +55,8 @@ class _Commands(TyperGroup):
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:  # fmt: skip
-        args = _dashed(sys.argv[1:] if args is None else list(args))
+        known = {o for command in self.commands.values() for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        args = _dashed(sys.argv[1:] if args is None else list(args), known)
         given: dict[str, Any] = dict(args=args, prog_name=prog_name, complete_var=complete_var,
                                      windows_expand_args=windows_expand_args)  # fmt: skip
         if not standalone_mode:
@@ -79,14 +79,15 @@ class _Commands(TyperGroup):
         sys.exit(code if type(code) is int else 0)  # an exit code (typer.Exit), or a command's return value
 
 
-def _dashed(args: list[str]) -> list[str]:
-    """Options as lm-eval and transformers users type them: `--batch_size` is `--batch-size`."""
+def _dashed(args: list[str], known: set[str]) -> list[str]:
+    """Options as lm-eval and transformers users type them: `--batch_size` is `--batch-size`, for the
+    `known` options only (a value such as `--out --a_` stays as it is)."""
     dashed: list[str] = []
     for index, arg in enumerate(args):
         if arg == "--":
             return dashed + args[index:]
         name, equals, value = arg.partition("=")
-        dashed.append(name.replace("_", "-") + equals + value if re.fullmatch(r"--[a-z][a-z0-9_-]*", name) else arg)
+        dashed.append(name.replace("_", "-") + equals + value if name.replace("_", "-") in known else arg)
     return dashed
 
 

@@ -325,3 +325,13 @@ def test_the_core_runs_without_the_extras_and_a_command_that_needs_one_names_it(
     quantized = layerprune("export", tmp_path / "cut", "--quantize", "nf4", "--out", tmp_path / "q")
     assert quantized.returncode == 1 and "this needs bitsandbytes" in quantized.stderr, quantized.stderr
     assert not (tmp_path / "healed").exists() and not (tmp_path / "q").exists()
+
+
+def test_options_take_underscores_and_values_stay_as_typed(tmp_path, monkeypatch):
+    """`--allow_final` is `--allow-final`, as lm-eval users type options; a value that looks like an
+    option (an output folder named `--a_`) is written where it says, not renamed."""
+    model = save_tiny(tiny_model("llama", seed=1), tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    result = run("prune", model, "--out", "--a_", "--layers", "1", "--allow_final")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "--a_" / "layerprune.json").is_file() and not (tmp_path / "--a-").exists()
