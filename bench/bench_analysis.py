@@ -25,9 +25,9 @@ import sys
 CHILD = r"""
 import json, math, resource, sys, time, torch
 torch.set_num_threads(1)
-from layerprune.analysis import layer_distances
+from layerprune.measure.analysis import layer_distances
 from layerprune.data import load_documents, token_batches
-from layerprune.models import load_model, resolve_model
+from layerprune.runtime.models import load_model, resolve_model
 
 method, model_name, samples, seq_len = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 model, tokenizer = load_model(resolve_model(model_name))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from layerprune.evaluation import evaluate, lm_eval_command_line, task_table
-from layerprune.models import resolve_model
+from layerprune.evaluation.harness import evaluate, lm_eval_command_line, task_table
+from layerprune.runtime.models import resolve_model
 
 
 def accuracy(model: str, limit: int, out: Path, tasks: list[str]) -> None:

@@ -21,7 +21,7 @@ import textwrap
 COMMON = """
 import json, resource, time, torch
 torch.set_num_threads(1)
-from layerprune.healing import HealConfig, training_blocks
+from layerprune.healing.lora import HealConfig, training_blocks
 from transformers import AutoTokenizer
 config = HealConfig(steps={steps}, batch_size=4, grad_accum=1, seq_len=256, save_every=10_000, eval_every=10_000)
 """
@@ -29,7 +29,7 @@ config = HealConfig(steps={steps}, batch_size=4, grad_accum=1, seq_len=256, save
 OURS = (
     COMMON
     + """
-from layerprune.healing import heal
+from layerprune.healing.lora import heal
 record = heal({model!r}, {out!r}, config).healing
 print(json.dumps({{"tokens_per_second": record["tokens_per_second"],
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))

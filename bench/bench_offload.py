@@ -30,7 +30,7 @@ result = analyze({model!r}, samples={samples}, seq_len={seq_len}, offload={offlo
 TOKENIZE_ONLY = """
 from transformers import AutoTokenizer
 from layerprune.data import load_documents, token_batches
-from layerprune.models import resolve_model
+from layerprune.runtime.models import resolve_model
 tokenizer = AutoTokenizer.from_pretrained(resolve_model({model!r}))
 batches = token_batches(tokenizer, load_documents("coqa"), {samples}, {seq_len}, 8)
 """

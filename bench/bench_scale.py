@@ -62,13 +62,13 @@ def memory_cap(args: argparse.Namespace) -> dict:
         runs[mode]["wrote_distances"] = (out / "distances.json").is_file()
         shutil.rmtree(out.parent, ignore_errors=True)
     cgroup.rmdir()
-    from layerprune.devices import model_bytes
+    from layerprune.runtime.devices import model_bytes
 
     return {"model_fp32_gb": model_bytes(args.model, "float32") / 2**30, "limit_gb": args.limit_gb, "runs": runs}
 
 
 def disk_prune(args: argparse.Namespace) -> dict:
-    from layerprune.checkpoint import read_header, shard_files
+    from layerprune.io.checkpoint import read_header, shard_files
 
     largest = max(e.length for s in shard_files(args.model) for e in read_header(s)[0].values())
     work = Path(tempfile.mkdtemp(dir=args.model.parent))

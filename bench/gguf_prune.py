@@ -25,7 +25,7 @@ from pathlib import Path
 mode, source, out, layers = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4])
 if mode == "prune":
     import gguf  # the libraries load before the clock starts, as the interpreter does
-    from layerprune.gguf_surgery import prune_gguf
+    from layerprune.cut.gguf_surgery import prune_gguf
 def peak_kib():
     return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
 before = peak_kib()
@@ -40,7 +40,7 @@ print(json.dumps({"seconds": seconds, "peak_mib": peak_kib() / 1024, "growth_mib
 
 
 def main() -> None:
-    from layerprune.models import gguf_file
+    from layerprune.runtime.models import gguf_file
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)

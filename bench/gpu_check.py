@@ -161,10 +161,10 @@ def agreement(root: Path, data: Path, device: str) -> dict[str, Any]:
     """Tiny Llama and Gemma 3: the analysis (in memory and streamed), the loss search and
     held-out loss on the device, against the CPU (fp32 both, and bf16 on the device)."""
     from layerprune import Calibration, analyze
-    from layerprune.devices import Placement
-    from layerprune.evaluation import heldout_loss
-    from layerprune.models import load_model
-    from layerprune.pipeline import prune
+    from layerprune.evaluation.harness import heldout_loss
+    from layerprune.recipes.pipeline import prune
+    from layerprune.runtime.devices import Placement
+    from layerprune.runtime.models import load_model
 
     figures: dict[str, Any] = {}
     calibration = Calibration(data=str(data), samples=16, seq_len=64, batch_size=4)
@@ -205,7 +205,7 @@ fsdp_config:
 """
 FSDP_HEAL = """\
 import sys
-import layerprune.healing as healing
+import layerprune.healing.lora as healing
 healing.loss_curves = lambda *a, **k: None  # matplotlib is not on the GPU machine
 real = healing._trainer
 def trainer(*args, **kwargs):
@@ -243,12 +243,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     from layerprune import Calibration, HealConfig, heal, prune
-    from layerprune.analysis import layer_distances
-    from layerprune.deployment import InferenceSettings, benchmark
-    from layerprune.devices import Placement, Plan
-    from layerprune.evaluation import heldout_loss
-    from layerprune.models import load_model
-    from layerprune.streaming import layer_distances_streamed
+    from layerprune.evaluation.harness import heldout_loss
+    from layerprune.evaluation.speed import InferenceSettings, benchmark
+    from layerprune.measure.analysis import layer_distances
+    from layerprune.measure.streaming import layer_distances_streamed
+    from layerprune.runtime.devices import Placement, Plan
+    from layerprune.runtime.models import load_model
 
     device, dtype, skip = args.device, "bfloat16", set(filter(None, args.skip.split(",")))
     root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -326,9 +326,9 @@ def main() -> None:
         }
 
     def healing() -> dict[str, Any]:
-        import layerprune.healing
+        import layerprune.healing.lora
 
-        layerprune.healing.loss_curves = lambda *a, **k: None  # matplotlib is not on the GPU machine
+        layerprune.healing.lora.loss_curves = lambda *a, **k: None  # matplotlib is not on the GPU machine
         config = HealConfig(steps=2, quant=False, batch_size=4, grad_accum=1, seq_len=256, data=str(data),
                             save_every=1000, eval_every=1000, validation_sequences=4)  # fmt: skip
         record = heal(root / "pruned", root / "healed", config).healing
@@ -343,9 +343,9 @@ def main() -> None:
         }
 
     def closeness_and_sensitivity() -> dict[str, Any]:
-        from layerprune.evaluation import EvalConfig, closeness, logits_of
-        from layerprune.sensitivity import sensitivity
-        from layerprune.surgery import pruned_in_place
+        from layerprune.cut.surgery import pruned_in_place
+        from layerprune.evaluation.harness import EvalConfig, closeness, logits_of
+        from layerprune.recipes.sensitivity import sensitivity
 
         model, tokenizer_ = load_model(big, Placement(device, dtype))
         last = model.config.num_hidden_layers - 1
@@ -368,10 +368,10 @@ def main() -> None:
     def one_pass() -> dict[str, Any]:
         """Issue 28's engine: three cuts' loss and kld side by side against each cut on its own
         (the model cut in place; kld's reference the full model run again), on the same passages."""
+        from layerprune.cut.surgery import pruned_in_place
         from layerprune.data import load_documents
-        from layerprune.evaluation import document_losses
-        from layerprune.one_pass import FULL, OnePass
-        from layerprune.surgery import pruned_in_place
+        from layerprune.evaluation.harness import document_losses
+        from layerprune.evaluation.one_pass import FULL, OnePass
 
         model, tokenizer_ = load_model(big, Placement(device, dtype))
         last = model.config.num_hidden_layers - 1

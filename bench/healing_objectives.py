@@ -39,7 +39,7 @@ COLORS = {"lm": "C0", "distill": "C1", "mixed": "C2"}
 
 def heal_run(pruned: Path, out: Path, steps: int, objective: str, target: str = "all", every: int = 10) -> dict:
     """Heal, or read back a finished run with the same settings (so the script can be rerun)."""
-    from layerprune.healing import HealConfig, heal
+    from layerprune.healing.lora import HealConfig, heal
 
     config = HealConfig(steps=steps, objective=objective, target_layers=target, eval_every=every, **STEP)
     record_path = out / "layerprune.json"
@@ -62,7 +62,7 @@ def heal_run(pruned: Path, out: Path, steps: int, objective: str, target: str = 
 
 def held_out(model: Path, full: Path, tasks: list[str], limit: int) -> dict:
     """Each task's result on the first `limit` documents; kld against the full model."""
-    from layerprune.evaluation import evaluate
+    from layerprune.evaluation.harness import evaluate
 
     reference = {"reference": str(full)} if "kld" in tasks else {}
     return evaluate(model, tasks, limit=limit, **reference)["tasks"]
@@ -70,8 +70,8 @@ def held_out(model: Path, full: Path, tasks: list[str], limit: int) -> dict:
 
 def goal(out: Path) -> None:
     from layerprune import prune
-    from layerprune.evaluation import evaluate
-    from layerprune.models import resolve_model
+    from layerprune.evaluation.harness import evaluate
+    from layerprune.runtime.models import resolve_model
 
     full = resolve_model("smollm2-135m")
     pruned = out / "pruned"
@@ -122,7 +122,7 @@ def grid(
     that removes the same layers as one earlier in this call is not run again: its models would be
     the same."""
     from layerprune import prune
-    from layerprune.models import resolve_model
+    from layerprune.runtime.models import resolve_model
 
     for name in models:
         full = resolve_model(name)
@@ -205,8 +205,8 @@ def finished_runs(out: Path) -> list[dict]:
 
 def report(out: Path, figure: Path | None) -> None:
     """The grid's tables (markdown) and, with `figure`, its validation curves against steps and time."""
-    from layerprune.tasks import task_of
-    from layerprune.uncertainty import compare
+    from layerprune.evaluation.tasks import task_of
+    from layerprune.evaluation.uncertainty import compare
 
     cases: dict[tuple[str, str, int], list[dict]] = {}
     for row in finished_runs(out):
@@ -248,8 +248,8 @@ def report(out: Path, figure: Path | None) -> None:
 
 def qa_documents(tasks: dict) -> Any:
     """The QA tasks' documents pooled into one paired sample (ids prefixed by their task)."""
-    from layerprune.tasks import task_of
-    from layerprune.uncertainty import Documents
+    from layerprune.evaluation.tasks import task_of
+    from layerprune.evaluation.uncertainty import Documents
 
     parts = [task_of(task).documents(tasks[task]) for task in QA_TASKS]
     return Documents(

@@ -43,8 +43,8 @@ def documents(out: Path) -> dict[str, int]:
 
 
 def answers(out: Path) -> dict[str, dict[str, str]]:
-    from layerprune.evaluation import Tolerance
-    from layerprune.report import _measured, how_far
+    from layerprune.evaluation.harness import Tolerance
+    from layerprune.sweep.report import _measured, how_far
 
     rows = json.loads((out / "results.json").read_text())
     return {task: {k: a.text() for k, a in how_far(rows, task, Tolerance()).items()} for task in _measured(rows)}

@@ -8,7 +8,7 @@ is pruned GGUF to GGUF (`deepest`: SmolLM2 loses 4 layers, Gemma 3 a block of 6,
 attention pattern), then both the original and the pruned file are loaded in llama.cpp and by
 layerprune (transformers' GGUF loader, dequantized to fp32). Each LAMBADA passage is tokenized once,
 by llama.cpp, and the same token ids go to both, so the per-passage losses pair up; the paired
-bootstrap of `layerprune.uncertainty` gives the difference's interval. llama.cpp multiplies the
+bootstrap of `layerprune.evaluation.uncertainty` gives the difference's interval. llama.cpp multiplies the
 quantized weights with quantized activations, so its loss differs from ours by a little; the
 point is that pruning moves both by the same amount.
 """
@@ -63,8 +63,8 @@ def main() -> None:
 
     from layerprune import prune
     from layerprune.data import load_documents
-    from layerprune.models import gguf_file
-    from layerprune.uncertainty import Documents, compare
+    from layerprune.evaluation.uncertainty import Documents, compare
+    from layerprune.runtime.models import gguf_file
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passages", type=int, default=40)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from layerprune.models import resolve_model
+from layerprune.runtime.models import resolve_model
 
 
 def tensors(config: LlamaConfig):

@@ -1,4 +1,4 @@
-"""The one-pass evaluation of many variants (`layerprune.one_pass`) against evaluating each on its
+"""The one-pass evaluation of many variants (`layerprune.evaluation.one_pass`) against evaluating each on its
 own (the sweep's path before it), side by side in one process, on the same documents.
 
 python bench/one_pass.py --limit 100 [--own healed1,healed2,...]
@@ -19,11 +19,11 @@ from contextlib import nullcontext
 from dataclasses import replace
 
 from layerprune.config import build
-from layerprune.cost import Ledger
-from layerprune.evaluation import KLD_TASK, EvalConfig, closeness, evaluate, logits_of
-from layerprune.models import load_model, resolve_model
-from layerprune.one_pass import FULL, OnePass, evaluate_variants
-from layerprune.surgery import pruned_in_place
+from layerprune.cut.surgery import pruned_in_place
+from layerprune.evaluation.harness import KLD_TASK, EvalConfig, closeness, evaluate, logits_of
+from layerprune.evaluation.one_pass import FULL, OnePass, evaluate_variants
+from layerprune.measure.cost import Ledger
+from layerprune.runtime.models import load_model, resolve_model
 
 DEMO_CUTS = "12-15;25-28;10-18;20-28;2-15;15-28"
 

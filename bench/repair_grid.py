@@ -29,7 +29,7 @@ HEAL = dict(batch_size=4, grad_accum=1, seq_len=128, quant=False, save_every=100
 def build(variant: str, model: str, strategy: str, n: int, out: Path) -> tuple[Path, dict[str, float]]:
     """The checkpoint of one variant (made once), and its wall times by phase."""
     from layerprune import prune
-    from layerprune.healing import HealConfig, heal
+    from layerprune.healing.lora import HealConfig, heal
 
     folder = out / variant
     times_file = out / f"{variant}.times.json"
@@ -53,8 +53,8 @@ def build(variant: str, model: str, strategy: str, n: int, out: Path) -> tuple[P
 
 
 def evaluate_variant(folder: Path, model: str, limit: int, out: Path, name: str) -> dict[str, Any]:
-    from layerprune.evaluation import evaluate
-    from layerprune.models import resolve_model
+    from layerprune.evaluation.harness import evaluate
+    from layerprune.runtime.models import resolve_model
 
     results = out / f"{name}.results.json"
     if not results.is_file():
@@ -64,7 +64,7 @@ def evaluate_variant(folder: Path, model: str, limit: int, out: Path, name: str)
 
 
 def run(args: argparse.Namespace) -> None:
-    from layerprune.models import resolve_model
+    from layerprune.runtime.models import resolve_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _documents(result: dict[str, Any], task: str) -> Any:
-    from layerprune.uncertainty import Documents
+    from layerprune.evaluation.uncertainty import Documents
 
     stored = result["tasks"][task]["documents"]
     if task in ("loss", "kld"):
@@ -86,14 +86,14 @@ def _documents(result: dict[str, Any], task: str) -> Any:
 
 
 def _pooled(result: dict[str, Any]) -> Any:
-    from layerprune.uncertainty import Documents
+    from layerprune.evaluation.uncertainty import Documents
 
     parts = [_documents(result, task) for task in QA]
     return Documents(sum((p.ids for p in parts), ()), sum((p.num for p in parts), ()), sum((p.den for p in parts), ()))
 
 
 def report(args: argparse.Namespace) -> None:
-    from layerprune.uncertainty import compare
+    from layerprune.evaluation.uncertainty import compare
 
     for case in map(Path, args.cases):
         setting = json.loads((case / "case.json").read_text())

@@ -24,8 +24,8 @@ def searches(model: str, n: int, samples: int, out: Path) -> dict[str, dict]:
     if path.is_file():
         return json.loads(path.read_text())
     from layerprune.data import Calibration
-    from layerprune.models import load_model, resolve_model
-    from layerprune.scoring import calibration_batches, select_by_loss
+    from layerprune.runtime.models import load_model, resolve_model
+    from layerprune.selection.scoring import calibration_batches, select_by_loss
 
     loaded, tokenizer = load_model(resolve_model(model))
     batches = calibration_batches(Calibration(samples=samples), tokenizer)
@@ -49,9 +49,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from layerprune import prune
-    from layerprune.evaluation import evaluate
-    from layerprune.models import resolve_model
-    from layerprune.uncertainty import Documents, compare
+    from layerprune.evaluation.harness import evaluate
+    from layerprune.evaluation.uncertainty import Documents, compare
+    from layerprune.runtime.models import resolve_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

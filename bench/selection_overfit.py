@@ -15,13 +15,13 @@ import math
 
 import torch
 
-from layerprune.analysis import layer_distances
+from layerprune.cut.surgery import prune_model
 from layerprune.data import Calibration, load_documents
-from layerprune.evaluation import document_losses
+from layerprune.evaluation.harness import document_losses
 from layerprune.layer_sets import parse_layers
-from layerprune.models import load_model
-from layerprune.scoring import calibration_batches, select_by_loss
-from layerprune.surgery import prune_model
+from layerprune.measure.analysis import layer_distances
+from layerprune.runtime.models import load_model
+from layerprune.selection.scoring import calibration_batches, select_by_loss
 
 
 def main() -> None:

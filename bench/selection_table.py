@@ -13,8 +13,8 @@ from functools import cache
 from pathlib import Path
 
 from layerprune.architectures import find_architecture
-from layerprune.checkpoint import read_header, shard_files
-from layerprune.models import resolve_model
+from layerprune.io.checkpoint import read_header, shard_files
+from layerprune.runtime.models import resolve_model
 
 ORDER = ["deepest", "angular", "bi", "angular-rerank", "loss", "iterative"]
 

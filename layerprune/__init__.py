@@ -17,19 +17,19 @@ as that config's fields by keyword):
     resolve_model(spec)            -> Path            a local checkpoint folder for any model argument
 """
 
-from ._version import __version__
-from .analysis import AnalysisResult, analyze
-from .data import Calibration
-from .errors import LayerpruneError
-from .evaluation import EvalConfig, evaluate
-from .healing import HealConfig, HealResult, heal
-from .models import load_model, resolve_model
-from .pipeline import PruneConfig, PruneResult, prune, prune_and_heal
-from .repair import repair_model
-from .sensitivity import SensitivityResult, sensitivity
-from .strategies import STRATEGIES, select_layers
-from .surgery import prune_model
-from .sweep import SweepConfig, run_sweep
+from layerprune._version import __version__
+from layerprune.cut.surgery import prune_model
+from layerprune.data import Calibration
+from layerprune.errors import LayerpruneError
+from layerprune.evaluation.harness import EvalConfig, evaluate
+from layerprune.healing.lora import HealConfig, HealResult, heal
+from layerprune.healing.repair import repair_model
+from layerprune.measure.analysis import AnalysisResult, analyze
+from layerprune.recipes.pipeline import PruneConfig, PruneResult, prune, prune_and_heal
+from layerprune.recipes.sensitivity import SensitivityResult, sensitivity
+from layerprune.runtime.models import load_model, resolve_model
+from layerprune.selection.strategies import STRATEGIES, select_layers
+from layerprune.sweep.run import SweepConfig, run_sweep
 
 __all__ = [
     "STRATEGIES",

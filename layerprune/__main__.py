@@ -1,5 +1,5 @@
 """`python -m layerprune` (and `accelerate launch -m layerprune heal ...`) runs the CLI."""
 
-from .cli import main
+from layerprune.cli import main
 
 main()

@@ -18,7 +18,7 @@ from importlib import resources
 from string import Template
 from typing import Any
 
-from .errors import LayerpruneError
+from layerprune.errors import LayerpruneError
 
 LAYER_INDEX = "${layer_index}"
 

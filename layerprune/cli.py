@@ -28,25 +28,26 @@ try:
 except ImportError:  # pragma: no cover - an older typer on click itself
     from click import exceptions as click_errors  # type: ignore[no-redef]
 
-from ._version import __version__
-from .analysis import analyze as run_analysis
-from .config import build, flat_fields
-from .data import Calibration
-from .deployment import InferenceSettings, benchmark, export_gguf, export_quantized
-from .devices import Placement, end_processes, is_main_process
-from .errors import USER_ERROR, LayerpruneError, LayerpruneWarning, describe, one_line
-from .evaluation import EvalConfig, Tolerance
-from .evaluation import evaluate as run_evaluation
-from .healing import HealConfig
-from .healing import heal as run_heal
-from .models import BUILTIN_MODELS, builtin_cache_path, cache_dir, cache_entries, clear_cache
-from .pipeline import PruneConfig, output_format, prune_and_heal, then_gguf, then_quantize
-from .pipeline import prune as run_prune
-from .report import answers, write_report
-from .sensitivity import run_sensitivity
-from .strategies import STRATEGIES
-from .sweep import Shard, SweepConfig, collect, run_sweep
-from .tasks import task_of
+from layerprune._version import __version__
+from layerprune.config import build, flat_fields
+from layerprune.data import Calibration
+from layerprune.errors import USER_ERROR, LayerpruneError, LayerpruneWarning, describe, one_line
+from layerprune.evaluation.harness import EvalConfig, Tolerance
+from layerprune.evaluation.harness import evaluate as run_evaluation
+from layerprune.evaluation.speed import InferenceSettings, benchmark
+from layerprune.evaluation.tasks import task_of
+from layerprune.healing.lora import HealConfig
+from layerprune.healing.lora import heal as run_heal
+from layerprune.measure.analysis import analyze as run_analysis
+from layerprune.recipes.export import export_gguf, export_quantized
+from layerprune.recipes.pipeline import PruneConfig, output_format, prune_and_heal, then_gguf, then_quantize
+from layerprune.recipes.pipeline import prune as run_prune
+from layerprune.recipes.sensitivity import run_sensitivity
+from layerprune.runtime.devices import Placement, end_processes, is_main_process
+from layerprune.runtime.models import BUILTIN_MODELS, builtin_cache_path, cache_dir, cache_entries, clear_cache
+from layerprune.selection.strategies import STRATEGIES
+from layerprune.sweep.report import answers, write_report
+from layerprune.sweep.run import Shard, SweepConfig, collect, run_sweep
 
 
 class _Commands(TyperGroup):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from .errors import LayerpruneError
+from layerprune.errors import LayerpruneError
 
 
 @dataclass(frozen=True)

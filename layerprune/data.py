@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LayerpruneError
-from .packages import package_dir
+from layerprune.errors import LayerpruneError
+from layerprune.packages import package_dir
 
 
 @dataclass(frozen=True)

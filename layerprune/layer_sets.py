@@ -8,7 +8,7 @@ import re
 import warnings
 from collections.abc import Iterable
 
-from .errors import LayerpruneError, LayerpruneWarning
+from layerprune.errors import LayerpruneError, LayerpruneWarning
 
 _RANGE = re.compile(r"(\d+)(?:-(\d+))?")
 

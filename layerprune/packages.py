@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .errors import LayerpruneError
+from layerprune.errors import LayerpruneError
 
 
 def package_dir(module: str, pip_name: str) -> Path:

@@ -111,14 +111,14 @@ def folder_digest(folder: Path) -> str:
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    from layerprune.models import resolve_model
+    from layerprune.runtime.models import resolve_model
 
     return resolve_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def gemma3() -> Path:
-    from layerprune.models import resolve_model
+    from layerprune.runtime.models import resolve_model
 
     return resolve_model("gemma3-270m")
 
@@ -126,8 +126,8 @@ def gemma3() -> Path:
 def sweep_config(text, **changes):
     """A sweep small enough for a test: 3 points per strategy, 2 healing steps, 6 documents per task."""
     from layerprune.config import build
-    from layerprune.healing import HealConfig
-    from layerprune.sweep import SweepConfig
+    from layerprune.healing.lora import HealConfig
+    from layerprune.sweep.run import SweepConfig
 
     heal = HealConfig(steps=2, batch_size=2, grad_accum=1, seq_len=32, data=str(text), quant=False)
     settings = dict(
@@ -157,7 +157,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="session")
 def finished(setup, tmp_path_factory):
     """A finished sweep of the tiny model, shared by the sweep and report tests."""
-    from layerprune.sweep import run_sweep
+    from layerprune.sweep.run import run_sweep
 
     base, text = setup
     out = tmp_path_factory.mktemp("run") / "sweep"
@@ -182,3 +182,14 @@ def text(tmp_path):
     path = tmp_path / "heal.txt"
     path.write_text(HEAL_TEXT)
     return path
+
+
+@pytest.fixture(scope="module")
+def full_and_pruned(tmp_path_factory):
+    """A tiny llama saved to disk, and its copy without layers 1-3: (root, full, pruned)."""
+    from layerprune import prune
+
+    root = tmp_path_factory.mktemp("deploy")
+    full = save_tiny(tiny_model("llama", seed=8), root / "full")
+    pruned = prune(full, root / "pruned", layers=[1, 2, 3]).path
+    return root, full, pruned

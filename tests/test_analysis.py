@@ -5,9 +5,9 @@ import torch
 from conftest import save_tiny, tiny_model, tiny_tokenizer
 from reference import assert_same_tables, direct_tables
 
-from layerprune.analysis import AnalysisResult, analyze, layer_distances
 from layerprune.data import token_batches
 from layerprune.errors import LayerpruneError
+from layerprune.measure.analysis import AnalysisResult, analyze, layer_distances
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -88,7 +88,7 @@ def test_identity_layers_have_zero_distance():
 
 
 def test_offload_is_chosen_when_the_model_would_not_fit(tmp_path, monkeypatch, capsys):
-    import layerprune.memory as memory
+    import layerprune.runtime.memory as memory
 
     src = save_tiny(tiny_model("llama"), tmp_path / "model")
     data = tmp_path / "calib.txt"

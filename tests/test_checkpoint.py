@@ -13,10 +13,10 @@ import pytest
 from conftest import folder_digest, save_tiny, tiny_model
 from typer.testing import CliRunner
 
-from layerprune.checkpoint import read_header, shard_files, validate_checkpoint
 from layerprune.cli import app
-from layerprune.destinations import WRITER_SUFFIX, check_destination, staged
 from layerprune.errors import LayerpruneError
+from layerprune.io.checkpoint import read_header, shard_files, validate_checkpoint
+from layerprune.io.destinations import WRITER_SUFFIX, check_destination, staged
 
 
 def safetensors_bytes(header: dict, data: bytes) -> bytes:
@@ -146,7 +146,7 @@ def test_a_second_writer_is_told_who_holds_the_destination(tmp_path):
     src = save_tiny(tiny_model("llama"), tmp_path / "src")
     code = textwrap.dedent(f"""
         import pathlib, time
-        from layerprune.destinations import hold
+        from layerprune.io.destinations import hold
         with hold(pathlib.Path({str(tmp_path / "out")!r})):
             print("held", flush=True)
             time.sleep(60)
@@ -185,7 +185,7 @@ def test_a_prune_killed_mid_write_is_reclaimed_by_the_next_run(tmp_path):
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         import os, signal
-        import layerprune.surgery as surgery
+        import layerprune.cut.surgery as surgery
         real = surgery.write_shard
         def write_then_die(path, tensors, metadata):
             real(path, tensors, metadata)
@@ -251,7 +251,7 @@ def test_not_enough_space_is_said_before_writing(tmp_path, mounted):
 
 
 def test_a_disk_that_fills_up_mid_write_leaves_nothing(tmp_path, mounted, monkeypatch):
-    import layerprune.destinations as destinations
+    import layerprune.io.destinations as destinations
 
     src = save_tiny(tiny_model("llama"), tmp_path / "src", shard_size="60KB")
     small = mounted("size=256k")

@@ -126,19 +126,19 @@ def test_disk_prune_imports_neither_torch_nor_transformers(tmp_path):
     command = [sys.executable, "-X", "importtime", "-m", "layerprune", "prune", str(src), "--n", "2", "--out", out]
     done = subprocess.run([*command, "--strategy", "deepest"], capture_output=True, text=True, check=True)
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
-    assert "layerprune.surgery" in imported and not {"torch", "transformers"} & imported
+    assert "layerprune.cut.surgery" in imported and not {"torch", "transformers"} & imported
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").config
     assert loaded.num_hidden_layers == 4
     assert loaded.layer_types == [tiny_config("gemma3_text").layer_types[i] for i in (0, 1, 2, 5)]
 
 
 def test_a_bug_is_one_line_with_exit_2_and_a_traceback_only_when_debugging(checkpoint, tmp_path, monkeypatch):
-    import layerprune.pipeline
+    import layerprune.recipes.pipeline
 
     def broken(*args, **kwargs):
         raise TypeError("an internal mistake\nwith a second line")
 
-    monkeypatch.setattr(layerprune.pipeline, "choose_layers", broken)
+    monkeypatch.setattr(layerprune.recipes.pipeline, "choose_layers", broken)
     args = ["prune", checkpoint, "--out", tmp_path / "out", "--n", 1, "--strategy", "deepest"]
     result = run(*args)
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
@@ -191,7 +191,7 @@ def test_a_stopped_prune_leaves_nothing(checkpoint, tmp_path, signal_name):
     """A scheduler's SIGTERM and a closed terminal's SIGHUP clean up like Ctrl-C."""
     script = f"""
 import os, signal, sys
-import layerprune.surgery as surgery
+import layerprune.cut.surgery as surgery
 def stop(*args):
     os.kill(os.getpid(), signal.{signal_name})
 surgery.write_shard = stop

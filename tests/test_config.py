@@ -8,13 +8,13 @@ from typer.testing import CliRunner
 from layerprune.cli import app
 from layerprune.config import build, flat_fields, flatten
 from layerprune.data import Calibration
-from layerprune.deployment import InferenceSettings
-from layerprune.devices import Placement
 from layerprune.errors import LayerpruneError
-from layerprune.evaluation import EvalConfig
-from layerprune.healing import HealConfig
-from layerprune.pipeline import PruneConfig
-from layerprune.sweep import SweepConfig
+from layerprune.evaluation.harness import EvalConfig
+from layerprune.evaluation.speed import InferenceSettings
+from layerprune.healing.lora import HealConfig
+from layerprune.recipes.pipeline import PruneConfig
+from layerprune.runtime.devices import Placement
+from layerprune.sweep.run import SweepConfig
 
 
 def test_nested_configs_are_flat_under_their_prefix_and_build_back():

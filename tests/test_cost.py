@@ -5,8 +5,8 @@ import time
 import torch
 from conftest import tiny_model
 
-from layerprune.cost import Ledger
-from layerprune.surgery import pruned_in_place
+from layerprune.cut.surgery import pruned_in_place
+from layerprune.measure.cost import Ledger
 
 
 def test_tokens_through_layers_and_heads_are_counted_and_a_cut_counts_its_kept_layers():

@@ -23,10 +23,10 @@ import pytest
 from conftest import HEAL_TEXT, folder_digest, save_tiny, tiny_model
 from test_gguf import tiny_gguf
 
-import layerprune.destinations as destinations
-from layerprune.checkpoint import read_record, validate_checkpoint
+import layerprune.io.destinations as destinations
 from layerprune.errors import LayerpruneError, describe
-from layerprune.gguf_reading import RECORD_KEY, read_gguf
+from layerprune.io.checkpoint import read_record, validate_checkpoint
+from layerprune.io.gguf_reading import RECORD_KEY, read_gguf
 
 pytestmark = pytest.mark.slow  # several processes, kill campaigns or whole sweeps: not in make test-fast
 
@@ -100,7 +100,7 @@ def _prune_gguf(root: Path, out: Path, version: str, overwrite: bool) -> object:
 
 
 def _heal(root: Path, out: Path, version: str, overwrite: bool) -> object:
-    from layerprune.healing import HealConfig, heal
+    from layerprune.healing.lora import HealConfig, heal
 
     config = HealConfig(steps=1 if version == "old" else 2, batch_size=2, grad_accum=1, seq_len=32,
                         data=str(root / "heal.txt"), quant=False)  # fmt: skip
@@ -108,13 +108,13 @@ def _heal(root: Path, out: Path, version: str, overwrite: bool) -> object:
 
 
 def _export_bits(root: Path, out: Path, version: str, overwrite: bool) -> object:
-    from layerprune.deployment import export_quantized
+    from layerprune.recipes.export import export_quantized
 
     return export_quantized(root / "model", out, "int8" if version == "old" else "nf4", overwrite=overwrite)
 
 
 def _export_gguf(root: Path, out: Path, version: str, overwrite: bool) -> object:
-    from layerprune.deployment import export_gguf
+    from layerprune.recipes.export import export_gguf
 
     return export_gguf(root / "bpe-model", out, "f32" if version == "old" else "f16", overwrite=overwrite)
 
@@ -126,7 +126,7 @@ def bpe_model(folder: Path) -> None:
     from conftest import tiny_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from layerprune.models import BUILTIN_MODELS
+    from layerprune.runtime.models import BUILTIN_MODELS
 
     gguf = BUILTIN_MODELS["smollm2-135m"].locate()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -138,7 +138,7 @@ def bpe_model(folder: Path) -> None:
 
 
 def _evaluate(root: Path, out: Path, version: str, overwrite: bool) -> object:
-    from layerprune.evaluation import evaluate
+    from layerprune.evaluation.harness import evaluate
 
     limit = 2 if version == "old" else 3
     return evaluate(root / "model", tasks=["loss"], limit=limit, loss_data=str(root / "heal.txt"), seq_len=32,
@@ -206,7 +206,7 @@ def inputs_digest(root: Path) -> tuple[str, bytes, bytes]:
 def needs(writer: Writer, root: Path) -> None:
     """Skip the GGUF export where llama.cpp's converter is not installed; else make its model."""
     if writer.name == "export-gguf":
-        from layerprune.deployment import converter_dir
+        from layerprune.recipes.export import converter_dir
 
         try:
             converter_dir()
@@ -278,7 +278,7 @@ def test_a_kill_at_every_publish_step_loses_nothing(pristine, tmp_path, writer, 
 def test_a_sweep_killed_at_every_step_resumes_to_the_same_results(setup, tmp_path):
     from conftest import sweep_config
 
-    from layerprune.sweep import run_sweep
+    from layerprune.sweep.run import run_sweep
 
     base, text = setup
     config = sweep_config(text, ns=(0, 1), strategies=("deepest",), heal=False, tasks=("loss",), limit=3,

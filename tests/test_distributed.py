@@ -74,7 +74,7 @@ def test_a_rank_killed_mid_run_is_resumed_by_the_same_command(workdir):
     killer.write_text(
         textwrap.dedent("""
         import os, signal, sys
-        import layerprune.healing as healing
+        import layerprune.healing.lora as healing
         real = healing._progress_callback
         def progress(*args):
             callback = real(*args)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import save_tiny, tiny_model, tiny_tokenizer
 
-import layerprune.evaluation as evaluation
+import layerprune.evaluation.harness as evaluation
 from layerprune.errors import LayerpruneError
-from layerprune.evaluation import _data_root, evaluate, lm_eval_command_line
-from layerprune.tasks import task_of, token_divergences
+from layerprune.evaluation.harness import _data_root, evaluate, lm_eval_command_line
+from layerprune.evaluation.tasks import task_of, token_divergences
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_batch_size_is_a_number_or_auto(tmp_path):
     from typer.testing import CliRunner
 
     from layerprune.cli import app
-    from layerprune.evaluation import EvalConfig
+    from layerprune.evaluation.harness import EvalConfig
 
     assert EvalConfig(batch_size="auto").loss_batch_size == 8 and EvalConfig(batch_size="16").batch_size == 16
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "m"), "--batch-size", "eight"])

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from layerprune.checkpoint import DTYPE_SIZES
 from layerprune.cli import app
+from layerprune.io.checkpoint import DTYPE_SIZES
 
 LAYERS = 6
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

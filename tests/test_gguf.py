@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from layerprune.cli import app
+from layerprune.cut.gguf_surgery import RECORD_KEY, check_sliding_pattern, read_gguf
 from layerprune.errors import LayerpruneError
-from layerprune.gguf_surgery import RECORD_KEY, check_sliding_pattern, read_gguf
-from layerprune.models import gguf_file
+from layerprune.runtime.models import gguf_file
 
 runner = CliRunner()
 
@@ -76,7 +76,7 @@ def test_any_removal_keeps_every_other_byte_as_llama_cpps_own_reader_reads_it(bl
     bytes) against the package's own reader, element by element: only the cut changes."""
     from gguf import GGUFReader
 
-    from layerprune.gguf_surgery import prune_gguf
+    from layerprune.cut.gguf_surgery import prune_gguf
 
     removed = sorted(data.draw(st.sets(st.integers(0, blocks - 1), min_size=1, max_size=blocks - 1)))
     keep = [layer for layer in range(blocks) if layer not in removed]

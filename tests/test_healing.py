@@ -13,7 +13,7 @@ from conftest import folder_digest, save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
 from layerprune.errors import LayerpruneError
-from layerprune.healing import HealConfig, heal
+from layerprune.healing.lora import HealConfig, heal
 
 
 def config(text, **changes):
@@ -73,8 +73,8 @@ def test_validation_runs_once_before_and_once_after_the_last_step(base, text, tm
     record = json.loads((out / "layerprune.json").read_text())["healing"]
     assert [step for step, _ in calls] == [2, 4, 5]
     assert record["validation_loss_after"] == calls[-1][1]
-    from layerprune.healing import training_blocks, validation_loss
-    from layerprune.models import load_tokenizer
+    from layerprune.healing.lora import training_blocks, validation_loss
+    from layerprune.runtime.models import load_tokenizer
 
     _, validation = training_blocks(load_tokenizer(base), config(text, steps=5, eval_every=2))
     plain = validation_loss(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), validation)
@@ -95,7 +95,7 @@ def test_qlora_gradients_flow_through_the_four_bit_layers_after_an_eval_pass(bas
     """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a kernel without a backward
     the first time the layer runs in eval mode without gradients (heal's first validation): the
     gradient through every base layer was then silently dropped."""
-    from layerprune.healing import load_for_training
+    from layerprune.healing.lora import load_for_training
 
     def lora_gradients(evaluate_first: bool) -> tuple[dict, list]:
         torch.manual_seed(0)
@@ -139,9 +139,9 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(base, tex
     script = textwrap.dedent(f"""
         import os, signal, torch
         torch.set_num_threads(1)
-        import layerprune.healing as healing
-        from layerprune.devices import Placement
-        from layerprune.healing import HealConfig, heal
+        import layerprune.healing.lora as healing
+        from layerprune.runtime.devices import Placement
+        from layerprune.healing.lora import HealConfig, heal
         make = healing._progress_callback
         def killing(*args):
             callback = make(*args)
@@ -237,7 +237,7 @@ def lora_adapter(model, folder, targets):
     ],
 )
 def test_the_streamed_merge_equals_peft_merging_in_memory_to_the_bit(tmp_path, family, dtype, targets):
-    from layerprune.healing import _merge_in_memory, merge_adapter
+    from layerprune.healing.lora import _merge_in_memory, merge_adapter
 
     base = save_tiny(tiny_model(family).to(dtype), tmp_path / "base", shard_size="60KB")
     adapter = lora_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), tmp_path / "adapter", targets)
@@ -255,10 +255,10 @@ def test_the_streamed_merge_equals_peft_merging_in_memory_to_the_bit(tmp_path, f
 
 
 def peak_growth(function: str, *args: Path) -> int:
-    """Bytes by which a call of `layerprune.healing.<function>` raises the resident peak of a fresh
+    """Bytes by which a call of `layerprune.healing.lora.<function>` raises the resident peak of a fresh
     process above what it holds before the call (the kernel's high-water mark, reset first)."""
     probe = (
-        "import re, sys, pathlib, torch, safetensors.torch, peft, transformers, layerprune.healing as h\n"
+        "import re, sys, pathlib, torch, safetensors.torch, peft, transformers, layerprune.healing.lora as h\n"
         "status = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
         "open('/proc/self/clear_refs', 'w').write('5')  # resets VmHWM\n"
         "before = status('VmRSS')\n"
@@ -303,7 +303,7 @@ def test_gradient_checkpointing_trades_time_for_memory_not_results(base, text, t
 
 
 def test_the_distillation_loss_is_torch_kl_div_computed_directly():
-    from layerprune.divergence import distillation_loss
+    from layerprune.measure.divergence import distillation_loss
 
     student, teacher = tiny_model("llama", seed=1), tiny_model("llama", seed=2)
     ids = torch.randint(3, 200, (2, 12))
@@ -320,7 +320,7 @@ def test_the_distillation_loss_is_torch_kl_div_computed_directly():
 
 
 def test_a_student_equal_to_its_teacher_has_zero_loss_and_no_gradient():
-    from layerprune.divergence import distillation_loss
+    from layerprune.measure.divergence import distillation_loss
 
     teacher = tiny_model("llama", seed=1)
     logits_ = teacher(input_ids=torch.randint(3, 200, (2, 10))).logits.detach()
@@ -331,7 +331,7 @@ def test_a_student_equal_to_its_teacher_has_zero_loss_and_no_gradient():
 
 
 def test_the_chunked_loss_and_its_gradient_equal_autograd_through_kl_div():
-    from layerprune.divergence import distillation_loss
+    from layerprune.measure.divergence import distillation_loss
 
     torch.manual_seed(0)
     teacher = torch.randn(3, 7, 40)
@@ -352,7 +352,7 @@ def test_the_chunked_loss_and_its_gradient_equal_autograd_through_kl_div():
 
 PEAK = textwrap.dedent("""
     import sys, torch
-    from layerprune.divergence import distillation_loss
+    from layerprune.measure.divergence import distillation_loss
     def high_water():  # this process's own peak (ru_maxrss would carry the parent's across exec)
         line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
         return int(line.split()[1]) * 1024
@@ -387,7 +387,7 @@ def test_the_loss_of_a_262k_vocabulary_stays_within_its_stated_memory():
 
 def test_near_cut_puts_lora_only_beside_each_removed_block(base, text, tmp_path):
     from layerprune import prune
-    from layerprune.healing import near_cut_layers
+    from layerprune.healing.lora import near_cut_layers
 
     record = {"removed_layers": [1, 2, 5], "kept_layers": [0, 3, 4, 6, 7]}
     assert near_cut_layers(record, 1) == [0, 1, 2, 3]  # layers 0, 3 beside 1-2; 4, 6 beside 5
@@ -420,7 +420,7 @@ def test_the_teacher_of_a_qlora_student_is_four_bit_unless_told_otherwise(base, 
     about 9% per weight, which compounds through a random tiny model)."""
     from bitsandbytes.nn import Linear4bit
 
-    from layerprune.healing import load_teacher
+    from layerprune.healing.lora import load_teacher
 
     four_bit = load_teacher(base, config(text, quant=True, objective="distill"))
     plain = load_teacher(base, config(text, quant=True, objective="distill", teacher_dtype="float32"))

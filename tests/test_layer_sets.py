@@ -7,10 +7,10 @@ from conftest import tiny_model, tiny_tokenizer
 from layerprune.data import token_batches
 from layerprune.errors import LayerpruneError
 from layerprune.layer_sets import check_removal, layer_count
-from layerprune.pipeline import PruneConfig
-from layerprune.scoring import select_by_loss
-from layerprune.strategies import select_layers
-from layerprune.sweep import SweepConfig
+from layerprune.recipes.pipeline import PruneConfig
+from layerprune.selection.scoring import select_by_loss
+from layerprune.selection.strategies import select_layers
+from layerprune.sweep.run import SweepConfig
 
 FRACTION = r"--fraction must be in \(0, 1\): a share of the layers, got 1.5"
 BOTH = "give exactly one of --layers, --n or --fraction"

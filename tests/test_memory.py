@@ -2,8 +2,8 @@
 
 import pytest
 
-import layerprune.memory as memory
-from layerprune.memory import fits_in_memory
+import layerprune.runtime.memory as memory
+from layerprune.runtime.memory import fits_in_memory
 
 
 def test_a_size_fits_when_it_takes_at_most_the_stated_share_of_the_memory_available(monkeypatch):
@@ -14,7 +14,7 @@ def test_a_size_fits_when_it_takes_at_most_the_stated_share_of_the_memory_availa
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_memory_limits_are_read_from_the_cgroup_and_its_parents(tmp_path, version):
-    from layerprune.memory import cgroup_limits
+    from layerprune.runtime.memory import cgroup_limits
 
     proc = tmp_path / "cgroup"
     root = tmp_path / "sys" / ("memory" if version == 1 else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 from conftest import HEAL_TEXT, save_tiny, tiny_model
 
-from layerprune.model_card import CARD_NAME, model_card
+from layerprune.io.model_card import CARD_NAME, model_card
 
 
 def front_matter(text: str) -> dict:
@@ -15,7 +15,7 @@ def front_matter(text: str) -> dict:
 
 def test_a_pruned_repaired_and_healed_checkpoint_says_what_was_done(tmp_path):
     from layerprune import heal, prune
-    from layerprune.healing import HealConfig
+    from layerprune.healing.lora import HealConfig
 
     src = save_tiny(tiny_model("llama", seed=1), tmp_path / "model")
     (src / CARD_NAME).write_text("---\nlicense: mit\nlanguage: en\n---\n# The source model\nIts own words.\n")

@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 
 from layerprune.cli import app
 from layerprune.errors import LayerpruneError
-from layerprune.models import cache_entries, clear_cache
+from layerprune.runtime.models import cache_entries, clear_cache
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from layerprune.destinations import hold
+from layerprune.io.destinations import hold
 with hold(Path(sys.argv[1])):
     print("holding", flush=True)
     time.sleep(60)

@@ -81,7 +81,7 @@ def _run(bin_dir: Path, cwd: Path, *args: object) -> subprocess.CompletedProcess
 @pytest.mark.real
 @pytest.mark.slow
 def test_the_core_alone_analyzes_and_cuts_and_names_the_extra_each_other_command_needs(core, smollm2, tmp_path):
-    from layerprune.models import gguf_file
+    from layerprune.runtime.models import gguf_file
 
     listed = subprocess.run([core / "python", "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True)
     installed = {line.split("==")[0].lower().replace("-", "_") for line in listed.stdout.split()}

@@ -9,10 +9,10 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from layerprune.config import build
-from layerprune.evaluation import EvalConfig, closeness, evaluate, logits_of
-from layerprune.one_pass import FULL, OnePass, evaluate_variants
-from layerprune.surgery import pruned_in_place
-from layerprune.tasks import TEXT_TASKS
+from layerprune.cut.surgery import pruned_in_place
+from layerprune.evaluation.harness import EvalConfig, closeness, evaluate, logits_of
+from layerprune.evaluation.one_pass import FULL, OnePass, evaluate_variants
+from layerprune.evaluation.tasks import TEXT_TASKS
 
 CUTS = [(4,), (1, 2), (0, 3), (2, 3, 4)]  # sizes 1-3, starts 0-4, one not contiguous
 TEXTS = [f"Passage {i}: the cat sat on the mat while the dog slept by the warm door. " * (1 + i % 3) for i in range(5)]
@@ -110,7 +110,7 @@ def _alone(model, tokenizer, removed, config):
 def test_packaged_models_give_the_per_point_results(name, limit, request):
     """SmolLM2 and Gemma 3 (sliding-window layers): per-document log-likelihoods to 1e-4, acc and
     acc_norm exactly, loss and KL to 1e-5, for cuts of several sizes and starts."""
-    from layerprune.models import load_model
+    from layerprune.runtime.models import load_model
 
     model, tokenizer = load_model(request.getfixturevalue(name))
     layers = model.config.num_hidden_layers
@@ -179,7 +179,7 @@ def test_a_model_healed_near_its_cut_resumes_from_the_full_model_s_prefix():
 
     from lm_eval.models.huggingface import HFLM
 
-    from layerprune.one_pass import shared_prefix
+    from layerprune.evaluation.one_pass import shared_prefix
 
     model, tokenizer = tiny_model("llama", seed=3), tiny_tokenizer()
     near, other = copy.deepcopy(model), copy.deepcopy(model)

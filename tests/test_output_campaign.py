@@ -24,7 +24,7 @@ from test_gguf import tiny_gguf
 from typer.testing import CliRunner
 
 from layerprune.cli import app
-from layerprune.gguf_reading import RECORD_KEY, read_gguf
+from layerprune.io.gguf_reading import RECORD_KEY, read_gguf
 
 pytestmark = pytest.mark.slow  # several processes, kill campaigns or whole sweeps: not in make test-fast
 
@@ -197,7 +197,7 @@ def damaged_bytes(reader, name: str) -> bytes:
 @CAMPAIGN
 @given(where=st.sampled_from(["header", "metadata", "tensor info", "data"]), data=st.data())
 def test_a_corrupted_gguf_is_pruned_correctly_or_refused(gguf_source, tmp_path_factory, where, data):
-    from layerprune.gguf_reading import BLOCK
+    from layerprune.io.gguf_reading import BLOCK
 
     root = tmp_path_factory.mktemp("corrupt")
     bytes_ = bytearray(gguf_source.read_bytes())

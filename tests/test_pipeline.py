@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from layerprune.cli import app
 from layerprune.errors import LayerpruneError
-from layerprune.pipeline import prune
+from layerprune.recipes.pipeline import prune
 
 DOCS = [f"Calibration text number {i}: the quick brown fox jumps over the lazy dog again." for i in range(6)]
 
@@ -48,10 +48,10 @@ def test_too_little_calibration_data_is_refused(tmp_path):
 
 
 def test_loss_strategies_say_when_the_model_would_not_fit_in_memory(tmp_path, monkeypatch):
-    import layerprune.memory
+    import layerprune.runtime.memory
 
     src = save_tiny(tiny_model("llama"), tmp_path / "src")
-    monkeypatch.setattr(layerprune.memory, "memory_available", lambda: 10_000)
+    monkeypatch.setattr(layerprune.runtime.memory, "memory_available", lambda: 10_000)
     with pytest.raises(LayerpruneError, match="whole model in memory.*use angular or bi"):
         prune(src, tmp_path / "out", n=2, strategy="loss", progress=False)
     assert not (tmp_path / "out").exists()

@@ -10,8 +10,8 @@ from reference import assert_same_tables, direct_tables, greedy
 from transformers import AutoModelForCausalLM
 
 from layerprune import analyze, load_model, prune, prune_model
-from layerprune.analysis import layer_distances
 from layerprune.data import load_documents, token_batches
+from layerprune.measure.analysis import layer_distances
 
 pytestmark = pytest.mark.real
 
@@ -67,7 +67,7 @@ def test_real_disk_prune_equals_in_memory_prune_and_generates(real, tmp_path):
 
 
 def test_smollm2_sciq_matches_lm_eval_command_line(smollm2):
-    from layerprune.evaluation import evaluate, lm_eval_command_line
+    from layerprune.evaluation.harness import evaluate, lm_eval_command_line
 
     ours = evaluate(smollm2, ["sciq"], limit=20, batch_size=8)["tasks"]["sciq"]
     theirs = lm_eval_command_line(smollm2, "sciq", limit=20, batch_size=8)
@@ -76,7 +76,7 @@ def test_smollm2_sciq_matches_lm_eval_command_line(smollm2):
 
 
 def test_real_offload_analysis_equals_in_memory(real):
-    from layerprune.streaming import layer_distances_streamed
+    from layerprune.measure.streaming import layer_distances_streamed
 
     path, model, tokenizer = real
     batches = token_batches(tokenizer, load_documents("coqa"), 4, 48, 2)
@@ -86,7 +86,7 @@ def test_real_offload_analysis_equals_in_memory(real):
 
 
 def test_a_local_gguf_file_is_converted_once_to_a_cached_checkpoint(tmp_path, monkeypatch):
-    from layerprune.models import _smollm2_gguf, resolve_model
+    from layerprune.runtime.models import _smollm2_gguf, resolve_model
 
     monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
     gguf = _smollm2_gguf()
@@ -103,8 +103,8 @@ def test_a_gguf_is_dequantized_into_the_dtype_the_command_runs_in(tmp_path, monk
     """A bf16 run converts into bf16 (half the disk); an fp32 conversion, once there, serves every dtype."""
     from safetensors.torch import load_file
 
-    from layerprune.devices import Placement
-    from layerprune.models import _smollm2_gguf, cache_entries, resolve_model
+    from layerprune.runtime.devices import Placement
+    from layerprune.runtime.models import _smollm2_gguf, cache_entries, resolve_model
 
     monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
     gguf = _smollm2_gguf()
@@ -140,8 +140,8 @@ def test_smollm2_evaluated_by_two_processes_gives_the_single_process_results(smo
 
 def test_kl_divergence_grows_with_the_deepest_layers_removed(real):
     """The kld task against the full model, pruned in place: 0 for nothing removed, then growing."""
-    from layerprune.evaluation import EvalConfig, closeness, logits_of
-    from layerprune.surgery import pruned_in_place
+    from layerprune.cut.surgery import pruned_in_place
+    from layerprune.evaluation.harness import EvalConfig, closeness, logits_of
 
     _, model, tokenizer = real
     config = EvalConfig(tasks=("kld",), limit=8, seq_len=64, batch_size=4)
@@ -162,10 +162,10 @@ def test_kl_divergence_grows_with_the_deepest_layers_removed(real):
 
 
 def test_smollm2_paired_intervals_are_at_least_twice_narrower_than_unpaired(smollm2):
-    from layerprune.evaluation import evaluate
-    from layerprune.surgery import pruned_in_place
-    from layerprune.tasks import task_of
-    from layerprune.uncertainty import compare
+    from layerprune.cut.surgery import pruned_in_place
+    from layerprune.evaluation.harness import evaluate
+    from layerprune.evaluation.tasks import task_of
+    from layerprune.evaluation.uncertainty import compare
 
     model, tokenizer = load_model(smollm2)
     settings = dict(limit=60, tokenizer=tokenizer, batch_size=8)
@@ -185,9 +185,9 @@ def test_smollm2_paired_intervals_are_at_least_twice_narrower_than_unpaired(smol
 
 def test_smollm2_sensitivity_agrees_with_the_loss_searchs_single_layer_costs(smollm2):
     from layerprune.data import Calibration
-    from layerprune.evaluation import EvalConfig
-    from layerprune.scoring import calibration_batches, select_by_loss
-    from layerprune.sensitivity import sensitivity
+    from layerprune.evaluation.harness import EvalConfig
+    from layerprune.recipes.sensitivity import sensitivity
+    from layerprune.selection.scoring import calibration_batches, select_by_loss
 
     model, tokenizer = load_model(smollm2)
     calibration = Calibration(samples=8, seq_len=64, batch_size=4)
@@ -202,8 +202,8 @@ def test_smollm2_sensitivity_agrees_with_the_loss_searchs_single_layer_costs(smo
 
 
 def test_bench_of_a_gguf_reports_the_files_own_size_beside_the_copy_it_ran(smollm2):
-    from layerprune.deployment import InferenceSettings, benchmark_one
-    from layerprune.models import gguf_file
+    from layerprune.evaluation.speed import InferenceSettings, benchmark_one
+    from layerprune.runtime.models import gguf_file
 
     result = benchmark_one("smollm2-135m", InferenceSettings(prompt_tokens=8, new_tokens=2, repeats=1, warmup=0))
     assert result["disk_bytes"] == gguf_file("smollm2-135m").stat().st_size

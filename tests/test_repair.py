@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import HEAL_TEXT, save_tiny, tiny_model, tiny_tokenizer
 
-import layerprune.repair as repair
+import layerprune.healing.repair as repair
 from layerprune.architectures import find_architecture
+from layerprune.cut.surgery import prune_model
 from layerprune.data import token_batches
 from layerprune.errors import LayerpruneError
-from layerprune.surgery import prune_model
 
 DOCS = [f"Story {i}. The little cat sat on the warm mat while the old dog slept by the door." for i in range(24)]
 
@@ -133,7 +133,7 @@ def test_the_streamed_path_equals_the_in_memory_one(tmp_path, family):
     from safetensors.torch import load_file
 
     from layerprune import load_model, prune
-    from layerprune.streaming import LayerStream
+    from layerprune.measure.streaming import LayerStream
 
     src = save_tiny(tiny_model(family, seed=4), tmp_path / "model")
     model, tokenizer = load_model(src)

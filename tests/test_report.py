@@ -9,8 +9,8 @@ import pytest
 
 from layerprune import __version__
 from layerprune.errors import LayerpruneError
-from layerprune.report import write_report
-from layerprune.strategies import STRATEGIES
+from layerprune.selection.strategies import STRATEGIES
+from layerprune.sweep.report import write_report
 
 pytestmark = pytest.mark.slow  # several processes, kill campaigns or whole sweeps: not in make test-fast
 
@@ -85,8 +85,8 @@ def test_the_rendered_numbers_table_matches_the_results_cell_by_cell(finished, t
 
 
 def test_the_rendered_comparisons_are_the_paired_bootstrap_of_the_stored_documents(finished, tmp_path):
-    from layerprune.tasks import task_of
-    from layerprune.uncertainty import compare
+    from layerprune.evaluation.tasks import task_of
+    from layerprune.evaluation.uncertainty import compare
 
     tables = rendered_tables((finished / "report.html").read_text(), tmp_path)
     head, *rows = tables["comparisons"]
@@ -159,8 +159,8 @@ def synthetic_rows(drops, documents=400, seed=0):
 
 
 def test_how_far_walks_up_until_a_point_is_beyond_or_undecided():
-    from layerprune.evaluation import Tolerance
-    from layerprune.report import how_far
+    from layerprune.evaluation.harness import Tolerance
+    from layerprune.sweep.report import how_far
 
     limits = Tolerance(tolerance=0.05)
     decided = how_far(synthetic_rows([0.0, 0.0, 0.5, 0.0]), "t", limits)["deepest"]
@@ -175,8 +175,8 @@ def test_how_far_walks_up_until_a_point_is_beyond_or_undecided():
 
 
 def test_the_headline_answers_in_layers_and_never_asks_for_more_documents_than_a_task_has():
-    from layerprune.evaluation import Tolerance
-    from layerprune.report import headline
+    from layerprune.evaluation.harness import Tolerance
+    from layerprune.sweep.report import headline
 
     limits = Tolerance(tolerance=0.05)
     assert headline(synthetic_rows([0.0, 0.0, 0.5]), "t", limits) == (
@@ -198,8 +198,8 @@ def test_the_headline_answers_in_layers_and_never_asks_for_more_documents_than_a
 
 
 def test_the_rendered_answer_is_one_sentence_per_task_then_a_table_with_headers(finished, tmp_path):
-    from layerprune.evaluation import Tolerance
-    from layerprune.report import headline, how_far
+    from layerprune.evaluation.harness import Tolerance
+    from layerprune.sweep.report import headline, how_far
 
     page = (finished / "report.html").read_text()
     results = json.loads((finished / "results.json").read_text())
@@ -225,8 +225,8 @@ def test_the_report_command_prints_the_answer_per_task(finished, tmp_path):
     from typer.testing import CliRunner
 
     from layerprune.cli import app
-    from layerprune.evaluation import Tolerance
-    from layerprune.report import headline
+    from layerprune.evaluation.harness import Tolerance
+    from layerprune.sweep.report import headline
 
     folder = tmp_path / "sweep"
     shutil.copytree(finished, folder)

@@ -7,7 +7,14 @@ from reference import residual_states
 
 from layerprune.architectures import find_architecture
 from layerprune.data import token_batches
-from layerprune.residual import last_token_index, next_token_losses, run_layers, slice_config, stream_modules, watching
+from layerprune.measure.residual import (
+    last_token_index,
+    next_token_losses,
+    run_layers,
+    slice_config,
+    stream_modules,
+    watching,
+)
 
 
 def test_the_hooks_see_every_residual_state_before_the_final_norm(family):

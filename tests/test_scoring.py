@@ -9,13 +9,13 @@ from conftest import save_tiny, tiny_model, tiny_tokenizer
 from reference import greedy
 from transformers import AutoModelForCausalLM
 
-from layerprune.analysis import layer_distances
 from layerprune.architectures import find_architecture
+from layerprune.cut.surgery import prune_model
 from layerprune.data import token_batches
 from layerprune.errors import LayerpruneError
-from layerprune.pipeline import prune
-from layerprune.scoring import nested_prefix, select_by_loss
-from layerprune.surgery import prune_model
+from layerprune.measure.analysis import layer_distances
+from layerprune.recipes.pipeline import prune
+from layerprune.selection.scoring import nested_prefix, select_by_loss
 
 DOCS = [f"Calibration text number {i}: the quick brown fox jumps over the lazy dog again." for i in range(6)]
 
@@ -56,7 +56,7 @@ def test_loss_search_equals_brute_force(family):
 def test_loss_repair_scores_each_block_as_the_repaired_checkpoint_computes(family):
     """Each candidate's loss is the calibration loss of the model repaired for it (`repair_model`,
     the maps `prune --repair linear` folds) and pruned; the block at layer 0 has no layer to fold into."""
-    from layerprune.repair import repair_model
+    from layerprune.healing.repair import repair_model
 
     model = tiny_model(family, seed=4)
     batches = token_batches(tiny_tokenizer(), DOCS * 8, 48, 40, 8)  # more tokens than hidden units
@@ -74,7 +74,7 @@ def test_angular_rerank_scores_the_k_most_similar_blocks():
     model = tiny_model("qwen3", seed=5)
     batches = token_batches(tiny_tokenizer(), DOCS, 6, 40, 3)
     angular, bi = layer_distances(model, batches, progress=False)
-    from layerprune.analysis import AnalysisResult
+    from layerprune.measure.analysis import AnalysisResult
 
     analysis = AnalysisResult(num_layers=6, angular=angular, block_influence=bi)
     selection = select_by_loss(model, batches, n=2, strategy="angular-rerank", analysis=analysis, candidates=2)

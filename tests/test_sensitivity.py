@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from layerprune.cli import app
 from layerprune.data import Calibration
-from layerprune.evaluation import EvalConfig, evaluate
-from layerprune.scoring import calibration_batches, select_by_loss
-from layerprune.sensitivity import sensitivity
+from layerprune.evaluation.harness import EvalConfig, evaluate
+from layerprune.recipes.sensitivity import sensitivity
+from layerprune.selection.scoring import calibration_batches, select_by_loss
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import pytest
 from conftest import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-from layerprune.analysis import AnalysisResult, layer_distances
 from layerprune.cli import app
 from layerprune.data import token_batches
 from layerprune.errors import LayerpruneError
-from layerprune.strategies import MODEL, STRATEGIES, Request, get_strategy, select_layers
+from layerprune.measure.analysis import AnalysisResult, layer_distances
+from layerprune.selection.strategies import MODEL, STRATEGIES, Request, get_strategy, select_layers
 
 DOCS = [f"Calibration text number {i}: the quick brown fox jumps over the lazy dog again." for i in range(6)]
 
@@ -110,8 +110,8 @@ def test_random_is_a_seeded_baseline_that_every_consumer_sees(tmp_path):
     from conftest import save_tiny
 
     from layerprune.config import build
-    from layerprune.pipeline import prune
-    from layerprune.sweep import SweepConfig, run_sweep
+    from layerprune.recipes.pipeline import prune
+    from layerprune.sweep.run import SweepConfig, run_sweep
 
     draws = {seed: STRATEGIES["random"].choose(Request(30, 8, seed=seed)).layers for seed in range(20)}
     assert all(len(set(d)) == 8 and max(d) < 29 for d in draws.values()), "8 distinct layers, the final one kept"

@@ -11,12 +11,12 @@ import pytest
 from conftest import save_tiny, tiny_model, tiny_tokenizer
 from reference import assert_same_tables
 
-import layerprune.streaming as streaming
-from layerprune.analysis import analyze, layer_distances
+import layerprune.measure.streaming as streaming
 from layerprune.data import token_batches
-from layerprune.destinations import WRITER_SUFFIX, scratch_folder
 from layerprune.errors import LayerpruneError
-from layerprune.streaming import SPILL_PREFIX, layer_distances_streamed, remove_stale_spills
+from layerprune.io.destinations import WRITER_SUFFIX, scratch_folder
+from layerprune.measure.analysis import analyze, layer_distances
+from layerprune.measure.streaming import SPILL_PREFIX, layer_distances_streamed, remove_stale_spills
 
 DOCS = ["The quick brown fox jumps over the lazy dog.", "A b c", "Layer pruning removes whole blocks.", "Short."]
 
@@ -71,8 +71,8 @@ def test_spill_files_are_removed_when_the_run_is_terminated(tmp_path):
     data.write_text("\n\n".join(DOCS))
     script = f"""
 import glob, os, signal, tempfile
-import layerprune.streaming as streaming
-from layerprune.analysis import analyze
+import layerprune.measure.streaming as streaming
+from layerprune.measure.analysis import analyze
 from layerprune.cli import _terminate
 signal.signal(signal.SIGTERM, _terminate)  # as the CLI's entry point does
 calls, real = [], streaming.run_layers
@@ -117,8 +117,8 @@ def test_only_the_embedding_rows_the_data_uses_are_read(tmp_path):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from layerprune.checkpoint import read_header, shard_files
-    from layerprune.streaming import _used_embeddings
+    from layerprune.io.checkpoint import read_header, shard_files
+    from layerprune.measure.streaming import _used_embeddings
 
     model = tiny_model("gemma3_text")  # its embedding also scales by sqrt(hidden size)
     src = save_tiny(model, tmp_path / "model", shard_size="60KB")
@@ -141,9 +141,9 @@ def test_offload_in_bf16_equals_in_memory_bf16(tmp_path, budget_layers):
     import torch
 
     from layerprune.architectures import find_architecture
-    from layerprune.checkpoint import tensor_entries
-    from layerprune.devices import Plan
-    from layerprune.streaming import _layer_bytes
+    from layerprune.io.checkpoint import tensor_entries
+    from layerprune.measure.streaming import _layer_bytes
+    from layerprune.runtime.devices import Plan
 
     model = tiny_model("qwen3").to(torch.bfloat16)
     src = save_tiny(model, tmp_path / "model")

@@ -8,10 +8,10 @@ from conftest import folder_digest, save_tiny, tiny_config, tiny_model
 from reference import greedy
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from layerprune.checkpoint import read_header, shard_files
+from layerprune.cut.surgery import prune_checkpoint, prune_model
 from layerprune.errors import LayerpruneError, LayerpruneWarning
+from layerprune.io.checkpoint import read_header, shard_files
 from layerprune.layer_sets import parse_layers
-from layerprune.surgery import prune_checkpoint, prune_model
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 11, 4, 8, 10, 6, 12, 13, 5, 9, 14, 3, 2, 7, 15, 16, 4, 8, 20, 21]])
 
@@ -213,7 +213,7 @@ def test_a_layer_named_twice_is_removed_once_with_a_warning():
 
 
 def test_pruning_in_place_for_a_while_leaves_the_model_exactly_as_it_was(family):
-    from layerprune.surgery import pruned_in_place
+    from layerprune.cut.surgery import pruned_in_place
 
     model = tiny_model(family)
     before = logits(model)

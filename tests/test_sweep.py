@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import sweep_config as config
 
-import layerprune.sweep as sweep_module
+import layerprune.sweep.run as sweep_module
 from layerprune.errors import LayerpruneError
-from layerprune.strategies import STRATEGIES, Choice
-from layerprune.sweep import run_sweep
+from layerprune.selection.strategies import STRATEGIES, Choice
+from layerprune.sweep.run import run_sweep
 
 pytestmark = pytest.mark.slow  # several processes, kill campaigns or whole sweeps: not in make test-fast
 
@@ -261,7 +261,7 @@ def test_under_torchrun_each_process_takes_its_own_shard_alone(setup, finished, 
 
 
 def test_limit_auto_evaluates_in_rounds_until_each_task_decides(setup, tmp_path):
-    from layerprune.evaluation import judge
+    from layerprune.evaluation.harness import judge
 
     base, text = setup
     heldout = tmp_path / "heldout.txt"
@@ -355,7 +355,7 @@ def test_the_evaluation_s_own_settings_reach_every_point_and_are_kept(setup, tmp
 def test_points_are_chosen_as_prune_chooses_them_with_the_sweep_s_prune_settings(setup, tmp_path):
     """The sweep nests prune's settings: --seed and --candidates reach the strategies, and every
     point removes what `prune` with the same settings removes."""
-    from layerprune.pipeline import choose_layers
+    from layerprune.recipes.pipeline import choose_layers
 
     base, text = setup
     settings = config(text, ns=(0, 2), strategies=("random", "angular-rerank"), heal=False, sensitivity=False,

@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
-from layerprune.evaluation import EvalConfig, Tolerance, evaluate, judge
-from layerprune.one_pass import FULL, OnePass, evaluate_variants
-from layerprune.surgery import pruned_in_place
-from layerprune.tasks import TEXT_TASKS, HeldOutLoss, task_of
+from layerprune.cut.surgery import pruned_in_place
+from layerprune.evaluation.harness import EvalConfig, Tolerance, evaluate, judge
+from layerprune.evaluation.one_pass import FULL, OnePass, evaluate_variants
+from layerprune.evaluation.tasks import TEXT_TASKS, HeldOutLoss, task_of
 
 
 class NextTokenHits(HeldOutLoss):

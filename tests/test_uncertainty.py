@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layerprune.uncertainty import Documents, break_point, compare, upper_bound, verdict
+from layerprune.evaluation.uncertainty import Documents, break_point, compare, upper_bound, verdict
 
 
 def paired_answers(rng, documents, easy_share=0.7, flip=0.08):

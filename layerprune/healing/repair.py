@@ -1,0 +1,447 @@
+"""Repair a cut without training: one linear map per removed block, fitted in one calibration pass
+and folded into the kept weights, so the checkpoint keeps its family's architecture exactly.
+
+After ReplaceMe (Shopkhoev et al., NeurIPS 2025, arXiv 2505.02819). For a block of layers s..e-1
+removed after the kept layer p = s - 1, let
+
+    H = resid[s]      the residual stream leaving layer p,
+    A                 the MLP's term in it (what layer p's MLP adds: its output, or for Gemma 2/3
+                      and OLMo 2 the output of the post-feed-forward norm it passes through),
+    X = resid[e]      the stream the removed block would have produced.
+
+The pruned model hands H = (H - A) + A to layer e. Repair hands it (H - A) + A T instead, with
+
+    T = argmin_T ||A T - R||^2 + lam ||T||^2,   R = X - H + A   (so T = I is no repair)
+      = (A^T A + lam I)^-1 A^T R,               lam = RIDGE * tr(A^T A) / d
+
+A^T A, A^T R and ||R||^2 are summed over the calibration tokens in float64, batch by batch, so
+memory is d x d whatever the number of tokens. `cosine` then refines T for COSINE_STEPS steps of
+Adam to minimize the cosine distance between (H - A) + A T and X on up to COSINE_TOKENS tokens,
+as ReplaceMe's second variant does. T is folded into the module that makes A: the down projection
+(W <- T^T W, b <- b T). Where A is a norm's output (Gemma 2/3, OLMo 2), only a diagonal map can be
+folded (into the norm's scale): it is fitted per channel in closed form, and the record says so.
+
+The statistics come from one pass of the unpruned model (every block's from the same pass), so a
+cut of several blocks is repaired block by block as if each were the only one. A model larger than
+memory makes that pass one layer at a time (`collect_streaming`, through `streaming.LayerStream`);
+then only the modules the maps fold into are loaded to fold them.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from layerprune.architectures import Architecture, find_architecture
+from layerprune.data import Calibration
+from layerprune.errors import LayerpruneError
+from layerprune.io.checkpoint import TORCH_DTYPES, TensorEntry, read_config, read_header, tensor_entries
+from layerprune.io.destinations import reclaim_stale, remove_scratch, scratch_folder
+from layerprune.measure.streaming import LayerStream
+from layerprune.runtime.devices import Placement, fits_on_device, plan_placement
+from layerprune.runtime.models import load_model, load_tokenizer
+
+RIDGE = 1e-3  # share of the mean eigenvalue of A^T A: keeps the solve well posed, changes a well-fed fit little
+COSINE_STEPS = 200
+COSINE_TOKENS = 16384
+COSINE_LR = 1e-4
+METHODS = ("none", "linear", "cosine")
+
+
+def removed_blocks(removed: list[int]) -> list[tuple[int, int]]:
+    """The maximal runs of consecutive removed layers, as [start, end)."""
+    blocks: list[list[int]] = []
+    for layer in sorted(removed):
+        if blocks and blocks[-1][1] == layer:
+            blocks[-1][1] = layer + 1
+        else:
+            blocks.append([layer, layer + 1])
+    return [(start, end) for start, end in blocks]
+
+
+@dataclass
+class BlockStatistics:
+    """What one block's fit needs, summed over the calibration tokens (float64)."""
+
+    start: int
+    end: int
+    aa: Any = None  # sum of A^T A: [d, d]
+    ar: Any = None  # sum of A^T R: [d, d]
+    rr: float = 0.0  # sum of ||R||^2
+    tokens: int = 0
+    samples: list[Any] = field(default_factory=list)  # (H - A, A, X) rows kept for the cosine refinement
+
+    def add(self, a: Any, h: Any, x: Any, keep_samples: int) -> None:
+        """Add the rows (real tokens only) of one batch."""
+        import torch
+
+        a64, r64 = a.double(), (x - h + a).double()
+        if self.aa is None:
+            d = a.shape[-1]
+            self.aa = torch.zeros(d, d, dtype=torch.float64, device=a.device)
+            self.ar = torch.zeros(d, d, dtype=torch.float64, device=a.device)
+        self.aa += a64.T @ a64
+        self.ar += a64.T @ r64
+        self.rr += float((r64 * r64).sum())
+        self.tokens += a.shape[0]
+        room = keep_samples - sum(s[0].shape[0] for s in self.samples)
+        if room > 0:
+            self.samples.append(tuple(t[:room].float().cpu() for t in (h - a, a, x)))
+
+
+class _Enough(Exception):
+    """Raised by a hook to end a forward pass once every needed state is seen."""
+
+
+def collect(model: Any, batches: list[dict], blocks: list[tuple[int, int]], keep_samples: int = 0,
+            progress: bool = True) -> list[BlockStatistics]:  # fmt: skip
+    """One pass of the unpruned `model` over `batches`, summing every block's statistics."""
+    import torch
+    from tqdm.auto import tqdm
+
+    arch = find_architecture(model.config)
+    num_layers = arch.num_layers(model.config)
+    layers = arch.layer_list(model)
+    stats = [BlockStatistics(start, end) for start, end in blocks]
+    seen: dict[tuple[str, int], Any] = {}
+
+    def entering(index: int) -> Any:  # the module whose input is resid[index]
+        return layers[index] if index < num_layers else model.get_submodule(arch.final_norm)
+
+    last = max(end for _, end in blocks)
+
+    def pre_hook(index: int) -> Any:
+        def call(module: Any, args: tuple, kwargs: dict) -> None:
+            seen[("resid", index)] = (args[0] if args else kwargs["hidden_states"]).detach()
+            if index == last:
+                raise _Enough  # the layers after the last block's end (and the head) are not needed
+
+        return call
+
+    def term_hook(index: int) -> Any:
+        def call(module: Any, args: tuple, output: Any) -> None:
+            seen[("term", index)] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return call
+
+    handles = []
+    for index in sorted({s for s, _ in blocks} | {e for _, e in blocks}):
+        handles.append(entering(index).register_forward_pre_hook(pre_hook(index), with_kwargs=True))
+    for start, _ in blocks:
+        handles.append(layers[start - 1].get_submodule(arch.mlp_term).register_forward_hook(term_hook(start - 1)))
+    device = model.get_input_embeddings().weight.device
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="repair statistics", unit="batch", disable=not progress):
+                seen.clear()
+                with suppress(_Enough):
+                    model.base_model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+                real = batch["attention_mask"].bool().to(device)
+                for block in stats:
+                    term, leaving, target = (seen[key][real] for key in (("term", block.start - 1),
+                                             ("resid", block.start), ("resid", block.end)))  # fmt: skip
+                    block.add(term, leaving, target, keep_samples)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def collect_streaming(stream: LayerStream, batches: list[dict], blocks: list[tuple[int, int]], keep_samples: int = 0,
+                      progress: bool = True) -> list[BlockStatistics]:  # fmt: skip
+    """`collect` for a model larger than memory: the same sums from one pass of `stream`, one layer
+    in memory at a time. Each block's MLP term and leaving stream (its real tokens' rows) are held
+    on the device from the layer before the block to the block's last layer."""
+    arch = stream.arch
+    stats = [BlockStatistics(start, end) for start, end in blocks]
+    term: list[Any] = []
+    held: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+    def watch(layer: int, module: Any) -> list[Any]:
+        if all(block.start - 1 != layer for block in stats):
+            return []
+        store = lambda _m, _a, out: term.append((out[0] if isinstance(out, tuple) else out).detach())  # noqa: E731
+        return [module.get_submodule(arch.mlp_term).register_forward_hook(store)]
+
+    def visit(layer: int, b: int, batch: dict, _previous: Any, resid: Any) -> None:
+        real = batch["attention_mask"].bool()
+        for i, block in enumerate(stats):
+            if layer == block.start - 1:
+                held[(i, b)] = (term[-1][real], resid[real])
+            if layer == block.end - 1:
+                a, h = held.pop((i, b))
+                block.add(a, h, resid[real], keep_samples)
+        term.clear()
+
+    stream.run(batches, visit, last_layer=max(end for _, end in blocks) - 1, watch=watch,
+               desc="repair statistics (offload)", progress=progress)  # fmt: skip
+    return stats
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One block's map, and how well it fits: the residual ||A T - R||^2 over ||A - R||^2 (the cut
+    unrepaired, T = I); below 1 is better than no repair."""
+
+    start: int
+    end: int
+    map: Any  # [d, d], or [d] for a diagonal map
+    diagonal: bool
+    residual: float
+    tokens: int
+    cosine_distance: float | None = None  # after the cosine refinement, on its sample
+
+    def record(self) -> dict[str, Any]:
+        return {"block": [self.start, self.end - 1], "after_layer": self.start - 1, "diagonal": self.diagonal,
+                "fit_residual": round(self.residual, 6), "tokens": self.tokens,
+                "cosine_distance": self.cosine_distance}  # fmt: skip
+
+
+def fit(stats: BlockStatistics, diagonal: bool, ridge: float | None = None) -> Fit:
+    """The ridge least-squares map of one block (closed form); a one-line error for too few tokens
+    or a singular fit."""
+    import torch
+
+    d = stats.aa.shape[0]
+    if stats.tokens < d and not diagonal:
+        raise LayerpruneError(
+            f"repairing layers {stats.start}-{stats.end - 1} fits a {d} x {d} map: it needs at least {d} "
+            f"calibration tokens, got {stats.tokens}; raise --samples or --seq-len"
+        )
+    aa, ar = stats.aa, stats.ar
+    lam = (RIDGE if ridge is None else ridge) * float(torch.diagonal(aa).sum()) / d
+    if not math.isfinite(lam) or lam <= 0:
+        raise LayerpruneError(
+            f"repairing layers {stats.start}-{stats.end - 1}: the MLP output is all zero; no map fits"
+        )
+    if diagonal:
+        t = torch.diagonal(ar) / (torch.diagonal(aa) + lam)
+        full = torch.diag(t)
+    else:
+        try:
+            factor = torch.linalg.cholesky(aa + lam * torch.eye(d, dtype=aa.dtype, device=aa.device))
+        except RuntimeError as err:
+            raise LayerpruneError(
+                f"repairing layers {stats.start}-{stats.end - 1}: the fit is singular ({err})"
+            ) from err
+        full = torch.cholesky_solve(ar, factor)
+        t = full
+    return Fit(stats.start, stats.end, t, diagonal, _residual(stats, full), stats.tokens)
+
+
+def _residual(stats: BlockStatistics, t: Any) -> float:
+    """||A T - R||^2 / ||A - R||^2, from the sums alone."""
+    import torch
+
+    def error(m: Any) -> float:
+        return float(torch.sum(m * (stats.aa @ m)) - 2 * torch.sum(m * stats.ar) + stats.rr)
+
+    identity = torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
+    return error(t) / max(error(identity), 1e-30)
+
+
+def refine_cosine(stats: BlockStatistics, start: Fit, steps: int = COSINE_STEPS) -> Fit:
+    """`start` refined by Adam to minimize the mean cosine distance between (H - A) + A T and X on
+    the kept sample of tokens."""
+    import torch
+
+    y, a, x = (torch.cat([s[i] for s in stats.samples]) for i in range(3))
+    t = start.map.float().cpu().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([t], lr=COSINE_LR)
+
+    def distance() -> Any:
+        mapped = a * t if start.diagonal else a @ t
+        return (1 - torch.nn.functional.cosine_similarity(y + mapped, x, dim=-1)).mean()
+
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss = distance()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        final = float(distance())
+    refined = t.detach().to(start.map)
+    full = torch.diag(refined) if start.diagonal else refined
+    return Fit(start.start, start.end, refined, start.diagonal, _residual(stats, full.double()), start.tokens,
+               round(final, 6))  # fmt: skip
+
+
+def fold(model: Any, arch: Architecture, layer: int, result: Fit) -> None:
+    """Fold a map into layer `layer`'s weights, in place: A becomes A T."""
+    import torch
+
+    module = arch.layer_list(model)[layer].get_submodule(arch.repair_fold)
+    t = result.map.to(device=module.weight.device, dtype=torch.float64)
+    with torch.no_grad():
+        if arch.repair_fold_kind == "norm":
+            if not result.diagonal:
+                raise LayerpruneError(f"{arch.name} takes only a diagonal map (into {arch.repair_fold})")
+            scale = _norm_scale(module)  # the norm's output is proportional to scale(weight)
+            module.weight.copy_(_norm_weight(module, scale(module.weight.double()) * t))
+            return
+        matrix = torch.diag(t) if result.diagonal else t
+        weight = module.weight.double()
+        new = matrix.T @ weight if arch.repair_fold_kind == "linear" else weight @ matrix  # conv1d: [in, out]
+        module.weight.copy_(new.to(module.weight.dtype))
+        if getattr(module, "bias", None) is not None:
+            module.bias.copy_((module.bias.double() @ matrix).to(module.bias.dtype))
+
+
+def _norm_scale(module: Any) -> Any:
+    """How a norm's weight scales its output: `w` (Llama's RMSNorm) or `1 + w` (Gemma's)."""
+    import torch
+
+    with torch.no_grad():
+        saved = module.weight.detach().clone()
+        module.weight.zero_()
+        probe = torch.ones(1, module.weight.shape[0], dtype=module.weight.dtype, device=module.weight.device)
+        offset = bool(module(probe).abs().sum() > 0)
+        module.weight.copy_(saved)
+    return (lambda w: 1 + w) if offset else (lambda w: w)
+
+
+def _norm_weight(module: Any, scale: Any) -> Any:
+    """The weight that gives the norm the per-channel `scale`."""
+    offset = _norm_scale(module)(module.weight.new_zeros(1).double())
+    return (scale - float(offset[0])).to(module.weight.dtype)
+
+
+def _blocks(removed: list[int]) -> list[tuple[int, int]]:
+    """The blocks of a cut that can be repaired, or a one-line error."""
+    blocks = removed_blocks(removed)
+    if blocks and blocks[0][0] == 0:
+        raise LayerpruneError(
+            "repair folds its map into the layer before the cut, and this cut starts at layer 0; remove other layers "
+            "or prune without --repair"
+        )
+    return blocks
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS[1:]:
+        raise LayerpruneError(f"--repair must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+def fit_all(stats: list[BlockStatistics], method: str, diagonal: bool) -> list[Fit]:
+    """Every block's map: the least-squares fit, refined for `cosine`."""
+    fits = []
+    for block in stats:
+        result = fit(block, diagonal)
+        fits.append(refine_cosine(block, result) if method == "cosine" else result)
+    return fits
+
+
+def repair_model(
+    model: Any,
+    batches: list[dict],
+    removed: list[int],
+    method: str = "linear",
+    progress: bool = True,
+) -> list[Fit]:
+    """Fit a map for every block of `removed` on `batches` and fold it into the unpruned `model`,
+    in place (prune it afterwards); returns the fits."""
+    _check_method(method)
+    arch = find_architecture(model.config)
+    keep = COSINE_TOKENS if method == "cosine" else 0
+    stats = collect(model, batches, _blocks(removed), keep_samples=keep, progress=progress)
+    fits = fit_all(stats, method, arch.repair_fold_kind == "norm")
+    for result in fits:
+        fold(model, arch, result.start - 1, result)
+    return fits
+
+
+def repair_record(method: str, fits: list[Fit], arch: Architecture, calibration: dict[str, Any], seconds: float,
+                  tokens: int) -> dict[str, Any]:  # fmt: skip
+    """What the record says of a repair: what was fitted, on what data, how well, where it went."""
+    folded = f"diagonal map into {arch.repair_fold}'s scale" if arch.repair_fold_kind == "norm" else (
+        f"d x d map into {arch.repair_fold}")  # fmt: skip
+    return {
+        "method": method,
+        "folded": folded,
+        "ridge": f"{RIDGE} x tr(A^T A) / d",
+        "cosine_steps": COSINE_STEPS if method == "cosine" else None,
+        "calibration": calibration,
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "blocks": [f.record() for f in fits],
+    }
+
+
+@contextmanager
+def repaired_weights(
+    src: Path,
+    removed: list[int],
+    method: str,
+    calibration: Calibration,
+    placement: Placement,
+    progress: bool = True,
+    offload: bool | None = None,
+) -> Iterator[tuple[dict[str, TensorEntry], dict[str, Any]]]:
+    """The checkpoint `src` repaired for the cut `removed`: the folded tensors (by source key, of
+    their stored dtype and shape, in a scratch file that lasts as long as the block) and the
+    record of the repair. `surgery.prune_checkpoint` then writes the pruned checkpoint with them.
+    `offload` collects the statistics one layer at a time (`streaming`); by default it is chosen
+    when the model would not fit in the memory of its device."""
+    import torch
+    from safetensors.torch import save_file
+
+    _check_method(method)
+    _, arch = read_config(src)
+    entries = tensor_entries(src)
+    if not entries:
+        raise LayerpruneError(f"--repair needs a safetensors checkpoint; {src} has none")
+    blocks = _blocks(removed)
+    keep = COSINE_TOKENS if method == "cosine" else 0
+    started = time.perf_counter()
+    plan = plan_placement(placement, src)
+    offload = not fits_on_device(plan, src) if offload is None else offload
+    if offload:
+        stream = LayerStream(src, replace(plan, device_map=None, max_memory=None))
+        stats = collect_streaming(stream, calibration.batches(load_tokenizer(src)), blocks, keep, progress)
+        model = stream.model  # on the meta device but for the modules the maps fold into, loaded below
+        for start, _ in blocks:
+            keys = [k for k in stream.layer_keys(start - 1) if f".{arch.repair_fold}." in f".{k}"]
+            stream.place({name: t.float() for name, t in stream.read(keys).items()}, "cpu")
+        plan = stream.plan
+    else:
+        model, tokenizer = load_model(src, plan)
+        stats = collect(model, calibration.batches(tokenizer), blocks, keep_samples=keep, progress=progress)
+    fits = fit_all(stats, method, arch.repair_fold_kind == "norm")
+    tensors = {}
+    for result in fits:
+        fold(model, arch, result.start - 1, result)
+        module = arch.layer_list(model)[result.start - 1].get_submodule(arch.repair_fold)
+        for name, value in module.named_parameters(recurse=False):
+            key = _checkpoint_key(arch, entries, result.start - 1, f"{arch.repair_fold}.{name}")
+            tensors[key] = value.detach().to(getattr(torch, TORCH_DTYPES[entries[key].dtype])).cpu()
+    del model
+    seconds, tokens = time.perf_counter() - started, fits[0].tokens if fits else 0
+    record = repair_record(method, fits, arch, asdict(calibration), seconds, tokens) | {
+        "placement": plan.record(), "offload": offload}  # fmt: skip
+    reclaim_stale(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
+    folder = scratch_folder(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "repaired.safetensors")
+        written, _ = read_header(folder / "repaired.safetensors")
+        yield written, record
+    finally:
+        remove_scratch(folder)
+
+
+SCRATCH_PREFIX = "layerprune-repair-"
+
+
+def _checkpoint_key(arch: Architecture, entries: dict[str, TensorEntry], layer: int, rest: str) -> str:
+    """The checkpoint's key of a tensor of layer `layer` (checkpoints may omit the base prefix)."""
+    for key in entries:
+        split = arch.split_layer_key(key)
+        if split is not None and split[1] == layer and split[2] == rest:
+            return key
+    raise LayerpruneError(f"the checkpoint has no tensor {rest} in layer {layer} to fold the repair into")

@@ -1,0 +1,3 @@
+"""Which layers to remove: the strategy registry (`strategies`) and the loss-scored searches
+(`scoring`). Choosing knows nothing of writing checkpoints.
+"""
