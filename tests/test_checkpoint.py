@@ -10,12 +10,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import folder_digest, save_tiny, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from layerprune.cli import app
 from layerprune.errors import LayerpruneError
-from layerprune.io.checkpoint import read_header, shard_files, validate_checkpoint
+from layerprune.io.checkpoint import INDEX_NAME, read_header, shard_files, validate_checkpoint, write_weights
 from layerprune.io.destinations import WRITER_SUFFIX, check_destination, staged
 
 
@@ -68,6 +72,48 @@ def test_an_index_that_points_outside_the_folder_is_refused(tmp_path):
     index.write_text(json.dumps(raw))
     with pytest.raises(LayerpruneError, match="names a shard outside the checkpoint folder: '../elsewhere"):
         shard_files(src)
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.uint8, torch.bool]
+SHAPES = st.lists(st.integers(0, 4), max_size=3).map(tuple)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(DTYPES), SHAPES, st.booleans()), min_size=1, max_size=8),
+       st.integers(1, 3), st.integers(0, 2**16))  # fmt: skip
+def test_the_one_writer_writes_what_safetensors_reads_back(tmp_path_factory, specs, count, seed):
+    """Tensors of any dtype and shape (0-d and empty included), from memory or copied as bytes from
+    another file, in 1-3 shards: safetensors reads back each one equal, under Hugging Face's shard
+    names, with the index (only) when there are several."""
+    folder = tmp_path_factory.mktemp("written")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {f"t{i}": (torch.randint(0, 2, shape, generator=generator) if dtype == torch.bool else
+                         torch.randn(shape, generator=generator) * 100).to(dtype)
+               for i, (dtype, shape, _) in enumerate(specs)}  # fmt: skip
+    save_file(tensors, folder / "source.safetensors")
+    entries, _ = read_header(folder / "source.safetensors")
+    sources = [(name, entries[name] if from_file else tensors[name]) for name, (_, _, from_file) in zip(tensors, specs)]
+    shards = [sources[i::count] for i in range(count)]
+    out = folder / "out"
+    out.mkdir()
+    total = write_weights(out, iter(shards), count, {"format": "pt"})
+    read = {k: v for shard in shard_files(out) for k, v in load_file(shard).items()}
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
+    assert all(read[k].dtype == tensors[k].dtype and read[k].shape == tensors[k].shape for k in tensors)
+    assert total == sum(t.numel() * t.element_size() for t in tensors.values())
+    if count == 1:
+        assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    else:
+        index = json.loads((out / INDEX_NAME).read_text())
+        assert index["metadata"]["total_size"] == total
+        names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        assert sorted(p.name for p in out.glob("*.safetensors")) == names
+        assert index["weight_map"] == {name: names[i % count] for i, (name, _) in enumerate(sources)}
+
+
+def test_the_writer_refuses_fewer_shards_than_announced(tmp_path):
+    with pytest.raises(RuntimeError, match="1 shards written where 2 were announced"):
+        write_weights(tmp_path, iter([[("a", torch.zeros(2))]]), 2, {})
 
 
 def test_a_config_that_miscounts_the_layers_is_refused(tmp_path):
@@ -185,12 +231,12 @@ def test_a_prune_killed_mid_write_is_reclaimed_by_the_next_run(tmp_path):
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         import os, signal
-        import layerprune.cut.surgery as surgery
-        real = surgery.write_shard
+        import layerprune.io.checkpoint as checkpoint
+        real = checkpoint.write_shard
         def write_then_die(path, tensors, metadata):
             real(path, tensors, metadata)
             os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or `kill -9` would
-        surgery.write_shard = write_then_die
+        checkpoint.write_shard = write_then_die
         from layerprune.cli import main
         import sys
         sys.argv = ["layerprune", "prune", {str(src)!r}, "--out", {str(out)!r}, "--layers", "1"]

@@ -191,10 +191,10 @@ def test_a_stopped_prune_leaves_nothing(checkpoint, tmp_path, signal_name):
     """A scheduler's SIGTERM and a closed terminal's SIGHUP clean up like Ctrl-C."""
     script = f"""
 import os, signal, sys
-import layerprune.cut.surgery as surgery
+import layerprune.io.checkpoint as checkpoint
 def stop(*args):
     os.kill(os.getpid(), signal.{signal_name})
-surgery.write_shard = stop
+checkpoint.write_shard = stop
 from layerprune.cli import main
 sys.argv = ["layerprune", "prune", {str(checkpoint)!r}, "--out", {str(tmp_path / "out")!r}, "--layers", "1"]
 main()

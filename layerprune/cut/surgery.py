@@ -25,17 +25,16 @@ from layerprune.io.checkpoint import (
     INDEX_NAME,
     RECORD_NAME,
     WEIGHT_SUFFIXES,
-    TensorEntry,
+    Source,
     check_layers,
+    describe,
     read_config,
     read_header,
     read_record,
     shard_files,
-    shard_name,
     tensor_entries,
-    write_index,
     write_record,
-    write_shard,
+    write_weights,
 )
 from layerprune.io.destinations import staged
 from layerprune.layer_sets import check_removal
@@ -121,11 +120,11 @@ def _check_output(arch: Architecture, folder: Path, expected: dict[str, tuple[st
 
 
 def _plan(
-    src: Path, arch: Architecture, removed: set[int], replaced: dict[str, TensorEntry]
-) -> tuple[list[list[tuple[str, TensorEntry]]], dict]:
+    src: Path, arch: Architecture, removed: set[int], replaced: dict[str, Source]
+) -> tuple[list[list[tuple[str, Source]]], dict]:
     """The kept tensors of every input shard, renamed (one output shard each), each read from
     `replaced` where it names the key, and the metadata."""
-    plans: list[list[tuple[str, TensorEntry]]] = []
+    plans: list[list[tuple[str, Source]]] = []
     metadata: dict[str, str] = {}
     for shard in shard_files(src):
         entries, metadata = read_header(shard)
@@ -134,19 +133,6 @@ def _plan(
         if plan:
             plans.append(plan)
     return plans, metadata
-
-
-def _write_weights(tmp: Path, plans: list[list[tuple[str, TensorEntry]]], metadata: dict, removed: set[int]) -> None:
-    """Stream the planned tensors into their shards, with an index when there are several."""
-    note = ",".join(map(str, sorted(removed)))
-    weight_map: dict[str, str] = {}
-    total = 0
-    for number, plan in enumerate(plans, start=1):
-        name = shard_name(number, len(plans))
-        total += write_shard(tmp / name, plan, {**metadata, "layerprune_removed_layers": note})
-        weight_map.update({key: name for key, _ in plan})
-    if len(plans) > 1:
-        write_index(tmp, weight_map, total)
 
 
 def _copy_side_files(src: Path, tmp: Path) -> None:
@@ -189,12 +175,12 @@ def prune_checkpoint(
     record: dict[str, Any],
     overwrite: bool = False,
     inputs: Iterable[Path] = (),
-    replaced: dict[str, TensorEntry] | None = None,
+    replaced: dict[str, Source] | None = None,
 ) -> dict[str, Any]:
     """Write `src` without the `removed` layers to `out`: streamed safetensors, sliced config, side
     files, and `layerprune.json` (`record` plus the layers removed and kept, and `src`'s history),
-    which it returns. `replaced`: tensors (by source key) read from elsewhere, of the same dtype and
-    shape (a repair's folded weights)."""
+    which it returns. `replaced`: tensors (by source key) taken from elsewhere, of the same dtype and
+    shape (a repair's folded weights, in memory)."""
     replaced = replaced or {}
     config, arch = read_config(src)
     num_layers = arch.num_layers(config)
@@ -204,15 +190,16 @@ def prune_checkpoint(
     removed = check_removal(num_layers, removed, allow_final=True)
     keep = [i for i in range(num_layers) if i not in set(removed)]
     for key, entry in replaced.items():
-        if key not in entries or (entries[key].dtype, entries[key].shape) != (entry.dtype, entry.shape):
+        if key not in entries or (entries[key].dtype, entries[key].shape) != describe(entry)[:2]:
             raise RuntimeError(f"a replacement for {key} does not match the checkpoint's tensor")
     plans, metadata = _plan(src, arch, set(removed), replaced)
-    needed = sum(entry.length for plan in plans for _, entry in plan)
+    needed = sum(describe(source)[2] for plan in plans for _, source in plan)
     with staged(out, overwrite=overwrite, inputs=[src, *inputs], needed_bytes=needed) as tmp:
         if entries:
-            _write_weights(tmp, plans, metadata, set(removed))
+            note = ",".join(map(str, sorted(removed)))
+            write_weights(tmp, plans, len(plans), {**metadata, "layerprune_removed_layers": note})
             _write_config(src, tmp, config, keep, arch)
-            _check_output(arch, tmp, {new: (e.dtype, e.shape) for plan in plans for new, e in plan}, len(keep))
+            _check_output(arch, tmp, {new: describe(e)[:2] for plan in plans for new, e in plan}, len(keep))
         else:
             _prune_bin(src, tmp, removed)
         _copy_side_files(src, tmp)

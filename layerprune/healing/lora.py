@@ -41,12 +41,14 @@ from layerprune.data import DEFAULT_CALIBRATION, load_documents
 from layerprune.errors import LayerpruneError, require
 from layerprune.io.checkpoint import (
     CONFIG_NAME,
-    INDEX_NAME,
+    Source,
     Written,
     extend_record,
+    read_header,
     read_record,
     shard_files,
     write_record,
+    write_weights,
 )
 from layerprune.io.destinations import check_destination, claimed, staged
 from layerprune.measure.divergence import distillation_loss
@@ -482,39 +484,39 @@ def merge_adapter(base: Path, adapter: Path, target: Path, progress: bool = Fals
         _merge_in_memory(base, adapter, target)
         return
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
     scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
     lora = load_file(adapter / "adapter_model.safetensors")
-    pairs = {
-        key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight"): (
-            a,
-            lora[key.replace("lora_A", "lora_B")],
-        )
+    pairs = {  # the base's key of each adapted weight: (A, B)
+        key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight"): (a, lora[b])
         for key, a in lora.items()
-        if ".lora_A." in key
+        if ".lora_A." in key and (b := key.replace("lora_A", "lora_B"))
     }
-    merged = set()
-    for shard in tqdm(shard_files(base), desc="merging", unit="shard", disable=not progress):
+    merged: set[str] = set()
+
+    def merged_shard(shard: Path) -> list[tuple[str, Source]]:
+        """The shard's tensors: those the adapter changes merged in memory, the others copied as bytes."""
+        entries, _ = read_header(shard)
+        changed = {}
         with safe_open(shard, framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iterator)
-            metadata = handle.metadata() or {"format": "pt"}
-        for key in set(tensors) & set(pairs):
-            lora_a, lora_b = pairs[key]
-            delta = (lora_b.float() @ lora_a.float()) * scaling
-            if config.get("fan_in_fan_out"):
-                delta = delta.T
-            tensors[key] = (tensors[key] + delta).to(tensors[key].dtype)
-            merged.add(key)
-        save_file(tensors, target / shard.name, metadata=metadata)
-        del tensors
+            for key in entries.keys() & pairs.keys():
+                lora_a, lora_b = pairs[key]
+                delta = (lora_b.float() @ lora_a.float()) * scaling
+                weight = handle.get_tensor(key)
+                changed[key] = (weight + (delta.T if config.get("fan_in_fan_out") else delta)).to(weight.dtype)
+        merged.update(changed)
+        return [(key, changed.get(key, entry)) for key, entry in entries.items()]
+
+    shards = shard_files(base)
+    metadata = read_header(shards[0])[1] or {"format": "pt"}
+    progress_bar = tqdm(shards, desc="merging", unit="shard", disable=not progress)
+    write_weights(target, (merged_shard(shard) for shard in progress_bar), len(shards), metadata)
     missing = sorted(set(pairs) - merged)
     if missing:
         raise LayerpruneError(f"the adapter changes {missing[0]}, which the base in {base} does not have")
-    for name in (INDEX_NAME, CONFIG_NAME):
-        if (base / name).is_file():
-            shutil.copy2(base / name, target / name)
+    shutil.copy2(base / CONFIG_NAME, target / CONFIG_NAME)
 
 
 def _merge_in_memory(base: Path, adapter: Path, target: Path) -> None:

@@ -30,10 +30,8 @@ then only the modules the maps fold into are loaded to fold them.
 from __future__ import annotations
 
 import math
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,8 +39,7 @@ from typing import Any
 from layerprune.architectures import Architecture, find_architecture
 from layerprune.data import Calibration
 from layerprune.errors import LayerpruneError
-from layerprune.io.checkpoint import TORCH_DTYPES, TensorEntry, read_config, read_header, tensor_entries
-from layerprune.io.destinations import reclaim_stale, remove_scratch, scratch_folder
+from layerprune.io.checkpoint import TORCH_DTYPES, TensorEntry, read_config, tensor_entries
 from layerprune.measure.streaming import LayerStream
 from layerprune.runtime.devices import Placement, fits_on_device, plan_placement
 from layerprune.runtime.models import load_model, load_tokenizer
@@ -374,7 +371,6 @@ def repair_record(method: str, fits: list[Fit], arch: Architecture, calibration:
     }
 
 
-@contextmanager
 def repaired_weights(
     src: Path,
     removed: list[int],
@@ -383,14 +379,13 @@ def repaired_weights(
     placement: Placement,
     progress: bool = True,
     offload: bool | None = None,
-) -> Iterator[tuple[dict[str, TensorEntry], dict[str, Any]]]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checkpoint `src` repaired for the cut `removed`: the folded tensors (by source key, of
-    their stored dtype and shape, in a scratch file that lasts as long as the block) and the
-    record of the repair. `surgery.prune_checkpoint` then writes the pruned checkpoint with them.
+    their stored dtype and shape, in memory: one module per block) and the record of the repair.
+    `surgery.prune_checkpoint` then writes the pruned checkpoint with them.
     `offload` collects the statistics one layer at a time (`streaming`); by default it is chosen
     when the model would not fit in the memory of its device."""
     import torch
-    from safetensors.torch import save_file
 
     _check_method(method)
     _, arch = read_config(src)
@@ -425,17 +420,7 @@ def repaired_weights(
     seconds, tokens = time.perf_counter() - started, fits[0].tokens if fits else 0
     record = repair_record(method, fits, arch, asdict(calibration), seconds, tokens) | {
         "placement": plan.record(), "offload": offload}  # fmt: skip
-    reclaim_stale(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
-    folder = scratch_folder(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "repaired.safetensors")
-        written, _ = read_header(folder / "repaired.safetensors")
-        yield written, record
-    finally:
-        remove_scratch(folder)
-
-
-SCRATCH_PREFIX = "layerprune-repair-"
+    return tensors, record
 
 
 def _checkpoint_key(arch: Architecture, entries: dict[str, TensorEntry], layer: int, rest: str) -> str:

@@ -6,10 +6,13 @@ library itself does: every dtype is known, shape x itemsize equals the byte rang
 contiguous and end at the end of the file, and shard names stay inside the checkpoint folder. A
 checkpoint's config must count the layers its tensors hold.
 
-Writing. safetensors' `save_file` needs every tensor of a shard in memory; `write_shard` instead
-copies each tensor's bytes from the source file in bounded chunks, so peak memory stays at one
-copy buffer whatever the size of the model. The format is an 8-byte little-endian header length,
-a JSON header of dtype, shape and data_offsets per tensor, then the raw bytes.
+Writing. `write_weights` is the one writer of a checkpoint's weights (a prune, a repair folded in,
+a LoRA merge): shard naming, metadata and index. safetensors' `save_file` needs every tensor of a
+shard in memory; `write_shard` instead copies each tensor's bytes from the source file in bounded
+chunks (a tensor already in memory, such as a folded or merged one, is written from there), so a
+prune's peak memory stays at one copy buffer whatever the size of the model. The format is an
+8-byte little-endian header length, a JSON header of dtype, shape and data_offsets per tensor,
+then the raw bytes.
 
 Where outputs go, and how they are published without loss, is `destinations`' job.
 """
@@ -204,24 +207,64 @@ def shard_name(number: int, total: int) -> str:
     return SINGLE_NAME if total == 1 else f"model-{number:05d}-of-{total:05d}.safetensors"
 
 
-def write_shard(path: Path, tensors: list[tuple[str, TensorEntry]], metadata: dict[str, str]) -> int:
-    """Write (name, source entry) pairs as one safetensors file; returns the data size in bytes."""
+Source = Any  # a tensor's bytes: a TensorEntry (a range of a file) or a tensor in memory
+ELEMENT_TYPES = {name: code for code, name in TORCH_DTYPES.items()} | {
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+
+
+def describe(source: Source) -> tuple[str, tuple[int, ...], int]:
+    """The safetensors dtype, the shape and the byte length of a source."""
+    if isinstance(source, TensorEntry):
+        return source.dtype, source.shape, source.length
+    name = str(source.dtype).removeprefix("torch.")
+    if name not in ELEMENT_TYPES:
+        raise LayerpruneError(f"cannot write a tensor of dtype {name} as safetensors")
+    return ELEMENT_TYPES[name], tuple(source.shape), source.numel() * source.element_size()
+
+
+def write_weights(
+    folder: Path, shards: Iterable[list[tuple[str, Source]]], count: int, metadata: dict[str, str]
+) -> int:
+    """The one way layerprune writes a checkpoint's weights: `count` shards (each a list of
+    (name, source), produced one at a time, so only one shard of tensors in memory need be held)
+    named as Hugging Face names them, with `metadata` in each, and the index when there are several.
+    Returns the data size in bytes. Where the folder goes, and when, is `destinations.staged`'s job;
+    the record is `write_record`'s."""
+    weight_map: dict[str, str] = {}
+    total = written = 0
+    for written, tensors in enumerate(shards, start=1):
+        name = shard_name(written, count)
+        total += write_shard(folder / name, tensors, metadata)
+        weight_map.update({key: name for key, _ in tensors})
+        del tensors  # a shard's tensors in memory are freed before the next is made
+    if written != count:
+        raise RuntimeError(f"{written} shards written where {count} were announced")
+    if count > 1:
+        write_index(folder, weight_map, total)
+    return total
+
+
+def write_shard(path: Path, tensors: list[tuple[str, Source]], metadata: dict[str, str]) -> int:
+    """Write (name, source) pairs as one safetensors file; returns the data size in bytes."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    for name, entry in tensors:
-        header[name] = {
-            "dtype": entry.dtype,
-            "shape": list(entry.shape),
-            "data_offsets": [offset, offset + entry.length],
-        }
-        offset += entry.length
+    for name, source in tensors:
+        dtype, shape, length = describe(source)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + length]}
+        offset += length
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(encoded)))
         out.write(encoded)
-        for _, entry in tensors:
-            _copy_range(entry, out)
+        for _, source in tensors:
+            if isinstance(source, TensorEntry):
+                _copy_range(source, out)
+            else:  # a tensor in memory: its bytes as they lie there (little-endian, as safetensors stores them)
+                import torch
+
+                out.write(memoryview(source.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
     return offset
 
 

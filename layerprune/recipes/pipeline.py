@@ -213,13 +213,12 @@ def prune(
         record = _record(model, src, config, selection)
         if config.repair == "none":
             return PruneResult(out, prune_checkpoint(src, out, removed, record, overwrite, inputs=inputs))
-        repair = repaired_weights(
+        replaced, record["repair"] = repaired_weights(
             src, removed, config.repair, config.calibration, config.placement, progress, config.offload
         )
-        with repair as (replaced, repair_record):
-            record["repair"] = repair_record
-            written = prune_checkpoint(src, out, removed, record, overwrite, inputs=inputs, replaced=replaced)
-    return PruneResult(out, written)
+        return PruneResult(
+            out, prune_checkpoint(src, out, removed, record, overwrite, inputs=inputs, replaced=replaced)
+        )
 
 
 FILE_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt", ".onnx", ".ggml", ".h5", ".json", ".zip", ".tar")
