@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 MODEL = "smollm2-135m"
-CALIBRATION = ["--samples", "8", "--seq-len", "64"]
+CALIBRATION = ["--samples", "16", "--seq-len", "64"]  # 1,024 tokens: a 576 x 576 repair fit needs 576
 STRATEGY_ARGS = {"random": ["--seed", "0"], "angular-rerank": ["--candidates", "3"]}
 HEAL = ["--steps", "3", "--no-quant", "--batch-size", "2", "--grad-accum", "1", "--seq-len", "64",
         "--validation-sequences", "4", "--seed", "0"]  # fmt: skip
