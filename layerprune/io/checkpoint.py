@@ -12,7 +12,9 @@ shard in memory; `write_shard` instead copies each tensor's bytes from the sourc
 chunks (a tensor already in memory, such as a folded or merged one, is written from there), so a
 prune's peak memory stays at one copy buffer whatever the size of the model. The format is an
 8-byte little-endian header length, a JSON header of dtype, shape and data_offsets per tensor,
-then the raw bytes.
+then the raw bytes. transformers' `save_pretrained` writes only what transformers must serialize
+itself: a bitsandbytes-quantized model, a model read from GGUF, and the rare inputs that fall back
+to a whole model in memory (`.bin` checkpoints, adapters the streamed merge does not cover).
 
 Where outputs go, and how they are published without loss, is `destinations`' job.
 """
