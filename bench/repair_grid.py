@@ -127,6 +127,23 @@ def report(args: argparse.Namespace) -> None:
                 f"{times.get('repair', 0):.0f}", f"{times.get('heal', 0):.0f}",
             ]  # fmt: skip
             print("| " + " | ".join(cells) + " |")
+        _repair_then_heal(case, setting["variants"].split(","))
+
+
+def _repair_then_heal(case: Path, variants: list[str]) -> None:
+    """`linear+loraN` against `loraN` at equal steps, paired on the same documents."""
+    from layerprune.evaluation.uncertainty import compare
+
+    for heal in [v for v in variants if v.startswith("lora")]:
+        both = [case / f"{v}.results.json" for v in (heal, f"linear+{heal}")]
+        if not all(path.is_file() for path in both):
+            continue
+        alone, repaired = (json.loads(path.read_text()) for path in both)
+        loss = compare(_documents(alone, "loss"), _documents(repaired, "loss"), higher_is_better=False)
+        kld = compare(_documents(alone, "kld"), _documents(repaired, "kld"), higher_is_better=False)
+        qa = compare(_pooled(alone), _pooled(repaired), higher_is_better=True)
+        print(f"\n- `linear+{heal}` against `{heal}` at equal steps: loss {_ci(loss)}, KL {_ci(kld)}; "
+              f"pooled QA {_ci(qa)}.")  # fmt: skip
 
 
 def _ci(comparison: Any) -> str:
