@@ -43,7 +43,7 @@ def test_bench_cli_writes_table_json_and_chart(full_and_pruned, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "decode tok/s" in result.stdout and "pruned" in result.stdout
-    assert len(json.loads((tmp_path / "b" / "bench.json").read_text())["full_and_pruned"]) == 2
+    assert len(json.loads((tmp_path / "b" / "bench.json").read_text())["models"]) == 2
     assert (tmp_path / "b" / "bench.png").read_bytes().startswith(b"\x89PNG")
 
 
