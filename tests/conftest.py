@@ -193,3 +193,13 @@ def full_and_pruned(tmp_path_factory):
     full = save_tiny(tiny_model("llama", seed=8), root / "full")
     pruned = prune(full, root / "pruned", layers=[1, 2, 3]).path
     return root, full, pruned
+
+
+def assert_one_line_error(result, *fragments):
+    """A command refused in one line, `error: ...`, with each fragment and no traceback."""
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.output

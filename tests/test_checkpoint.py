@@ -92,7 +92,8 @@ def test_the_one_writer_writes_what_safetensors_reads_back(tmp_path_factory, spe
                for i, (dtype, shape, _) in enumerate(specs)}  # fmt: skip
     save_file(tensors, folder / "source.safetensors")
     entries, _ = read_header(folder / "source.safetensors")
-    sources = [(name, entries[name] if from_file else tensors[name]) for name, (_, _, from_file) in zip(tensors, specs)]
+    from_files = [from_file for _, _, from_file in specs]
+    sources = [(name, entries[name] if file else tensors[name]) for name, file in zip(tensors, from_files, strict=True)]
     shards = [sources[i::count] for i in range(count)]
     out = folder / "out"
     out.mkdir()

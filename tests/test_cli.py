@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import folder_digest, save_tiny, tiny_config, tiny_model
+from conftest import assert_one_line_error, folder_digest, save_tiny, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -19,15 +19,6 @@ def checkpoint(tmp_path_factory):
 
 def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args], prog_name="layerprune")
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_prune_deepest_from_the_cli(checkpoint, tmp_path):

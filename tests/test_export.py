@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import folder_digest
+from conftest import assert_one_line_error, folder_digest
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -44,7 +44,7 @@ def test_bad_input_gets_one_line(full_and_pruned, tmp_path, args, fragment):
     root, full, pruned = full_and_pruned
     result = CliRunner().invoke(app, [a.format(full=full, tmp=tmp_path) for a in args])
     assert result.exit_code == 1
-    assert result.stderr.strip().count("\n") == 0 and fragment in result.stderr
+    assert_one_line_error(result, fragment)
     assert not (tmp_path / "q").exists() and not (tmp_path / ".q.unquantized").exists()
 
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from layerprune.cli import app
@@ -60,4 +61,4 @@ def test_bad_input_gets_one_line(full_and_pruned, tmp_path, args, fragment):
     root, full, pruned = full_and_pruned
     result = CliRunner().invoke(app, [a.format(full=full, tmp=tmp_path) for a in args])
     assert result.exit_code == 1
-    assert result.stderr.strip().count("\n") == 0 and fragment in result.stderr
+    assert_one_line_error(result, fragment)
