@@ -146,3 +146,22 @@ def test_under_fsdp_or_deepspeed_the_launcher_places_the_weights(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert training_plan().sharded_by == "deepspeed"
+
+
+def test_layer_by_layer_as_asked_else_exactly_when_the_weights_would_not_fit(tmp_path, monkeypatch, capsys):
+    """The one "stream or load whole?" decision of analysis and repair: `--offload` as given, else
+    layer by layer when the checkpoint would not fit, said in one line; quiet otherwise."""
+    import layerprune.runtime.memory as memory
+
+    src = save_tiny(tiny_model("llama"), tmp_path / "model")
+    plan = Plan("cpu", "float32")
+    monkeypatch.setattr(memory, "memory_available", lambda: 100_000)  # less than the tiny model's weights
+    assert devices.layer_by_layer(plan, src, False, "tiny", "repairing") is False
+    assert capsys.readouterr().out == ""
+    assert devices.layer_by_layer(plan, src, None, "tiny", "repairing") is True
+    said = "tiny would not fit in the memory of cpu: repairing one layer at a time (--offload)\n"
+    assert capsys.readouterr().out == said
+    monkeypatch.setattr(memory, "memory_available", lambda: 2**40)
+    assert devices.layer_by_layer(plan, src, None, "tiny", "repairing") is False
+    assert devices.layer_by_layer(plan, src, True, "tiny", "repairing") is True
+    assert capsys.readouterr().out == ""

@@ -11,6 +11,7 @@ import torch
 from conftest import HEAL_TEXT, save_tiny, tiny_model, tiny_tokenizer
 
 import layerprune.healing.repair as repair
+import layerprune.runtime.memory as memory
 from layerprune.architectures import find_architecture
 from layerprune.cut.surgery import prune_model
 from layerprune.data import token_batches
@@ -154,6 +155,11 @@ def test_the_streamed_path_equals_the_in_memory_one(tmp_path, family):
     plain = prune(src, tmp_path / "plain", offload=False, **settings)
     offloaded = prune(src, tmp_path / "offloaded", offload=True, **settings)
     assert offloaded.record["repair"]["offload"] and not plain.record["repair"]["offload"]
+    with pytest.MonkeyPatch.context() as patch:  # too little memory for the whole model: streamed unasked
+        patch.setattr(memory, "memory_available", lambda: 100_000)
+        chosen = prune(src, tmp_path / "chosen", **settings)
+    assert chosen.record["repair"]["offload"] is True
+    assert load_file(chosen.path / "model.safetensors").keys() == load_file(offloaded.path / "model.safetensors").keys()
     a, b = load_file(plain.path / "model.safetensors"), load_file(offloaded.path / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
     assert [b["block"] for b in offloaded.record["repair"]["blocks"]] == [[1, 1], [3, 4]]

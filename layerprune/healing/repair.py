@@ -41,7 +41,7 @@ from layerprune.data import Calibration
 from layerprune.errors import LayerpruneError
 from layerprune.io.checkpoint import TORCH_DTYPES, TensorEntry, read_config, tensor_entries
 from layerprune.measure.streaming import LayerStream
-from layerprune.runtime.devices import Placement, fits_on_device, plan_placement
+from layerprune.runtime.devices import Placement, layer_by_layer, plan_placement
 from layerprune.runtime.models import load_model, load_tokenizer
 
 RIDGE = 1e-3  # share of the mean eigenvalue of A^T A: keeps the solve well posed, changes a well-fed fit little
@@ -396,7 +396,7 @@ def repaired_weights(
     keep = COSINE_TOKENS if method == "cosine" else 0
     started = time.perf_counter()
     plan = plan_placement(placement, src)
-    offload = not fits_on_device(plan, src) if offload is None else offload
+    offload = layer_by_layer(plan, src, offload, str(src), f"repairing ({method})")
     if offload:
         stream = LayerStream(src, replace(plan, device_map=None, max_memory=None))
         stats = collect_streaming(stream, calibration.batches(load_tokenizer(src)), blocks, keep, progress)

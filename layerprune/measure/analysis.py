@@ -35,7 +35,7 @@ from layerprune.io.destinations import check_destination, claimed, staged
 from layerprune.measure.residual import AngularSums, final_rows, last_token_index, stream_modules, watching
 from layerprune.measure.streaming import layer_distances_streamed
 from layerprune.plots import angular_heatmap
-from layerprune.runtime.devices import Placement, fits_on_device, plan_of, plan_placement
+from layerprune.runtime.devices import Placement, layer_by_layer, plan_of, plan_placement
 from layerprune.runtime.models import load_model, load_tokenizer, model_inputs, resolve_model
 
 
@@ -223,9 +223,7 @@ def _analyze(
         name = str(model)
         path = resolve_model(model, placement)
         plan = plan_placement(placement, path)
-        if offload is None and not fits_on_device(plan, path):
-            print(f"{name} would not fit in the memory of {plan.device}: analyzing one layer at a time (--offload)")
-            offload = True
+        offload = layer_by_layer(plan, path, offload, name, "analyzing")
         if offload:
             from transformers import AutoConfig
 

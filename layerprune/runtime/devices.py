@@ -8,6 +8,9 @@ bfloat16|float16`); `plan_placement` turns it into a `Plan` for one checkpoint:
   big-model dispatch (`device_map="auto"` with `max_memory`);
 - `auto` without one: the CPU in fp32 (on CPUs without bf16 units it is several times faster).
 
+`training_plan` and `quantized_plan` are the same choice of device (`chosen_device`) and dtype
+(`working_dtype`) for training and for bitsandbytes quantizing, which place weights their own
+way; `layer_by_layer` is the one "stream it, or load it whole?" decision of analysis and repair.
 The plan is printed and recorded in every output (`Plan.record`). Nothing here imports torch
 at module level; the GPU probe is one function, so tests can fake any machine.
 """
@@ -154,6 +157,18 @@ def fits_on_device(plan: Plan, path: Path) -> bool:
     if plan.device == "cpu":
         return fits_in_memory(model_bytes(path, plan.dtype))
     return plan.device_map is None
+
+
+def layer_by_layer(plan: Plan, path: Path, offload: bool | None, name: str, work: str) -> bool:
+    """Whether `work` streams the model one layer at a time: as asked (`--offload`), else when the
+    checkpoint would not fit whole in the memory of the device that runs it, which is said in one
+    line (it changes what the command costs)."""
+    if offload is not None:
+        return offload
+    if fits_on_device(plan, path):
+        return False
+    print(f"{name} would not fit in the memory of {plan.device}: {work} one layer at a time (--offload)")
+    return True
 
 
 def plan_of(model: Any) -> Plan:
