@@ -83,15 +83,16 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
         found = [f"{where}/{k}: only on one side" for k in sorted(set(a) ^ set(b), key=str)]
         return found + [d for k in sorted(set(a) & set(b), key=str) for d in _differences(a[k], b[k], f"{where}/{k}")]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=False)) for d in _differences(x, y, f"{where}[{i}]")]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{where}[{i}]")]
     return [] if a == b else [f"{where}: {str(a)[:60]} != {str(b)[:60]}"]
 
 
 def _tensors(path: Path) -> dict[str, bytes]:
+    """Each tensor's bytes, to compare bitwise (bf16 included, which numpy cannot hold)."""
+    import torch
     from safetensors.torch import load_file
 
-    return {k: v.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes()
-            for k, v in load_file(path).items()}  # fmt: skip
+    return {k: v.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for k, v in load_file(path).items()}
 
 
 def _csv(path: Path, root: str) -> list[dict[str, Any]]:

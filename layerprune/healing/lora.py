@@ -490,9 +490,12 @@ def merge_adapter(base: Path, adapter: Path, target: Path, progress: bool = Fals
     scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
     lora = load_file(adapter / "adapter_model.safetensors")
     pairs = {  # the base's key of each adapted weight: (A, B)
-        key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight"): (a, lora[b])
+        key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight"): (
+            a,
+            lora[key.replace("lora_A", "lora_B")],
+        )
         for key, a in lora.items()
-        if ".lora_A." in key and (b := key.replace("lora_A", "lora_B"))
+        if ".lora_A." in key
     }
     merged: set[str] = set()
 
