@@ -2,6 +2,7 @@
 machine (GPUs and memory faked), and models that run the same wherever they are placed."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from layerprune.errors import LayerpruneError
 from layerprune.runtime.devices import Placement, Plan, checkpoint_dtype, model_bytes, plan_placement
 
 GiB = 2**30
+training_plan = partial(plan_placement, work="train")
+quantized_plan = partial(plan_placement, work="quantize")
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +89,6 @@ def test_the_plan_is_printed_and_recorded(bf16_checkpoint, tmp_path):
 
 
 def test_training_and_quantized_export_take_their_device_from_the_same_place(monkeypatch):
-    from layerprune.runtime.devices import quantized_plan, training_plan
-
     assert (training_plan().device, training_plan().dtype) == ("cpu", "float32")
     assert (quantized_plan().device, quantized_plan().device_map) == ("cpu", None)
     monkeypatch.setattr(devices, "visible_gpus", lambda: [(80 * GiB, 80 * GiB)] * 2)
@@ -97,7 +98,7 @@ def test_training_and_quantized_export_take_their_device_from_the_same_place(mon
 
 
 def test_bf16_only_on_a_gpu_that_has_it(monkeypatch):
-    from layerprune.runtime.devices import quantized_plan, training_plan, working_dtype
+    from layerprune.runtime.devices import working_dtype
 
     monkeypatch.setattr(devices, "visible_gpus", lambda: [(16 * GiB, 16 * GiB)])
     assert working_dtype("cpu") == "float32"
@@ -111,8 +112,6 @@ def test_bf16_only_on_a_gpu_that_has_it(monkeypatch):
 def test_heal_and_export_take_the_placement_asked_for(monkeypatch):
     from layerprune.healing.lora import HealConfig
     from layerprune.recipes.pipeline import with_placement
-    from layerprune.runtime.devices import quantized_plan, training_plan
-
     monkeypatch.setattr(devices, "visible_gpus", lambda: [(16 * GiB, 16 * GiB)] * 2)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert (training_plan(Placement("cpu")).device, training_plan(Placement("cpu")).dtype) == ("cpu", "float32")
@@ -135,8 +134,8 @@ def test_heal_on_a_gpu_the_machine_lacks_is_one_line_and_writes_nothing(bf16_che
 
 
 def test_under_fsdp_or_deepspeed_the_launcher_places_the_weights(monkeypatch):
-    from layerprune.runtime.devices import training_plan
     from layerprune.runtime.models import quantization_config
+
 
     assert training_plan().sharded_by is None
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

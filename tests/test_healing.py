@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from layerprune.errors import LayerpruneError
 from layerprune.healing.lora import HealConfig, heal
+from layerprune.runtime.devices import Plan
 
 
 def config(text, **changes):
@@ -32,6 +33,7 @@ def config(text, **changes):
 
 
 IDS = torch.arange(3, 40).unsqueeze(0)
+CPU = Plan("cpu", "float32")  # where the tests train
 
 
 def logits(model, ids=IDS):
@@ -99,7 +101,7 @@ def test_qlora_gradients_flow_through_the_four_bit_layers_after_an_eval_pass(bas
 
     def lora_gradients(evaluate_first: bool) -> tuple[dict, list]:
         torch.manual_seed(0)
-        model = load_for_training(base, config(text, quant=True, dropout=0.0))
+        model = load_for_training(base, config(text, quant=True, dropout=0.0), CPU)
         if evaluate_first:
             model.eval()
             with torch.no_grad():
@@ -422,8 +424,8 @@ def test_the_teacher_of_a_qlora_student_is_four_bit_unless_told_otherwise(base, 
 
     from layerprune.healing.lora import load_teacher
 
-    four_bit = load_teacher(base, config(text, quant=True, objective="distill"))
-    plain = load_teacher(base, config(text, quant=True, objective="distill", teacher_dtype="float32"))
+    four_bit = load_teacher(base, config(text, quant=True, objective="distill"), CPU)
+    plain = load_teacher(base, config(text, quant=True, objective="distill", teacher_dtype="float32"), CPU)
     assert any(isinstance(module, Linear4bit) for module in four_bit.modules())
     assert not any(isinstance(module, Linear4bit) for module in plain.modules())
     for teacher in (four_bit, plain):

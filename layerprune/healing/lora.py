@@ -54,7 +54,7 @@ from layerprune.io.destinations import check_destination, claimed, staged
 from layerprune.measure.divergence import distillation_loss
 from layerprune.measure.residual import next_token_losses
 from layerprune.plots import loss_curves
-from layerprune.runtime.devices import Placement, is_main_process, on_main_process, training_plan
+from layerprune.runtime.devices import Placement, Plan, is_main_process, on_main_process, plan_placement
 from layerprune.runtime.models import (
     check_quantization,
     load_tokenizer,
@@ -236,13 +236,12 @@ def near_cut_layers(record: dict[str, Any] | None, k: int) -> list[int]:
     return sorted(kept.index(j) for j in near)
 
 
-def load_for_training(path: Path, config: HealConfig, layers: list[int] | None = None) -> Any:
-    """The base model, 4-bit NF4 with double quantization unless `quant` is off, with LoRA attached
-    (to `layers` only, when given)."""
+def load_for_training(path: Path, config: HealConfig, plan: Plan, layers: list[int] | None = None) -> Any:
+    """The base model placed by `plan`, 4-bit NF4 with double quantization unless `quant` is off,
+    with LoRA attached (to `layers` only, when given)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    plan = training_plan(config.placement)
     storage = plan.torch_dtype if plan.sharded_by == "fsdp" else None
     quantization = quantization_config("nf4", plan.torch_dtype, storage) if config.quant else None
     placement = {} if plan.sharded_by else {"device_map": {"": plan.device}}
@@ -276,12 +275,11 @@ def _keep_four_bit_differentiable(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_teacher(path: Path, config: HealConfig) -> Any:
-    """The teacher, frozen in inference mode on the training device: 4-bit NF4 when the student is
-    QLoRA (unless `teacher_dtype` says otherwise), else in the student's dtype."""
+def load_teacher(path: Path, config: HealConfig, plan: Plan) -> Any:
+    """The teacher, frozen in inference mode on the training device (`plan`'s): 4-bit NF4 when the
+    student is QLoRA (unless `teacher_dtype` says otherwise), else in the student's dtype."""
     from transformers import AutoModelForCausalLM
 
-    plan = training_plan(config.placement)
     kind = config.teacher_dtype or ("nf4" if config.quant else plan.dtype)
     quantization = quantization_config("nf4", plan.torch_dtype) if kind == "nf4" else None
     dtype = plan.torch_dtype if kind == "nf4" else kind
@@ -368,16 +366,16 @@ def _trainer(
     train: list,
     validation: list,
     config: HealConfig,
+    plan: Plan,
     work: Path,
     progress: Any,
     teacher: Path | None = None,
 ) -> Any:
-    """The Hugging Face Trainer over the (Q)LoRA model: cosine schedule, checkpoints in `work`;
-    with a `teacher`, the distillation objective."""
+    """The Hugging Face Trainer over the (Q)LoRA model placed by `plan`: cosine schedule,
+    checkpoints in `work`; with a `teacher`, the distillation objective."""
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    plan = training_plan(config.placement)
     set_seed(config.seed)  # LoRA initialization
     args = TrainingArguments(
         output_dir=str(work / "checkpoints"),
@@ -407,16 +405,17 @@ def _trainer(
     )
     layers = near_cut_layers(read_record(base), config.near_cut) if config.near_cut else None
     settings = dict(
-        model=load_for_training(base, config, layers),
+        model=load_for_training(base, config, plan, layers),
         args=args,
         train_dataset=[{"input_ids": block} for block in train],  # a list is a Dataset to the Trainer
         eval_dataset=[{"input_ids": block} for block in validation],
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         callbacks=[progress],
     )
-    trainer = (
-        _distillation_trainer(load_teacher(teacher, config), config, **settings) if teacher else Trainer(**settings)
-    )
+    if teacher:
+        trainer = _distillation_trainer(load_teacher(teacher, config, plan), config, **settings)
+    else:
+        trainer = Trainer(**settings)
     for default in (ProgressCallback, PrinterCallback):  # our bar shows loss and tokens/s instead
         trainer.remove_callback(default)
     return trainer
@@ -559,12 +558,12 @@ def heal(
         check_quantization(
             "nf4", "4-bit NF4 (QLoRA)", "; pass --no-quant (with prune or sweep: --heal-no-quant) for plain LoRA"
         )
-    training_plan(config.placement)  # a device the machine lacks is refused before anything is written
+    plan = plan_placement(config.placement, work="train")  # a missing device is refused before anything is written
     out = Path(out)
     inputs = [*model_inputs(model), *_data_inputs(config)]
     check = partial(check_destination, out, inputs, overwrite)
     with claimed(out, check) if is_main_process() else nullcontext():  # held from before the first step
-        return _heal(model, out, config, inputs, save_adapter, overwrite, restart)
+        return _heal(model, out, config, plan, inputs, save_adapter, overwrite, restart)
 
 
 def _data_inputs(config: HealConfig) -> list[Path]:
@@ -577,13 +576,14 @@ def _heal(
     model: str | Path,
     out: Path,
     config: HealConfig,
+    plan: Plan,
     inputs: list[Path],
     save_adapter: bool,
     overwrite: bool,
     restart: bool | None,
 ) -> HealResult:
     """`heal` under the lock on its destination."""
-    base = resolve_model(model, training_plan(config.placement))
+    base = resolve_model(model, plan)
     work = heal_work_dir(out)
     tokenizer = load_tokenizer(base)
     if tokenizer.pad_token is None:
@@ -597,7 +597,7 @@ def _heal(
     on_main_process(lambda: _start_or_resume(work, settings, restart))  # one process writes, the others wait
     resume = _last_checkpoint(work)
     progress = _progress_callback(config.batch_size * config.grad_accum * config.seq_len, len(validation))
-    trainer = _trainer(base, tokenizer, train, validation, config, work, progress, teacher)
+    trainer = _trainer(base, tokenizer, train, validation, config, plan, work, progress, teacher)
     started = time.perf_counter()
     before = work / "validation_loss_before.json"
     if resume is None:  # the pruned model's own validation loss, kept across a resume

@@ -21,7 +21,7 @@ from layerprune.cut.gguf_surgery import check_gguf_destination, gguf_layers, rea
 from layerprune.errors import LayerpruneError
 from layerprune.io.checkpoint import Written, extend_record, write_record
 from layerprune.io.destinations import claimed, die_with_parent, remove_scratch, scratch_folder, staged
-from layerprune.runtime.devices import Placement, quantized_plan
+from layerprune.runtime.devices import Placement, plan_placement
 from layerprune.runtime.models import check_quantization, model_inputs, quantization_config, resolve_model
 
 
@@ -29,14 +29,14 @@ def export_quantized(
     model: str | Path, out: str | Path, scheme: str, overwrite: bool = False, placement: Placement | None = None
 ) -> Written:
     """Write `model` quantized with bitsandbytes (`nf4` or `int8`) as a checkpoint transformers loads
-    directly; quantized where `placement` says (`devices.quantized_plan`: by default on the GPUs,
-    spread over all of them, where there are any)."""
+    directly; quantized where `placement` says (`devices.plan_placement` for `quantize`: by default
+    on the GPUs, spread over all of them, where there are any)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_quantization(scheme)
     out = Path(out)
     inputs = model_inputs(model)
-    plan = quantized_plan(placement)
+    plan = plan_placement(placement, work="quantize")
     src = resolve_model(model, plan)
     with staged(out, overwrite=overwrite, inputs=[*inputs, src]) as tmp:
         device_map: Any = plan.device_map or {"": plan.device}

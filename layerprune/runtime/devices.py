@@ -8,9 +8,9 @@ bfloat16|float16`); `plan_placement` turns it into a `Plan` for one checkpoint:
   big-model dispatch (`device_map="auto"` with `max_memory`);
 - `auto` without one: the CPU in fp32 (on CPUs without bf16 units it is several times faster).
 
-`training_plan` and `quantized_plan` are the same choice of device (`chosen_device`) and dtype
-(`working_dtype`) for training and for bitsandbytes quantizing, which place weights their own
-way; `layer_by_layer` is the one "stream it, or load it whole?" decision of analysis and repair.
+The same function plans a (Q)LoRA heal (`work="train"`) and a bitsandbytes quantizing
+(`work="quantize"`), which place weights their own way; each command plans once and passes the
+plan down. `layer_by_layer` is the one "stream it, or load it whole?" decision of analysis and repair.
 The plan is printed and recorded in every output (`Plan.record`). Nothing here imports torch
 at module level; the GPU probe is one function, so tests can fake any machine.
 """
@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from layerprune.errors import LayerpruneError
 from layerprune.io.checkpoint import tensor_entries
@@ -33,6 +33,7 @@ from layerprune.runtime.memory import FIT_SHARE, fits_in_memory, memory_availabl
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _HEADER_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+Work = Literal["run", "train", "quantize"]
 
 
 @dataclass(frozen=True)
@@ -129,26 +130,51 @@ def model_bytes(path: Path, dtype: str) -> int:
 
 
 def plan_placement(
-    placement: Placement | None, path: Path | None = None, gpus: list[tuple[int, int]] | None = None
+    placement: Placement | None = None,
+    path: Path | None = None,
+    gpus: list[tuple[int, int]] | None = None,
+    work: Work = "run",
 ) -> Plan:
-    """Decide device, dtype and dispatch for the checkpoint at `path` (or an already loaded model
-    when `path` is None), on this machine or on the GPUs `gpus` describes."""
+    """Decide device, dtype and dispatch for `work` on the checkpoint at `path` (or an already
+    loaded model when `path` is None), on this machine or on the GPUs `gpus` describes. An asked
+    `--dtype` always wins; on the CPU the default is fp32. On a GPU:
+
+    - `run` (analysis, evaluation, repair): the checkpoint's own dtype; a model larger than the
+      GPU is spread over every visible GPU from the chosen one, then host memory;
+    - `train`: bf16, or fp32 on a GPU without it (its fp16 would need loss scaling); under FSDP or
+      DeepSpeed (from an accelerate config) the launcher shards and places the weights: no device
+      map (ZeRO-3 refuses one), nothing loaded whole on every GPU;
+    - `quantize` (bitsandbytes, for export): bf16 compute, fp16 where the GPU has no bf16, spread
+      over every visible GPU unless one was named.
+    """
     placement = placement or Placement()
     gpus = visible_gpus() if gpus is None and placement.device != "cpu" else (gpus or [])
     device = chosen_device(placement, gpus)
+    asked = None if placement.dtype == "auto" else placement.dtype
+    sharded = _launcher_sharding() if work == "train" else None
     if device == "cpu":
-        return Plan("cpu", "float32" if placement.dtype == "auto" else placement.dtype)
+        return Plan("cpu", asked or "float32", sharded_by=sharded)
+    default = working_dtype(device)
+    if work == "train":
+        return Plan(device, asked or ("float32" if default == "float16" else default), sharded_by=sharded)
+    if work == "quantize":
+        return Plan(device, asked or default, "auto" if placement.device == "auto" else None)
+    dtype = asked or (checkpoint_dtype(path) if path else default)
     index = int(device.partition(":")[2])
-    dtype = (
-        placement.dtype if placement.dtype != "auto" else (checkpoint_dtype(path) if path else working_dtype(device))
-    )
     if path is None or model_bytes(path, dtype) <= FIT_SHARE * gpus[index][0]:
         return Plan(device, dtype)
-    # larger than one GPU: every visible GPU from the chosen one, then host memory
     order = [index, *[i for i in range(len(gpus)) if i != index]] if placement.device == "auto" else [index]
     max_memory: dict[Any, int] = {i: int(FIT_SHARE * gpus[i][0]) for i in order}
     max_memory["cpu"] = int(FIT_SHARE * memory_available())
     return Plan(device, dtype, "auto", max_memory)
+
+
+def _launcher_sharding() -> str | None:
+    """`fsdp` or `deepspeed` where `accelerate launch` was given such a config (it says so in the
+    environment), else None."""
+    used = (name for name in ("fsdp", "deepspeed") if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "").lower()
+            in ("1", "true"))  # fmt: skip
+    return next(used, None)
 
 
 def fits_on_device(plan: Plan, path: Path) -> bool:
@@ -159,15 +185,15 @@ def fits_on_device(plan: Plan, path: Path) -> bool:
     return plan.device_map is None
 
 
-def layer_by_layer(plan: Plan, path: Path, offload: bool | None, name: str, work: str) -> bool:
-    """Whether `work` streams the model one layer at a time: as asked (`--offload`), else when the
+def layer_by_layer(plan: Plan, path: Path, offload: bool | None, name: str, activity: str) -> bool:
+    """Whether `activity` streams the model one layer at a time: as asked (`--offload`), else when the
     checkpoint would not fit whole in the memory of the device that runs it, which is said in one
     line (it changes what the command costs)."""
     if offload is not None:
         return offload
     if fits_on_device(plan, path):
         return False
-    print(f"{name} would not fit in the memory of {plan.device}: {work} one layer at a time (--offload)")
+    print(f"{name} would not fit in the memory of {plan.device}: {activity} one layer at a time (--offload)")
     return True
 
 
@@ -178,36 +204,6 @@ def plan_of(model: Any) -> Plan:
         return plan
     weight = model.get_input_embeddings().weight
     return Plan(str(weight.device), str(weight.dtype).removeprefix("torch."))
-
-
-def training_plan(placement: Placement | None = None) -> Plan:
-    """Where a (Q)LoRA heal trains (`--device`, `--dtype`; by default each process on its own GPU,
-    its local rank, in bf16, or fp32 on a GPU without bf16, whose fp16 would need loss scaling;
-    else the CPU in fp32). Under FSDP or DeepSpeed (from an accelerate config), the launcher shards
-    and places the weights: no device map (ZeRO-3 refuses one), nothing loaded whole on every GPU."""
-    placement = placement or Placement()
-    sharded = next((name for name in ("fsdp", "deepspeed") if _launched_with(name)), None)
-    device = chosen_device(placement)
-    default = working_dtype(device)
-    dtype = placement.dtype if placement.dtype != "auto" else "float32" if default == "float16" else default
-    return Plan(device, dtype, sharded_by=sharded)
-
-
-def _launched_with(name: str) -> bool:
-    """Whether `accelerate launch` was given an FSDP or DeepSpeed config (it says so in the environment)."""
-    return os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() in ("1", "true")
-
-
-def quantized_plan(placement: Placement | None = None) -> Plan:
-    """Where a model is quantized (bitsandbytes) for export (`--device`, `--dtype` for the compute
-    dtype): by default spread over every visible GPU with bf16 compute (fp16 where the GPU has no
-    bf16), else the CPU with fp32 compute."""
-    placement = placement or Placement()
-    device = chosen_device(placement)
-    if device != "cpu":
-        dtype = placement.dtype if placement.dtype != "auto" else working_dtype(device)
-        return Plan(device, dtype, "auto" if placement.device == "auto" else None)
-    return Plan("cpu", placement.dtype if placement.dtype != "auto" else "float32")
 
 
 def on_main_process(work: Callable[[], Any]) -> None:
