@@ -39,7 +39,9 @@ class Architecture:
     mlp_modules: tuple[str, ...]  # MLP linear module names (LoRA targets for healing)
     mlp_term: str  # module, inside one layer, whose output is the MLP's term in the residual add
     repair_fold: str  # module, inside one layer, that takes a repair's map (see `repair`)
-    repair_fold_kind: str  # linear (weight [out, in]), conv1d (weight [in, out]) or norm (a diagonal only)
+    # linear (weight [out, in]), conv1d (weight [in, out]), or norm: a linear whose output passes
+    # through the norm `mlp_term` (the map is fitted through it, with the norm's weight)
+    repair_fold_kind: str
     gguf_arch: str  # llama.cpp's name for the family in a GGUF (`general.architecture`; Mistral's is llama)
     # llama.cpp's set_swa_pattern(period) for the family: layer i uses sliding-window attention
     # unless i % period == period - 1; 0: no implicit pattern

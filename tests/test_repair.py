@@ -4,6 +4,7 @@ bad requests are one line."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -57,11 +58,57 @@ def test_a_block_linear_in_the_mlp_term_is_recovered_exactly(monkeypatch):
         assert torch.allclose(model(**ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+class ThroughTheNorm(torch.nn.Module):
+    """A stand-in for a removed layer that swaps the previous layer's normed MLP term
+    A = norm_w(Y) for norm_w*(Y M*): what a map M* before the norm, with the norm's weight w*, does."""
+
+    def __init__(self, cell: dict, norm: torch.nn.Module, m: torch.Tensor, w: torch.Tensor) -> None:
+        super().__init__()
+        self.cell, self.m = cell, m
+        self.norm = copy.deepcopy(norm)  # a copy: the original's hooks would see this call too
+        with torch.no_grad():
+            self.norm.weight.copy_(w)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states - self.cell["A"] + self.norm(self.cell["Y"] @ self.m)
+
+
+def test_a_block_that_acts_through_the_norm_is_recovered_closely():
+    """Gemma 3's MLP term is a norm's output: no map on it folds, so the map goes in before the
+    norm and is fitted through it with the norm's weight. A planted block of that form is recovered
+    far better than the per-channel scale (all that could be folded into the norm) recovers it."""
+    model = tiny_model("gemma3_text")
+    arch = find_architecture(model.config)
+    layers = arch.layer_list(model)
+    norm = layers[2].get_submodule(arch.mlp_term)
+    d = model.config.hidden_size
+    torch.manual_seed(1)
+    m, w = torch.eye(d) + 0.3 * torch.randn(d, d) / d**0.5, norm.weight.detach() + 0.2 * torch.randn(d)
+    cell: dict = {}
+    layers[3] = ThroughTheNorm(cell, norm, m, w)
+    norm.register_forward_hook(lambda module, args, output: cell.update(Y=args[0], A=output))
+    ids = batches()[0]
+    with torch.no_grad():
+        expected = model(**ids).logits
+    stats = repair.collect(model, batches(), [(3, 4)], keep_samples=repair.SAMPLE_TOKENS, progress=False)[0]
+    diagonal = torch.diagonal(stats.ar) / torch.diagonal(stats.aa)  # the best per-channel scale on A
+    scaled = repair._residual(stats, torch.diag(diagonal))
+    fits = repair.repair_model(model, batches(), [3], "linear", progress=False)
+    assert fits[0].norm_weight is not None and fits[0].residual < 0.05 < scaled, (fits[0].residual, scaled)
+    unrepaired = tiny_model("gemma3_text")
+    prune_model(model, [3])
+    prune_model(unrepaired, [3])
+    with torch.no_grad():
+        error, cut = ((m(**ids).logits - expected).norm() for m in (model, unrepaired))
+    assert error < 0.2 * cut, (error, cut)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("method", ["linear", "cosine"])
 def test_the_folded_checkpoint_computes_what_the_mapped_model_computes(tmp_path, family, method):
     """The checkpoint written by `prune --repair` against the pruned model with A -> A T applied
-    by a hook; Gemma 3 takes a diagonal map, into its post-feed-forward norm."""
+    by a hook on the down projection; in Gemma 3 that output passes through the post-feed-forward
+    norm, whose weight is fitted with the map."""
     from layerprune import load_model, prune
 
     src = save_tiny(tiny_model(family, seed=2), tmp_path / "model")
@@ -71,15 +118,17 @@ def test_the_folded_checkpoint_computes_what_the_mapped_model_computes(tmp_path,
                  batch_size=6, progress=False)  # fmt: skip
     record = json.loads((tmp_path / "out" / "layerprune.json").read_text())["repair"]
     assert record["method"] == method and [b["block"] for b in record["blocks"]] == [[2, 3]]
-    assert record["blocks"][0]["diagonal"] == (family == "gemma3_text") and record["blocks"][0]["fit_residual"] < 1
+    assert record["blocks"][0]["through_norm"] == (family == "gemma3_text") and record["blocks"][0]["fit_residual"] < 1
     model, tokenizer = load_model(src)
     fits = repair.repair_model(model, token_batches(tokenizer, text.read_text().split("\n\n"), 24, 24, 6), [2, 3],
                                method, progress=False)  # fmt: skip
     model, _ = load_model(src)  # unfolded, and pruned; the map applied by a hook instead
     arch = find_architecture(model.config)
-    term = arch.layer_list(model)[1].get_submodule(arch.mlp_term)
-    mapped = fits[0].map.float()
-    term.register_forward_hook(lambda module, args, out: out * mapped if fits[0].diagonal else out @ mapped)
+    layer, mapped = arch.layer_list(model)[1], fits[0].map.float()
+    layer.get_submodule(arch.repair_fold).register_forward_hook(lambda module, args, out: out @ mapped)
+    if fits[0].norm_weight is not None:
+        with torch.no_grad():
+            layer.get_submodule(arch.mlp_term).weight.copy_(fits[0].norm_weight)
     prune_model(model, [2, 3])
     folded, _ = load_model(done.path)
     ids = batches()[0]
@@ -107,11 +156,11 @@ def test_bad_repairs_are_one_line():
     few = repair.BlockStatistics(2, 3)
     few.add(*(torch.randn(5, model.config.hidden_size) for _ in range(3)), keep_samples=0)
     with pytest.raises(LayerpruneError, match=f"at least {model.config.hidden_size} calibration tokens, got 5"):
-        repair.fit(few, diagonal=False)
+        repair.fit(few)
     zero = repair.BlockStatistics(2, 3)
     zero.add(torch.zeros(40, 8), torch.randn(40, 8), torch.randn(40, 8), keep_samples=0)
     with pytest.raises(LayerpruneError, match="MLP output is all zero"):
-        repair.fit(zero, diagonal=False)
+        repair.fit(zero)
 
 
 def test_prune_with_repair_from_the_command_line_is_quiet_and_recorded(tmp_path):

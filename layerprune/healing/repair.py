@@ -16,10 +16,16 @@ The pruned model hands H = (H - A) + A to layer e. Repair hands it (H - A) + A T
 
 A^T A, A^T R and ||R||^2 are summed over the calibration tokens in float64, batch by batch, so
 memory is d x d whatever the number of tokens. `cosine` then refines T for COSINE_STEPS steps of
-Adam to minimize the cosine distance between (H - A) + A T and X on up to COSINE_TOKENS tokens,
+Adam to minimize the cosine distance between (H - A) + A T and X on up to SAMPLE_TOKENS tokens,
 as ReplaceMe's second variant does. T is folded into the module that makes A: the down projection
-(W <- T^T W, b <- b T). Where A is a norm's output (Gemma 2/3, OLMo 2), only a diagonal map can be
-folded (into the norm's scale): it is fitted per channel in closed form, and the record says so.
+(W <- T^T W, b <- b T).
+
+Where A is a norm's output, A = norm(Y) with Y the down projection's (Gemma 2/3, OLMo 2), no map
+on A can be folded. The map goes in before the norm instead: A' = norm_w'(Y M), with M folded into
+the down projection and the norm's weight w' fitted with it, by NORM_STEPS steps of Adam on
+batches of NORM_BATCH of the kept tokens (the least-squares objective for `linear`, the cosine one
+for `cosine`), from M = I and the norm's own weight. The loss-repair search scores such a block by
+the closed-form map on A, which this fit approaches (see docs/results/repair.md).
 
 The statistics come from one pass of the unpruned model (every block's from the same pass), so a
 cut of several blocks is repaired block by block as if each were the only one. A model larger than
@@ -46,8 +52,11 @@ from layerprune.runtime.models import load_model, load_tokenizer
 
 RIDGE = 1e-3  # share of the mean eigenvalue of A^T A: keeps the solve well posed, changes a well-fed fit little
 COSINE_STEPS = 200
-COSINE_TOKENS = 16384
 COSINE_LR = 1e-4
+SAMPLE_TOKENS = 16384  # tokens kept for a fit by gradient steps (cosine, or through a norm)
+NORM_STEPS = 300
+NORM_LR = 3e-3
+NORM_BATCH = 4096
 METHODS = ("none", "linear", "cosine")
 
 
@@ -72,10 +81,12 @@ class BlockStatistics:
     ar: Any = None  # sum of A^T R: [d, d]
     rr: float = 0.0  # sum of ||R||^2
     tokens: int = 0
-    samples: list[Any] = field(default_factory=list)  # (H - A, A, X) rows kept for the cosine refinement
+    # (H - A, S, X) rows kept for a fit by gradient steps; S is what the map takes: A, or the
+    # norm's input Y where A is a norm's output
+    samples: list[Any] = field(default_factory=list)
 
-    def add(self, a: Any, h: Any, x: Any, keep_samples: int) -> None:
-        """Add the rows (real tokens only) of one batch."""
+    def add(self, a: Any, h: Any, x: Any, keep_samples: int, source: Any = None) -> None:
+        """Add the rows (real tokens only) of one batch; `source` is the norm's input where A is a norm's output."""
         import torch
 
         a64, r64 = a.double(), (x - h + a).double()
@@ -89,7 +100,8 @@ class BlockStatistics:
         self.tokens += a.shape[0]
         room = keep_samples - sum(s[0].shape[0] for s in self.samples)
         if room > 0:
-            self.samples.append(tuple(t[:room].float().cpu() for t in (h - a, a, x)))
+            kept = (h - a, a if source is None else source, x)
+            self.samples.append(tuple(t[:room].float().cpu() for t in kept))
 
 
 class _Enough(Exception):
@@ -124,6 +136,7 @@ def collect(model: Any, batches: list[dict], blocks: list[tuple[int, int]], keep
     def term_hook(index: int) -> Any:
         def call(module: Any, args: tuple, output: Any) -> None:
             seen[("term", index)] = (output[0] if isinstance(output, tuple) else output).detach()
+            seen[("source", index)] = args[0].detach() if through_norm(arch) else None
 
         return call
 
@@ -143,7 +156,8 @@ def collect(model: Any, batches: list[dict], blocks: list[tuple[int, int]], keep
                 for block in stats:
                     term, leaving, target = (seen[key][real] for key in (("term", block.start - 1),
                                              ("resid", block.start), ("resid", block.end)))  # fmt: skip
-                    block.add(term, leaving, target, keep_samples)
+                    source = seen[("source", block.start - 1)]
+                    block.add(term, leaving, target, keep_samples, None if source is None else source[real])
     finally:
         for handle in handles:
             handle.remove()
@@ -157,23 +171,26 @@ def collect_streaming(stream: LayerStream, batches: list[dict], blocks: list[tup
     on the device from the layer before the block to the block's last layer."""
     arch = stream.arch
     stats = [BlockStatistics(start, end) for start, end in blocks]
-    term: list[Any] = []
-    held: dict[tuple[int, int], tuple[Any, Any]] = {}
+    term: list[tuple[Any, Any]] = []
+    held: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+
+    def store(_module: Any, args: tuple, out: Any) -> None:
+        term.append(((out[0] if isinstance(out, tuple) else out).detach(), args[0].detach()))
 
     def watch(layer: int, module: Any) -> list[Any]:
         if all(block.start - 1 != layer for block in stats):
             return []
-        store = lambda _m, _a, out: term.append((out[0] if isinstance(out, tuple) else out).detach())  # noqa: E731
         return [module.get_submodule(arch.mlp_term).register_forward_hook(store)]
 
     def visit(layer: int, b: int, batch: dict, _previous: Any, resid: Any) -> None:
         real = batch["attention_mask"].bool()
         for i, block in enumerate(stats):
             if layer == block.start - 1:
-                held[(i, b)] = (term[-1][real], resid[real])
+                a, source = term[-1]
+                held[(i, b)] = (a[real], resid[real], source[real] if through_norm(arch) else None)
             if layer == block.end - 1:
-                a, h = held.pop((i, b))
-                block.add(a, h, resid[real], keep_samples)
+                a, h, source = held.pop((i, b))
+                block.add(a, h, resid[real], keep_samples, source)
         term.clear()
 
     stream.run(batches, visit, last_layer=max(end for _, end in blocks) - 1, watch=watch,
@@ -181,32 +198,37 @@ def collect_streaming(stream: LayerStream, batches: list[dict], blocks: list[tup
     return stats
 
 
+def through_norm(arch: Architecture) -> bool:
+    """Whether the MLP's term is a norm's output (Gemma 2/3, OLMo 2), so the map goes in before the norm."""
+    return arch.repair_fold_kind == "norm"
+
+
 @dataclass(frozen=True)
 class Fit:
-    """One block's map, and how well it fits: the residual ||A T - R||^2 over ||A - R||^2 (the cut
-    unrepaired, T = I); below 1 is better than no repair."""
+    """One block's map, and how well it fits: the residual ||A' - R||^2 over ||A - R||^2, A' the
+    repaired term (A T, or norm_w'(Y M)); 1 is the cut unrepaired, below 1 is better than it."""
 
     start: int
     end: int
-    map: Any  # [d, d], or [d] for a diagonal map
-    diagonal: bool
+    map: Any  # [d, d]: T on A, or M on Y before the norm
     residual: float
     tokens: int
-    cosine_distance: float | None = None  # after the cosine refinement, on its sample
+    norm_weight: Any = None  # the norm's fitted weight w', where the map goes in before a norm
+    cosine_distance: float | None = None  # after a cosine fit, on its sample
 
     def record(self) -> dict[str, Any]:
-        return {"block": [self.start, self.end - 1], "after_layer": self.start - 1, "diagonal": self.diagonal,
-                "fit_residual": round(self.residual, 6), "tokens": self.tokens,
-                "cosine_distance": self.cosine_distance}  # fmt: skip
+        return {"block": [self.start, self.end - 1], "after_layer": self.start - 1,
+                "through_norm": self.norm_weight is not None, "fit_residual": round(self.residual, 6),
+                "tokens": self.tokens, "cosine_distance": self.cosine_distance}  # fmt: skip
 
 
-def fit(stats: BlockStatistics, diagonal: bool, ridge: float | None = None) -> Fit:
-    """The ridge least-squares map of one block (closed form); a one-line error for too few tokens
-    or a singular fit."""
+def fit(stats: BlockStatistics, ridge: float | None = None) -> Fit:
+    """The ridge least-squares map T on A of one block (closed form); a one-line error for too few
+    tokens or a singular fit."""
     import torch
 
     d = stats.aa.shape[0]
-    if stats.tokens < d and not diagonal:
+    if stats.tokens < d:
         raise LayerpruneError(
             f"repairing layers {stats.start}-{stats.end - 1} fits a {d} x {d} map: it needs at least {d} "
             f"calibration tokens, got {stats.tokens}; raise --samples or --seq-len"
@@ -217,19 +239,12 @@ def fit(stats: BlockStatistics, diagonal: bool, ridge: float | None = None) -> F
         raise LayerpruneError(
             f"repairing layers {stats.start}-{stats.end - 1}: the MLP output is all zero; no map fits"
         )
-    if diagonal:
-        t = torch.diagonal(ar) / (torch.diagonal(aa) + lam)
-        full = torch.diag(t)
-    else:
-        try:
-            factor = torch.linalg.cholesky(aa + lam * torch.eye(d, dtype=aa.dtype, device=aa.device))
-        except RuntimeError as err:
-            raise LayerpruneError(
-                f"repairing layers {stats.start}-{stats.end - 1}: the fit is singular ({err})"
-            ) from err
-        full = torch.cholesky_solve(ar, factor)
-        t = full
-    return Fit(stats.start, stats.end, t, diagonal, _residual(stats, full), stats.tokens)
+    try:
+        factor = torch.linalg.cholesky(aa + lam * torch.eye(d, dtype=aa.dtype, device=aa.device))
+    except RuntimeError as err:
+        raise LayerpruneError(f"repairing layers {stats.start}-{stats.end - 1}: the fit is singular ({err})") from err
+    t = torch.cholesky_solve(ar, factor)
+    return Fit(stats.start, stats.end, t, _residual(stats, t), stats.tokens)
 
 
 def _residual(stats: BlockStatistics, t: Any) -> float:
@@ -253,8 +268,7 @@ def refine_cosine(stats: BlockStatistics, start: Fit, steps: int = COSINE_STEPS)
     optimizer = torch.optim.Adam([t], lr=COSINE_LR)
 
     def distance() -> Any:
-        mapped = a * t if start.diagonal else a @ t
-        return (1 - torch.nn.functional.cosine_similarity(y + mapped, x, dim=-1)).mean()
+        return (1 - torch.nn.functional.cosine_similarity(y + a @ t, x, dim=-1)).mean()
 
     with torch.enable_grad():
         for _ in range(steps):
@@ -265,49 +279,81 @@ def refine_cosine(stats: BlockStatistics, start: Fit, steps: int = COSINE_STEPS)
     with torch.no_grad():
         final = float(distance())
     refined = t.detach().to(start.map)
-    full = torch.diag(refined) if start.diagonal else refined
-    return Fit(start.start, start.end, refined, start.diagonal, _residual(stats, full.double()), start.tokens,
-               round(final, 6))  # fmt: skip
+    return replace(start, map=refined, residual=_residual(stats, refined.double()), cosine_distance=round(final, 6))
+
+
+def fit_through_norm(stats: BlockStatistics, norm: Any, cosine: bool) -> Fit:
+    """The map M before `norm` and the norm's weight w' that bring (H - A) + norm_w'(Y M) closest to
+    X on the kept tokens (least squares, or the cosine distance for `cosine`): NORM_STEPS steps of
+    Adam on seeded batches of NORM_BATCH tokens, on the device the statistics were summed on, from
+    M = I and the norm's weight scaled by the best per-channel factor on A (closed form)."""
+    import torch
+    from torch.func import functional_call
+
+    device = stats.aa.device
+    rest, y, x = (torch.cat([s[i] for s in stats.samples]).to(device) for i in range(3))
+    weight = norm.weight.detach().to(device=device, dtype=torch.float32)
+    with torch.no_grad():  # each token's squared error unrepaired: the scale of the least-squares objective
+        unrepaired = ((rest + functional_call(norm, {"weight": weight}, (y,)) - x) ** 2).sum(-1)
+    d = y.shape[1]
+    ridge = RIDGE * float(torch.diagonal(stats.aa).sum()) / d
+    per_channel = torch.diagonal(stats.ar) / (torch.diagonal(stats.aa) + ridge)
+    m = torch.eye(d, device=device).requires_grad_(True)
+    w = _scaled_weight(norm, weight, per_channel.float()).requires_grad_(True)
+    optimizer = torch.optim.Adam([m, w], lr=NORM_LR)
+
+    def objective(rows: Any, cosine: bool) -> Any:
+        repaired = rest[rows] + functional_call(norm, {"weight": w}, (y[rows] @ m,))
+        if cosine:
+            return (1 - torch.nn.functional.cosine_similarity(repaired, x[rows], dim=-1)).mean()
+        return ((repaired - x[rows]) ** 2).sum() / unrepaired[rows].sum()
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        for _ in range(NORM_STEPS):
+            rows = torch.randint(0, y.shape[0], (min(NORM_BATCH, y.shape[0]),), generator=generator).to(device)
+            optimizer.zero_grad()
+            objective(rows, cosine).backward()
+            optimizer.step()
+    with torch.no_grad():
+        every = torch.arange(y.shape[0], device=device)
+        residual, distance = float(objective(every, False)), round(float(objective(every, True)), 6)
+    return Fit(stats.start, stats.end, m.detach().double(), residual, stats.tokens, w.detach(),
+               distance if cosine else None)  # fmt: skip
+
+
+def _scaled_weight(norm: Any, weight: Any, factor: Any) -> Any:
+    """The weight that scales the norm's output by `factor` per channel beyond what `weight` does:
+    the norm multiplies by its weight (Llama's RMSNorm) or by 1 + weight (Gemma's), found by probing."""
+    import torch
+    from torch.func import functional_call
+
+    probe = functional_call(norm, {"weight": torch.zeros_like(weight)}, (torch.ones_like(weight)[None],))
+    offset = 1.0 if bool(probe.abs().sum() > 0) else 0.0
+    return (offset + weight) * factor - offset
 
 
 def fold(model: Any, arch: Architecture, layer: int, result: Fit) -> None:
-    """Fold a map into layer `layer`'s weights, in place: A becomes A T."""
+    """Fold a map into layer `layer`'s weights, in place: A becomes A T (or norm_w'(Y M))."""
     import torch
 
-    module = arch.layer_list(model)[layer].get_submodule(arch.repair_fold)
+    block = arch.layer_list(model)[layer]
+    module = block.get_submodule(arch.repair_fold)
     t = result.map.to(device=module.weight.device, dtype=torch.float64)
     with torch.no_grad():
-        if arch.repair_fold_kind == "norm":
-            if not result.diagonal:
-                raise LayerpruneError(f"{arch.name} takes only a diagonal map (into {arch.repair_fold})")
-            scale = _norm_scale(module)  # the norm's output is proportional to scale(weight)
-            module.weight.copy_(_norm_weight(module, scale(module.weight.double()) * t))
-            return
-        matrix = torch.diag(t) if result.diagonal else t
         weight = module.weight.double()
-        new = matrix.T @ weight if arch.repair_fold_kind == "linear" else weight @ matrix  # conv1d: [in, out]
+        new = weight @ t if arch.repair_fold_kind == "conv1d" else t.T @ weight  # conv1d: [in, out]
         module.weight.copy_(new.to(module.weight.dtype))
         if getattr(module, "bias", None) is not None:
-            module.bias.copy_((module.bias.double() @ matrix).to(module.bias.dtype))
+            module.bias.copy_((module.bias.double() @ t).to(module.bias.dtype))
+        if result.norm_weight is not None:
+            norm = block.get_submodule(arch.mlp_term)
+            norm.weight.copy_(result.norm_weight.to(norm.weight))
 
 
-def _norm_scale(module: Any) -> Any:
-    """How a norm's weight scales its output: `w` (Llama's RMSNorm) or `1 + w` (Gemma's)."""
-    import torch
-
-    with torch.no_grad():
-        saved = module.weight.detach().clone()
-        module.weight.zero_()
-        probe = torch.ones(1, module.weight.shape[0], dtype=module.weight.dtype, device=module.weight.device)
-        offset = bool(module(probe).abs().sum() > 0)
-        module.weight.copy_(saved)
-    return (lambda w: 1 + w) if offset else (lambda w: w)
-
-
-def _norm_weight(module: Any, scale: Any) -> Any:
-    """The weight that gives the norm the per-channel `scale`."""
-    offset = _norm_scale(module)(module.weight.new_zeros(1).double())
-    return (scale - float(offset[0])).to(module.weight.dtype)
+def fold_modules(arch: Architecture) -> list[str]:
+    """The modules of the layer before a block that a repair changes."""
+    return [arch.repair_fold, *([arch.mlp_term] if through_norm(arch) else [])]
 
 
 def _blocks(removed: list[int]) -> list[tuple[int, int]]:
@@ -326,13 +372,24 @@ def _check_method(method: str) -> None:
         raise LayerpruneError(f"--repair must be one of {', '.join(METHODS)}, got {method!r}")
 
 
-def fit_all(stats: list[BlockStatistics], method: str, diagonal: bool) -> list[Fit]:
-    """Every block's map: the least-squares fit, refined for `cosine`."""
+def fit_all(stats: list[BlockStatistics], method: str, model: Any, arch: Architecture) -> list[Fit]:
+    """Every block's map: the least-squares fit, refined for `cosine`; where the MLP's term is a
+    norm's output, the fit through that norm (after the closed form's checks)."""
     fits = []
     for block in stats:
-        result = fit(block, diagonal)
-        fits.append(refine_cosine(block, result) if method == "cosine" else result)
+        result = fit(block)
+        if through_norm(arch):
+            norm = arch.layer_list(model)[block.start - 1].get_submodule(arch.mlp_term)
+            result = fit_through_norm(block, norm, cosine=method == "cosine")
+        elif method == "cosine":
+            result = refine_cosine(block, result)
+        fits.append(result)
     return fits
+
+
+def _kept_tokens(method: str, arch: Architecture) -> int:
+    """How many tokens' rows a fit by gradient steps keeps (none for the closed form alone)."""
+    return SAMPLE_TOKENS if method == "cosine" or through_norm(arch) else 0
 
 
 def repair_model(
@@ -346,9 +403,8 @@ def repair_model(
     in place (prune it afterwards); returns the fits."""
     _check_method(method)
     arch = find_architecture(model.config)
-    keep = COSINE_TOKENS if method == "cosine" else 0
-    stats = collect(model, batches, _blocks(removed), keep_samples=keep, progress=progress)
-    fits = fit_all(stats, method, arch.repair_fold_kind == "norm")
+    stats = collect(model, batches, _blocks(removed), keep_samples=_kept_tokens(method, arch), progress=progress)
+    fits = fit_all(stats, method, model, arch)
     for result in fits:
         fold(model, arch, result.start - 1, result)
     return fits
@@ -357,13 +413,14 @@ def repair_model(
 def repair_record(method: str, fits: list[Fit], arch: Architecture, calibration: dict[str, Any], seconds: float,
                   tokens: int) -> dict[str, Any]:  # fmt: skip
     """What the record says of a repair: what was fitted, on what data, how well, where it went."""
-    folded = f"diagonal map into {arch.repair_fold}'s scale" if arch.repair_fold_kind == "norm" else (
-        f"d x d map into {arch.repair_fold}")  # fmt: skip
+    folded = f"d x d map into {arch.repair_fold}"
+    if through_norm(arch):
+        folded += f", fitted through {arch.mlp_term} with its weight ({NORM_STEPS} Adam steps)"
     return {
         "method": method,
         "folded": folded,
         "ridge": f"{RIDGE} x tr(A^T A) / d",
-        "cosine_steps": COSINE_STEPS if method == "cosine" else None,
+        "cosine_steps": COSINE_STEPS if method == "cosine" and not through_norm(arch) else None,
         "calibration": calibration,
         "tokens": tokens,
         "seconds": round(seconds, 2),
@@ -381,7 +438,7 @@ def repaired_weights(
     offload: bool | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checkpoint `src` repaired for the cut `removed`: the folded tensors (by source key, of
-    their stored dtype and shape, in memory: one module per block) and the record of the repair.
+    their stored dtype and shape, in memory: a module or two per block) and the record of the repair.
     `surgery.prune_checkpoint` then writes the pruned checkpoint with them.
     `offload` collects the statistics one layer at a time (`streaming`); by default it is chosen
     when the model would not fit in the memory of its device."""
@@ -393,7 +450,7 @@ def repaired_weights(
     if not entries:
         raise LayerpruneError(f"--repair needs a safetensors checkpoint; {src} has none")
     blocks = _blocks(removed)
-    keep = COSINE_TOKENS if method == "cosine" else 0
+    keep = _kept_tokens(method, arch)
     started = time.perf_counter()
     plan = plan_placement(placement, src)
     offload = layer_by_layer(plan, src, offload, str(src), f"repairing ({method})")
@@ -402,20 +459,21 @@ def repaired_weights(
         stats = collect_streaming(stream, calibration.batches(load_tokenizer(src)), blocks, keep, progress)
         model = stream.model  # on the meta device but for the modules the maps fold into, loaded below
         for start, _ in blocks:
-            keys = [k for k in stream.layer_keys(start - 1) if f".{arch.repair_fold}." in f".{k}"]
+            keys = [k for k in stream.layer_keys(start - 1) if any(f".{m}." in f".{k}" for m in fold_modules(arch))]
             stream.place({name: t.float() for name, t in stream.read(keys).items()}, "cpu")
         plan = stream.plan
     else:
         model, tokenizer = load_model(src, plan)
         stats = collect(model, calibration.batches(tokenizer), blocks, keep_samples=keep, progress=progress)
-    fits = fit_all(stats, method, arch.repair_fold_kind == "norm")
+    fits = fit_all(stats, method, model, arch)
     tensors = {}
     for result in fits:
         fold(model, arch, result.start - 1, result)
-        module = arch.layer_list(model)[result.start - 1].get_submodule(arch.repair_fold)
-        for name, value in module.named_parameters(recurse=False):
-            key = _checkpoint_key(arch, entries, result.start - 1, f"{arch.repair_fold}.{name}")
-            tensors[key] = value.detach().to(getattr(torch, TORCH_DTYPES[entries[key].dtype])).cpu()
+        for path in fold_modules(arch):
+            module = arch.layer_list(model)[result.start - 1].get_submodule(path)
+            for name, value in module.named_parameters(recurse=False):
+                key = _checkpoint_key(arch, entries, result.start - 1, f"{path}.{name}")
+                tensors[key] = value.detach().to(getattr(torch, TORCH_DTYPES[entries[key].dtype])).cpu()
     del model
     seconds, tokens = time.perf_counter() - started, fits[0].tokens if fits else 0
     record = repair_record(method, fits, arch, asdict(calibration), seconds, tokens) | {

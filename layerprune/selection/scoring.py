@@ -201,8 +201,9 @@ def _select(scorer: Scorer, n: int, strategy: str, analysis: Any, candidates: in
 
 
 def _repaired_losses(scorer: Scorer, pool: list[list[int]]) -> tuple[list[float], list[Fit]]:
-    """Each block's calibration loss after its linear repair, and its fit."""
-    diagonal = scorer.arch.repair_fold_kind == "norm"
+    """Each block's calibration loss after its linear repair, and its fit. Where the MLP's term is a
+    norm's output, the closed-form map on it stands for the map fitted through the norm, which
+    comes close to it (docs/results/repair.md) at the cost of gradient steps per candidate."""
     d = scorer.model.config.get_text_config().hidden_size
     room = FIT_SHARE * memory_free(scorer.model.get_input_embeddings().weight.device)
     group = max(1, int(room // (2 * d * d * 8)))  # two float64 d x d sums per candidate
@@ -216,14 +217,14 @@ def _repaired_losses(scorer: Scorer, pool: list[list[int]]) -> tuple[list[float]
                 block.add(terms[block.start - 1][real], resid[block.start][real], resid[block.end][real], 0)
             if first == 0:  # the bar counts the first group's pass and the scoring pass
                 scorer.advance()
-        fits += [fit(block, diagonal) for block in stats]
+        fits += [fit(block) for block in stats]
     totals, tokens = [0.0] * len(pool), 0
     for batch in scorer.batches:
         resid, terms = scorer.resid_and_terms(batch, sorted({f.start - 1 for f in fits}))
         for c, result in enumerate(fits):
             a = terms[result.start - 1]
             t = result.map.to(a)
-            change = a * (t - 1) if result.diagonal else a @ t - a  # the stream handed on: (H - A) + A T
+            change = a @ t - a  # the stream handed on: (H - A) + A T
             suffix = list(range(result.end, scorer.num_layers))
             loss, count = scorer._suffix_loss(batch, resid[result.start] + change, suffix)
             totals[c] += loss
