@@ -24,8 +24,9 @@ Where A is a norm's output, A = norm(Y) with Y the down projection's (Gemma 2/3,
 on A can be folded. The map goes in before the norm instead: A' = norm_w'(Y M), with M folded into
 the down projection and the norm's weight w' fitted with it, by NORM_STEPS steps of Adam on
 batches of NORM_BATCH of the kept tokens (the least-squares objective for `linear`, the cosine one
-for `cosine`), from M = I and the norm's own weight. The loss-repair search scores such a block by
-the closed-form map on A, which this fit approaches (see docs/results/repair.md).
+for `cosine`), from M = I and the norm's weight times the best per-channel factor; its residual is
+measured on those tokens. The loss-repair search scores such a block by the closed-form map on A,
+which this fit approaches (see docs/results/repair.md).
 
 The statistics come from one pass of the unpruned model (every block's from the same pass), so a
 cut of several blocks is repaired block by block as if each were the only one. A model larger than
