@@ -158,8 +158,9 @@ def max_diff(first: dict, second: dict) -> float:
 
 
 def agreement(root: Path, data: Path, device: str) -> dict[str, Any]:
-    """Tiny Llama and Gemma 3: the analysis (in memory and streamed), the loss search and
-    held-out loss on the device, against the CPU (fp32 both, and bf16 on the device)."""
+    """Tiny Llama and Gemma 3: the analysis (in memory and streamed), the loss search, held-out
+    loss and a linear repair (for Gemma 3, the map fitted through its norm by Adam on the device)
+    on the device, against the CPU (fp32 both, and bf16 on the device)."""
     from layerprune import Calibration, analyze
     from layerprune.evaluation.harness import heldout_loss
     from layerprune.recipes.pipeline import prune
@@ -185,6 +186,8 @@ def agreement(root: Path, data: Path, device: str) -> dict[str, Any]:
             out = root / f"loss-{family}-{where.replace(':', '')}"
             settings = dict(data=str(data), samples=16, seq_len=64, device=where, dtype="float32", progress=False)
             figures[f"{family}_loss_search_{where}"] = prune(folder, out, n=2, strategy="loss", **settings).removed
+            repaired = prune(folder, Path(f"{out}-repaired"), layers=[2, 3], repair="linear", **settings)
+            figures[f"{family}_repair_residual_{where}"] = repaired.record["repair"]["blocks"][0]["fit_residual"]
         figures[f"{family}_heldout_loss_diff"] = round(abs(losses["cpu"] - losses[device]), 6)
     return figures
 

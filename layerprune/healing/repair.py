@@ -416,7 +416,7 @@ def repair_record(method: str, fits: list[Fit], arch: Architecture, calibration:
     """What the record says of a repair: what was fitted, on what data, how well, where it went."""
     folded = f"d x d map into {arch.repair_fold}"
     if through_norm(arch):
-        folded += f", fitted through {arch.mlp_term} with its weight ({NORM_STEPS} Adam steps)"
+        folded += f" before {arch.mlp_term} (with that norm's weight; {NORM_STEPS} Adam steps)"
     return {
         "method": method,
         "folded": folded,
