@@ -90,7 +90,7 @@ def test_a_block_that_acts_through_the_norm_is_recovered_closely():
     ids = batches()[0]
     with torch.no_grad():
         expected = model(**ids).logits
-    stats = repair.collect(model, batches(), [(3, 4)], keep_samples=repair.SAMPLE_TOKENS, progress=False)[0]
+    stats = repair.collect(model, batches(), [(3, 4)], progress=False)[0]
     diagonal = torch.diagonal(stats.ar) / torch.diagonal(stats.aa)  # the best per-channel scale on A
     scaled = repair._residual(stats, torch.diag(diagonal))
     fits = repair.repair_model(model, batches(), [3], "linear", progress=False)
@@ -99,7 +99,7 @@ def test_a_block_that_acts_through_the_norm_is_recovered_closely():
     prune_model(model, [3])
     prune_model(unrepaired, [3])
     with torch.no_grad():
-        error, cut = ((m(**ids).logits - expected).norm() for m in (model, unrepaired))
+        error, cut = ((net(**ids).logits - expected).norm() for net in (model, unrepaired))
     assert error < 0.2 * cut, (error, cut)
 
 

@@ -71,7 +71,8 @@ def test_loss_repair_scores_each_block_as_the_repaired_checkpoint_computes(famil
         if family == "gemma3_text":
             mapped = fit(collect(model, batches, [(start, start + 2)], progress=False)[0])
             term = arch.layer_list(repaired)[start - 1].get_submodule(arch.mlp_term)
-            term.register_forward_hook(lambda module, args, out, t=mapped.map.float(): out @ t)
+            t = mapped.map.float()
+            term.register_forward_hook(lambda module, args, out, t=t: out @ t)
         else:
             mapped = repair_model(repaired, batches, candidate["layers"], "linear", progress=False)[0]
         assert candidate["fit_residual"] == pytest.approx(mapped.residual, abs=1e-6)
