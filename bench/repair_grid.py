@@ -2,7 +2,7 @@
 
 python bench/repair_grid.py run --model smollm2-135m --strategy angular --n 8 --out /tmp/repair/smollm2-angular-8 \
     --variants none,linear,cosine,lora20,linear+lora20 --limit 100
-python bench/repair_grid.py report /tmp/repair/*        # the markdown table of docs/results/repair.md
+python bench/repair_grid.py report /tmp/repair/*        # the markdown tables of docs/results/repair.md
 
 For one cut of one model: the cut unrepaired (`none`), repaired by `linear` or `cosine` (calibrated
 on CoQA, the analysis's default text, never the evaluation's), healed by plain LoRA for N steps
@@ -131,19 +131,19 @@ def report(args: argparse.Namespace) -> None:
 
 
 def _repair_then_heal(case: Path, variants: list[str]) -> None:
-    """`linear+loraN` against `loraN` at equal steps, paired on the same documents."""
+    """`linear` alone and `linear+loraN` against `loraN`, paired on the same documents."""
     from layerprune.evaluation.uncertainty import compare
 
     for heal in [v for v in variants if v.startswith("lora")]:
-        both = [case / f"{v}.results.json" for v in (heal, f"linear+{heal}")]
-        if not all(path.is_file() for path in both):
-            continue
-        alone, repaired = (json.loads(path.read_text()) for path in both)
-        loss = compare(_documents(alone, "loss"), _documents(repaired, "loss"), higher_is_better=False)
-        kld = compare(_documents(alone, "kld"), _documents(repaired, "kld"), higher_is_better=False)
-        qa = compare(_pooled(alone), _pooled(repaired), higher_is_better=True)
-        print(f"\n- `linear+{heal}` against `{heal}` at equal steps: loss {_ci(loss)}, KL {_ci(kld)}; "
-              f"pooled QA {_ci(qa)}.")  # fmt: skip
+        for variant, steps in (("linear", ""), (f"linear+{heal}", " at equal steps")):
+            both = [case / f"{v}.results.json" for v in (heal, variant)]
+            if not all(path.is_file() for path in both):
+                continue
+            alone, repaired = (json.loads(path.read_text()) for path in both)
+            loss = compare(_documents(alone, "loss"), _documents(repaired, "loss"), higher_is_better=False)
+            kld = compare(_documents(alone, "kld"), _documents(repaired, "kld"), higher_is_better=False)
+            qa = compare(_pooled(alone), _pooled(repaired), higher_is_better=True)
+            print(f"\n- `{variant}` against `{heal}`{steps}: loss {_ci(loss)}, KL {_ci(kld)}; pooled QA {_ci(qa)}.")
 
 
 def _ci(comparison: Any) -> str:
