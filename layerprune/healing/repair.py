@@ -223,9 +223,9 @@ class Fit:
                 "tokens": self.tokens, "cosine_distance": self.cosine_distance}  # fmt: skip
 
 
-def fit(stats: BlockStatistics, ridge: float | None = None) -> Fit:
-    """The ridge least-squares map T on A of one block (closed form); a one-line error for too few
-    tokens or a singular fit."""
+def _ridge(stats: BlockStatistics, share: float = RIDGE) -> float:
+    """The ridge term of one block's fit, `share` x tr(A^T A) / d; a one-line error for too few
+    tokens to fit a d x d map, or an MLP output that is all zero."""
     import torch
 
     d = stats.aa.shape[0]
@@ -234,12 +234,21 @@ def fit(stats: BlockStatistics, ridge: float | None = None) -> Fit:
             f"repairing layers {stats.start}-{stats.end - 1} fits a {d} x {d} map: it needs at least {d} "
             f"calibration tokens, got {stats.tokens}; raise --samples or --seq-len"
         )
-    aa, ar = stats.aa, stats.ar
-    lam = (RIDGE if ridge is None else ridge) * float(torch.diagonal(aa).sum()) / d
+    lam = share * float(torch.diagonal(stats.aa).sum()) / d
     if not math.isfinite(lam) or lam <= 0:
         raise LayerpruneError(
             f"repairing layers {stats.start}-{stats.end - 1}: the MLP output is all zero; no map fits"
         )
+    return lam
+
+
+def fit(stats: BlockStatistics, ridge: float | None = None) -> Fit:
+    """The ridge least-squares map T on A of one block (closed form); a one-line error for too few
+    tokens or a singular fit."""
+    import torch
+
+    aa, ar, d = stats.aa, stats.ar, stats.aa.shape[0]
+    lam = _ridge(stats, RIDGE if ridge is None else ridge)
     try:
         factor = torch.linalg.cholesky(aa + lam * torch.eye(d, dtype=aa.dtype, device=aa.device))
     except RuntimeError as err:
@@ -259,7 +268,15 @@ def _residual(stats: BlockStatistics, t: Any) -> float:
     return error(t) / max(error(identity), 1e-30)
 
 
-def refine_cosine(stats: BlockStatistics, start: Fit, steps: int = COSINE_STEPS) -> Fit:
+def _fit_steps(steps: int, stats: BlockStatistics, progress: bool) -> Any:
+    """The steps of a fit by gradient steps, with a bar (they take seconds to minutes on a CPU)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(steps), desc=f"repair fit, layers {stats.start}-{stats.end - 1}", unit="step",
+                disable=not progress)  # fmt: skip
+
+
+def refine_cosine(stats: BlockStatistics, start: Fit, steps: int = COSINE_STEPS, progress: bool = False) -> Fit:
     """`start` refined by Adam to minimize the mean cosine distance between (H - A) + A T and X on
     the kept sample of tokens."""
     import torch
@@ -272,7 +289,7 @@ def refine_cosine(stats: BlockStatistics, start: Fit, steps: int = COSINE_STEPS)
         return (1 - torch.nn.functional.cosine_similarity(y + a @ t, x, dim=-1)).mean()
 
     with torch.enable_grad():
-        for _ in range(steps):
+        for _ in _fit_steps(steps, stats, progress):
             optimizer.zero_grad()
             loss = distance()
             loss.backward()
@@ -283,7 +300,7 @@ def refine_cosine(stats: BlockStatistics, start: Fit, steps: int = COSINE_STEPS)
     return replace(start, map=refined, residual=_residual(stats, refined.double()), cosine_distance=round(final, 6))
 
 
-def fit_through_norm(stats: BlockStatistics, norm: Any, cosine: bool) -> Fit:
+def fit_through_norm(stats: BlockStatistics, norm: Any, cosine: bool, progress: bool = False) -> Fit:
     """The map M before `norm` and the norm's weight w' that bring (H - A) + norm_w'(Y M) closest to
     X on the kept tokens (least squares, or the cosine distance for `cosine`): NORM_STEPS steps of
     Adam on seeded batches of NORM_BATCH tokens, on the device the statistics were summed on, from
@@ -291,14 +308,13 @@ def fit_through_norm(stats: BlockStatistics, norm: Any, cosine: bool) -> Fit:
     import torch
     from torch.func import functional_call
 
-    device = stats.aa.device
+    lam, device = _ridge(stats), stats.aa.device  # too few tokens, or no MLP output, is refused first
     rest, y, x = (torch.cat([s[i] for s in stats.samples]).to(device) for i in range(3))
     weight = norm.weight.detach().to(device=device, dtype=torch.float32)
     with torch.no_grad():  # each token's squared error unrepaired: the scale of the least-squares objective
         unrepaired = ((rest + functional_call(norm, {"weight": weight}, (y,)) - x) ** 2).sum(-1)
     d = y.shape[1]
-    ridge = RIDGE * float(torch.diagonal(stats.aa).sum()) / d
-    per_channel = torch.diagonal(stats.ar) / (torch.diagonal(stats.aa) + ridge)
+    per_channel = torch.diagonal(stats.ar) / (torch.diagonal(stats.aa) + lam)
     m = torch.eye(d, device=device).requires_grad_(True)
     w = _scaled_weight(norm, weight, per_channel.float()).requires_grad_(True)
     optimizer = torch.optim.Adam([m, w], lr=NORM_LR)
@@ -311,7 +327,7 @@ def fit_through_norm(stats: BlockStatistics, norm: Any, cosine: bool) -> Fit:
 
     generator = torch.Generator().manual_seed(0)
     with torch.enable_grad():
-        for _ in range(NORM_STEPS):
+        for _ in _fit_steps(NORM_STEPS, stats, progress):
             rows = torch.randint(0, y.shape[0], (min(NORM_BATCH, y.shape[0]),), generator=generator).to(device)
             optimizer.zero_grad()
             objective(rows, cosine).backward()
@@ -373,18 +389,17 @@ def _check_method(method: str) -> None:
         raise LayerpruneError(f"--repair must be one of {', '.join(METHODS)}, got {method!r}")
 
 
-def fit_all(stats: list[BlockStatistics], method: str, model: Any, arch: Architecture) -> list[Fit]:
+def fit_all(stats: list[BlockStatistics], method: str, model: Any, arch: Architecture, progress: bool) -> list[Fit]:
     """Every block's map: the least-squares fit, refined for `cosine`; where the MLP's term is a
-    norm's output, the fit through that norm (after the closed form's checks)."""
+    norm's output, the fit through that norm."""
     fits = []
     for block in stats:
-        result = fit(block)
         if through_norm(arch):
             norm = arch.layer_list(model)[block.start - 1].get_submodule(arch.mlp_term)
-            result = fit_through_norm(block, norm, cosine=method == "cosine")
-        elif method == "cosine":
-            result = refine_cosine(block, result)
-        fits.append(result)
+            fits.append(fit_through_norm(block, norm, method == "cosine", progress))
+        else:
+            result = fit(block)
+            fits.append(refine_cosine(block, result, progress=progress) if method == "cosine" else result)
     return fits
 
 
@@ -405,7 +420,7 @@ def repair_model(
     _check_method(method)
     arch = find_architecture(model.config)
     stats = collect(model, batches, _blocks(removed), keep_samples=_kept_tokens(method, arch), progress=progress)
-    fits = fit_all(stats, method, model, arch)
+    fits = fit_all(stats, method, model, arch, progress)
     for result in fits:
         fold(model, arch, result.start - 1, result)
     return fits
@@ -466,7 +481,7 @@ def repaired_weights(
     else:
         model, tokenizer = load_model(src, plan)
         stats = collect(model, calibration.batches(tokenizer), blocks, keep_samples=keep, progress=progress)
-    fits = fit_all(stats, method, model, arch)
+    fits = fit_all(stats, method, model, arch, progress)
     tensors = {}
     for result in fits:
         fold(model, arch, result.start - 1, result)

@@ -172,9 +172,10 @@ def plan_placement(
 def _launcher_sharding() -> str | None:
     """`fsdp` or `deepspeed` where `accelerate launch` was given such a config (it says so in the
     environment), else None."""
-    used = (name for name in ("fsdp", "deepspeed") if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "").lower()
-            in ("1", "true"))  # fmt: skip
-    return next(used, None)
+    for name in ("fsdp", "deepspeed"):
+        if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "").lower() in ("1", "true"):
+            return name
+    return None
 
 
 def fits_on_device(plan: Plan, path: Path) -> bool:
