@@ -177,6 +177,42 @@ def test_prune_with_repair_from_the_command_line_is_quiet_and_recorded(tmp_path)
     assert json.loads((tmp_path / "out" / "layerprune.json").read_text())["repair"]["blocks"][0]["after_layer"] == 2
 
 
+@pytest.mark.parametrize("strategy", ["angular", "loss"])
+def test_a_prune_that_chooses_and_repairs_reads_the_model_once(tmp_path, monkeypatch, strategy):
+    """The choice of layers and the repair share one load of the model (a load of a large model
+    takes minutes), leave it unchanged, and write what a prune of the chosen layers writes."""
+    from safetensors.torch import load_file
+
+    import layerprune.measure.analysis as analysis
+    import layerprune.recipes.pipeline as pipeline
+    from layerprune import prune
+
+    src = save_tiny(tiny_model("llama", seed=5), tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text(HEAL_TEXT)
+    loads, original = [], pipeline.load_model
+
+    def counted(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        loads.append({k: v.clone() for k, v in loaded[0].state_dict().items()})
+        loads[-1]["model"] = loaded[0]
+        return loaded
+
+    for module in (pipeline, analysis, repair):
+        monkeypatch.setattr(module, "load_model", counted)
+    settings = dict(repair="linear", data=str(text), samples=24, seq_len=24, progress=False)
+    chosen = prune(src, tmp_path / "chosen", n=2, strategy=strategy, **settings)
+    assert len(loads) == 1
+    before, model = loads[0], loads[0].pop("model")
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())  # not folded into
+    removed = chosen.record["removed_layers"]
+    assert len(removed) == 2 and removed[0] > 0
+    given = prune(src, tmp_path / "given", layers=removed, **settings)
+    a, b = load_file(chosen.path / "model.safetensors"), load_file(given.path / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert chosen.record["repair"]["blocks"] == given.record["repair"]["blocks"]
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_the_streamed_path_equals_the_in_memory_one(tmp_path, family):
     """`--offload` sums the same statistics one layer at a time, and writes the same checkpoint."""

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import sweep_config as config
 
+import layerprune.healing.repair as repair_module
 import layerprune.sweep.run as sweep_module
 from layerprune.errors import LayerpruneError
+from layerprune.runtime.models import load_model
 from layerprune.selection.strategies import STRATEGIES, Choice
 from layerprune.sweep.run import run_sweep
 
@@ -98,9 +100,12 @@ def test_repairs_are_an_axis_of_points_compared_with_their_unrepaired_cut(setup,
     calls = []
     real = sweep_module._row
     monkeypatch.setattr(sweep_module, "_row", lambda point, *a: calls.append(point.key) or real(point, *a))
+    loads = []  # the repairs read the base model the sweep holds; none loads it again
+    monkeypatch.setattr(repair_module, "load_model", lambda *a, **k: loads.append(a) or load_model(*a, **k))
     run_sweep(base, out, config(text, strategies=("deepest",), repairs=("none", "linear")), progress=False)
     assert sorted(calls) == ["deepest-n1-linear", "deepest-n1-linear-healed", "deepest-n2-linear",
                              "deepest-n2-linear-healed"]  # fmt: skip
+    assert loads == []
     stored = json.loads((out / "results.json").read_text())
     rows = {(r["strategy"], r["n"], r["repair"], r["healed"]): r for r in stored}
     for n, healed in ((1, False), (1, True), (2, False), (2, True)):

@@ -48,7 +48,7 @@ from layerprune.data import Calibration
 from layerprune.errors import LayerpruneError
 from layerprune.io.checkpoint import TORCH_DTYPES, TensorEntry, read_config, tensor_entries
 from layerprune.measure.streaming import LayerStream
-from layerprune.runtime.devices import Placement, layer_by_layer, plan_placement
+from layerprune.runtime.devices import Placement, layer_by_layer, plan_of, plan_placement
 from layerprune.runtime.models import load_model, load_tokenizer
 
 RIDGE = 1e-3  # share of the mean eigenvalue of A^T A: keeps the solve well posed, changes a well-fed fit little
@@ -350,22 +350,33 @@ def _scaled_weight(norm: Any, weight: Any, factor: Any) -> Any:
     return (offset + weight) * factor - offset
 
 
-def fold(model: Any, arch: Architecture, layer: int, result: Fit) -> None:
-    """Fold a map into layer `layer`'s weights, in place: A becomes A T (or norm_w'(Y M))."""
+def folded(model: Any, arch: Architecture, layer: int, result: Fit) -> dict[str, Any]:
+    """The parameters of layer `layer` that a map changes, with it folded in, by their path in the
+    layer (`mlp.down_proj.weight`, ...): A becomes A T (or norm_w'(Y M)). The model is not changed."""
     import torch
 
     block = arch.layer_list(model)[layer]
     module = block.get_submodule(arch.repair_fold)
     t = result.map.to(device=module.weight.device, dtype=torch.float64)
+    weight = module.weight.detach().double()
+    new = weight @ t if arch.repair_fold_kind == "conv1d" else t.T @ weight  # conv1d: [in, out]
+    changed = {f"{arch.repair_fold}.weight": new.to(module.weight.dtype)}
+    if getattr(module, "bias", None) is not None:
+        changed[f"{arch.repair_fold}.bias"] = (module.bias.detach().double() @ t).to(module.bias.dtype)
+    if result.norm_weight is not None:
+        norm = block.get_submodule(arch.mlp_term)
+        changed[f"{arch.mlp_term}.weight"] = result.norm_weight.to(norm.weight)
+    return changed
+
+
+def fold(model: Any, arch: Architecture, layer: int, result: Fit) -> None:
+    """Fold a map into layer `layer`'s weights, in place."""
+    import torch
+
+    block = arch.layer_list(model)[layer]
     with torch.no_grad():
-        weight = module.weight.double()
-        new = weight @ t if arch.repair_fold_kind == "conv1d" else t.T @ weight  # conv1d: [in, out]
-        module.weight.copy_(new.to(module.weight.dtype))
-        if getattr(module, "bias", None) is not None:
-            module.bias.copy_((module.bias.double() @ t).to(module.bias.dtype))
-        if result.norm_weight is not None:
-            norm = block.get_submodule(arch.mlp_term)
-            norm.weight.copy_(result.norm_weight.to(norm.weight))
+        for path, value in folded(model, arch, layer, result).items():
+            block.get_parameter(path).copy_(value)
 
 
 def fold_modules(arch: Architecture) -> list[str]:
@@ -452,12 +463,14 @@ def repaired_weights(
     placement: Placement,
     progress: bool = True,
     offload: bool | None = None,
+    loaded: tuple[Any, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checkpoint `src` repaired for the cut `removed`: the folded tensors (by source key, of
     their stored dtype and shape, in memory: a module or two per block) and the record of the repair.
     `surgery.prune_checkpoint` then writes the pruned checkpoint with them.
-    `offload` collects the statistics one layer at a time (`streaming`); by default it is chosen
-    when the model would not fit in the memory of its device."""
+    The statistics come from `loaded` (the unpruned model and its tokenizer, already in memory,
+    left unchanged) or from `src` loaded here; `offload` collects them one layer at a time
+    (`streaming`), by default when the model would not fit in the memory of its device."""
     import torch
 
     _check_method(method)
@@ -468,8 +481,14 @@ def repaired_weights(
     blocks = _blocks(removed)
     keep = _kept_tokens(method, arch)
     started = time.perf_counter()
-    plan = plan_placement(placement, src)
-    offload = layer_by_layer(plan, src, offload, str(src), f"repairing ({method})")
+    if loaded is not None:
+        model, tokenizer = loaded
+        plan, offload = plan_of(model), False
+    else:
+        plan = plan_placement(placement, src)
+        offload = layer_by_layer(plan, src, offload, str(src), f"repairing ({method})")
+        if not offload:
+            model, tokenizer = load_model(src, plan)
     if offload:
         stream = LayerStream(src, replace(plan, device_map=None, max_memory=None))
         stats = collect_streaming(stream, calibration.batches(load_tokenizer(src)), blocks, keep, progress)
@@ -479,17 +498,13 @@ def repaired_weights(
             stream.place({name: t.float() for name, t in stream.read(keys).items()}, "cpu")
         plan = stream.plan
     else:
-        model, tokenizer = load_model(src, plan)
         stats = collect(model, calibration.batches(tokenizer), blocks, keep_samples=keep, progress=progress)
     fits = fit_all(stats, method, model, arch, progress)
     tensors = {}
     for result in fits:
-        fold(model, arch, result.start - 1, result)
-        for path in fold_modules(arch):
-            module = arch.layer_list(model)[result.start - 1].get_submodule(path)
-            for name, value in module.named_parameters(recurse=False):
-                key = _checkpoint_key(arch, entries, result.start - 1, f"{path}.{name}")
-                tensors[key] = value.detach().to(getattr(torch, TORCH_DTYPES[entries[key].dtype])).cpu()
+        for path, value in folded(model, arch, result.start - 1, result).items():
+            key = _checkpoint_key(arch, entries, result.start - 1, path)
+            tensors[key] = value.to(getattr(torch, TORCH_DTYPES[entries[key].dtype])).cpu()
     del model
     seconds, tokens = time.perf_counter() - started, fits[0].tokens if fits else 0
     record = repair_record(method, fits, arch, asdict(calibration), seconds, tokens) | {

@@ -113,13 +113,15 @@ def choose_layers(
     config: PruneConfig,
     analysis: AnalysisResult | None = None,
     progress: bool = True,
+    loaded: tuple[Any, Any] | None = None,
 ) -> tuple[list[int], dict[str, Any]]:
     """The layers `config` removes from a model of `num_layers` layers, and what led to them.
-    `source()` gives its checkpoint folder, asked for only by strategies that read the model."""
+    `source()` gives its checkpoint folder, asked for only by strategies that read the model
+    (which read `loaded` instead where it is given)."""
     if config.layers is not None:
         return check_removal(num_layers, parse_layers(config.layers, num_layers), config.allow_final), {}
     count = layer_count(num_layers, config.n, config.fraction)  # refuse a bad n before any long work
-    return choose_counts(num_layers, [count], source, config, analysis, progress)[count]
+    return choose_counts(num_layers, [count], source, config, analysis, progress, loaded)[count]
 
 
 def choose_counts(
@@ -137,9 +139,9 @@ def choose_counts(
     or loaded from `source()`."""
     strategy = get_strategy(config.strategy)
     if ANALYSIS in strategy.needs and analysis is None:
-        analysis = analyze(
-            source(), config.calibration, placement=config.placement, offload=config.offload, progress=progress
-        )
+        model_argument, tokenizer = loaded or (source(), None)
+        analysis = analyze(model_argument, config.calibration, tokenizer=tokenizer, placement=config.placement,
+                           offload=config.offload, progress=progress)  # fmt: skip
     model = batches = None
     if MODEL in strategy.needs:
         documents = config.calibration.documents()  # a bad --data is refused before the weights load
@@ -176,6 +178,20 @@ def _loaded_whole(src: Path, config: PruneConfig, strategy: str) -> tuple[Any, A
     return load_model(src, plan)
 
 
+def _read_once(src: Path, config: PruneConfig, analysis: AnalysisResult | None) -> tuple[Any, Any] | None:
+    """The model and tokenizer, loaded once for both the choice of layers and the repair where both
+    read the whole model in memory; None where at most one reads it, or the model is streamed."""
+    needs = get_strategy(config.strategy).needs if config.layers is None else set()
+    reads = MODEL in needs or (ANALYSIS in needs and analysis is None)
+    if config.repair == "none" or not reads or config.offload:
+        return None
+    config.calibration.documents()  # a bad --data is refused before the weights load
+    plan = plan_placement(config.placement, src)
+    if config.offload is None and not fits_on_device(plan, src):
+        return None
+    return load_model(src, plan)
+
+
 def prune(
     model: ModelSpec,
     out: str | os.PathLike[str],
@@ -185,6 +201,7 @@ def prune(
     overwrite: bool = False,
     progress: bool = True,
     outtype: str = "f16",
+    loaded: tuple[Any, Any] | None = None,
     **settings: Any,
 ) -> PruneResult:
     """Prune a model argument to a new checkpoint folder `out`, or to a GGUF file `out` (.gguf):
@@ -194,7 +211,10 @@ def prune(
     The settings are `config`, or `PruneConfig`'s fields as keywords (`n=8, strategy="loss",
     samples=32`, ...). `deepest` and explicit `layers` never load the model; strategies that
     need the analysis run `analyze` first unless given one (an AnalysisResult or a
-    distances.json path); the loss-scored ones load the model and calibration data.
+    distances.json path); the loss-scored ones load the model and calibration data. The model is
+    loaded once for both the choice and a repair; `loaded` (model, tokenizer), the same model
+    already in memory as `config.placement` places it, is read instead of loading it, and is left
+    unchanged.
     """
     config = config or build(PruneConfig, settings)
     out = Path(out)
@@ -209,13 +229,15 @@ def prune(
         raw, arch = read_config(src)
         if analysis is not None:
             check_analysis(analysis, src)
-        removed, selection = choose_layers(arch.num_layers(raw), lambda: src, config, analysis, progress)
+        loaded = loaded if loaded is not None else _read_once(src, config, analysis)
+        removed, selection = choose_layers(arch.num_layers(raw), lambda: src, config, analysis, progress, loaded)
         record = _record(model, src, config, selection)
         if config.repair == "none":
             return PruneResult(out, prune_checkpoint(src, out, removed, record, overwrite, inputs=inputs))
         replaced, record["repair"] = repaired_weights(
-            src, removed, config.repair, config.calibration, config.placement, progress, config.offload
+            src, removed, config.repair, config.calibration, config.placement, progress, config.offload, loaded
         )
+        del loaded  # the writer streams the checkpoint; the model is no longer needed
         return PruneResult(
             out, prune_checkpoint(src, out, removed, record, overwrite, inputs=inputs, replaced=replaced)
         )

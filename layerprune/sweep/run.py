@@ -393,7 +393,7 @@ def _run_points(
         prepared = {}
         for point in group:
             bar.set_postfix_str(f"{point.key}: {'heal' if point.healed else 'repair'}")
-            prepared[point] = _prepare(point, src, removed[point], config, out / "work" / point.key)
+            prepared[point] = _prepare(point, base, src, removed[point], config, out / "work" / point.key)
         bar.set_postfix_str(f"{len(group)} healed or repaired points side by side")
         _evaluate_together([], prepared, base, config, out, orders, removed, store)
     for point in fresh:  # the others: twins of a point stored above
@@ -410,16 +410,19 @@ def _group_size(model: Any) -> int:
     return max(1, int(FIT_SHARE * memory_free(weight.device) // size))
 
 
-def _prepare(point: Point, src: Path, removed: list[int], config: SweepConfig, work: Path) -> tuple[Path, dict, Ledger]:
-    """A healed or repaired point's own checkpoint in `work`: pruned on disk (and repaired), then
-    healed if asked; with what it records (healing, repair) and what making it cost. A checkpoint a
-    killed run finished is taken as it is (each is published whole), and a killed heal resumes."""
+def _prepare(
+    point: Point, base: tuple[Any, Any], src: Path, removed: list[int], config: SweepConfig, work: Path
+) -> tuple[Path, dict, Ledger]:
+    """A healed or repaired point's own checkpoint in `work`: pruned on disk (and repaired from the
+    base model in memory), then healed if asked; with what it records (healing, repair) and what
+    making it cost. A checkpoint a killed run finished is taken as it is (each is published whole),
+    and a killed heal resumes."""
     checkpoint, spent = work / ("healed" if point.healed else "pruned"), work / "cost.json"
     if not checkpoint.is_dir():
         ledger = Ledger()
         with ledger.phase("prune and repair" if point.repair != "none" else "prune"):
             settings = replace(config.prune, layers=",".join(map(str, removed)), n=None, repair=point.repair)
-            pruned = prune(src, work / "pruned", settings, overwrite=True)
+            pruned = prune(src, work / "pruned", settings, overwrite=True, loaded=base)
         if point.healed:  # resumes if a killed run left checkpoints
             with ledger.phase("heal"):
                 heal(pruned.path, checkpoint, with_placement(config.heal_config, config.placement))
