@@ -55,9 +55,11 @@ RIDGE = 1e-3  # share of the mean eigenvalue of A^T A: keeps the solve well pose
 COSINE_STEPS = 200
 COSINE_LR = 1e-4
 SAMPLE_TOKENS = 16384  # tokens kept for a fit by gradient steps (cosine, or through a norm)
+# the fit through a norm: on Gemma 3's blocks, closer on held-out tokens than batches of 4,096 at
+# 3e-3, in a quarter of the time (docs/results/repair.md)
 NORM_STEPS = 300
-NORM_LR = 3e-3
-NORM_BATCH = 4096
+NORM_LR = 1e-2
+NORM_BATCH = 1024
 METHODS = ("none", "linear", "cosine")
 
 
