@@ -237,7 +237,7 @@ def prune(
         replaced, record["repair"] = repaired_weights(
             src, removed, config.repair, config.calibration, config.placement, progress, config.offload, loaded
         )
-        del loaded  # the writer streams the checkpoint; the model is no longer needed
+        del loaded  # not held while the checkpoint is written (a caller that passed it may still hold it)
         return PruneResult(
             out, prune_checkpoint(src, out, removed, record, overwrite, inputs=inputs, replaced=replaced)
         )
