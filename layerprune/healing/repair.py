@@ -25,8 +25,7 @@ on A can be folded. The map goes in before the norm instead: A' = norm_w'(Y M), 
 the down projection and the norm's weight w' fitted with it, by NORM_STEPS steps of Adam on
 batches of NORM_BATCH of the kept tokens (the least-squares objective for `linear`, the cosine one
 for `cosine`), from M = I and the norm's weight times the best per-channel factor; its residual is
-measured on those tokens. The loss-repair search scores such a block by the closed-form map on A,
-which this fit approaches (see docs/results/repair.md).
+measured on those tokens. The loss-repair search scores such a block with this same fit.
 
 The statistics come from one pass of the unpruned model (every block's from the same pass), so a
 cut of several blocks is repaired block by block as if each were the only one. A model larger than
@@ -379,6 +378,18 @@ def fold(model: Any, arch: Architecture, layer: int, result: Fit) -> None:
     with torch.no_grad():
         for path, value in folded(model, arch, layer, result).items():
             block.get_parameter(path).copy_(value)
+
+
+def mapped_term(model: Any, arch: Architecture, result: Fit, term: Any, source: Any) -> Any:
+    """The MLP term of the layer before a block once its map is folded in: A T, or norm_w'(Y M)
+    from the norm's input Y (`source`) where A is a norm's output; in `term`'s dtype."""
+    from torch.func import functional_call
+
+    if result.norm_weight is None:
+        return term @ result.map.to(term)
+    norm = arch.layer_list(model)[result.start - 1].get_submodule(arch.mlp_term)
+    weight = result.norm_weight.to(device=source.device, dtype=norm.weight.dtype)
+    return functional_call(norm, {"weight": weight}, (source @ result.map.to(source),)).to(term.dtype)
 
 
 def fold_modules(arch: Architecture) -> list[str]:

@@ -7,8 +7,9 @@ it directly (beyond Gromov et al. 2024), for the strategies of the same names:
 - `angular-rerank`: the k blocks of smallest angular distance, re-ranked by calibration loss.
 - `loss-repair`: the same exact search, each block scored after the repair `prune --repair
   linear` would make (`repair`): one pass sums every candidate's statistics, each map is fitted
-  in closed form, and a second pass scores each block with its map applied to the stream it
-  hands on. The maps are fitted and scored on the same calibration tokens.
+  as that repair fits it (in closed form, or through the norm for Gemma 2/3 and OLMo 2), and a
+  second pass scores each block with its map applied to the stream it hands on. The maps are
+  fitted and scored on the same calibration tokens.
 - `iterative`: SLEB-style greedy removal (Song et al. 2024, arXiv:2402.09025), one layer at a
   time, each time the one whose removal raises the loss least; removed layers need not be
   contiguous.
@@ -18,7 +19,9 @@ layers 0..l-1, so each batch is run once with hooks recording resid[0..L], and e
 runs only the layers after its cut, starting from the recorded state (a pre-hook swaps it in).
 For the block search that is about (L-n)/2 full-pass equivalents instead of L-n+1. Memory:
 the L+1 residual states of one calibration batch; `loss-repair` adds two d x d float64 sums per
-candidate (for many candidates of a large model, in groups that fit, one more pass per group).
+candidate, and for a fit through a norm the rows of its calibration tokens (3 x d floats each, up
+to SAMPLE_TOKENS); for many candidates of a large model, in groups that fit, one more pass per
+group.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 from layerprune.architectures import find_architecture
 from layerprune.data import Calibration
 from layerprune.errors import LayerpruneError
-from layerprune.healing.repair import BlockStatistics, Fit, fit
+from layerprune.healing.repair import SAMPLE_TOKENS, BlockStatistics, Fit, fit_all, mapped_term, through_norm
 from layerprune.layer_sets import check_count
 from layerprune.measure.residual import layers_swapped, next_token_losses, running_from, stream_modules, watching
 from layerprune.runtime.memory import FIT_SHARE, memory_free
@@ -95,13 +98,14 @@ class Scorer:
         sums, counts = self.document_losses(batch, start_state, suffix)
         return sum(sums), sum(counts)
 
-    def resid_and_terms(self, batch: dict, layers: Sequence[int]) -> tuple[list[Any], dict[int, Any]]:
-        """resid entering every layer (and the final norm), and the MLP term of each of `layers`
-        (what it adds to the stream; see `repair`), from one pass of the whole model."""
-        terms: dict[int, Any] = {}
+    def resid_and_terms(self, batch: dict, layers: Sequence[int]) -> tuple[list[Any], dict[int, tuple[Any, Any]]]:
+        """resid entering every layer (and the final norm), and for each of `layers` its MLP term
+        (what it adds to the stream; see `repair`) with that module's input, from one pass of the
+        whole model."""
+        terms: dict[int, tuple[Any, Any]] = {}
 
         def store(index: int) -> Any:
-            return lambda _m, _a, out: terms.__setitem__(index, out[0] if isinstance(out, tuple) else out)
+            return lambda _m, args, out: terms.__setitem__(index, (out[0] if isinstance(out, tuple) else out, args[0]))
 
         modules = self.arch.layer_list(self.model)
         handles = [modules[i].get_submodule(self.arch.mlp_term).register_forward_hook(store(i)) for i in layers]
@@ -201,12 +205,13 @@ def _select(scorer: Scorer, n: int, strategy: str, analysis: Any, candidates: in
 
 
 def _repaired_losses(scorer: Scorer, pool: list[list[int]]) -> tuple[list[float], list[Fit]]:
-    """Each block's calibration loss after its linear repair, and its fit. Where the MLP's term is a
-    norm's output, the closed-form map on it stands for the map fitted through the norm, which
-    comes close to it (docs/results/repair.md) at the cost of gradient steps per candidate."""
-    d = scorer.model.config.get_text_config().hidden_size
+    """Each block's calibration loss after its linear repair, and its fit: the map `prune --repair
+    linear` folds, fitted the same way on the search's calibration tokens."""
+    arch, d = scorer.arch, scorer.model.config.get_text_config().hidden_size
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in scorer.batches)
+    keep = min(SAMPLE_TOKENS, tokens) if through_norm(arch) else 0
     room = FIT_SHARE * memory_free(scorer.model.get_input_embeddings().weight.device)
-    group = max(1, int(room // (2 * d * d * 8)))  # two float64 d x d sums per candidate
+    group = max(1, int(room // (2 * d * d * 8 + 3 * keep * d * 4)))  # two float64 d x d sums, kept rows
     fits: list[Fit] = []
     for first in range(0, len(pool), group):
         stats = [BlockStatistics(block[0], block[-1] + 1) for block in pool[first : first + group]]
@@ -214,23 +219,25 @@ def _repaired_losses(scorer: Scorer, pool: list[list[int]]) -> tuple[list[float]
             resid, terms = scorer.resid_and_terms(batch, sorted({s.start - 1 for s in stats}))
             real = batch["attention_mask"].bool().to(resid[0].device)
             for block in stats:
-                block.add(terms[block.start - 1][real], resid[block.start][real], resid[block.end][real], 0)
+                term, source = terms[block.start - 1]
+                block.add(term[real], resid[block.start][real], resid[block.end][real], keep, source[real])
             if first == 0:  # the bar counts the first group's pass and the scoring pass
                 scorer.advance()
-        fits += [fit(block) for block in stats]
-    totals, tokens = [0.0] * len(pool), 0
+        fits += fit_all(stats, "linear", scorer.model, arch, progress=False)
+        for block in stats:
+            block.samples.clear()  # the fit is done; the next group needs the room
+    totals, predicted = [0.0] * len(pool), 0
     for batch in scorer.batches:
         resid, terms = scorer.resid_and_terms(batch, sorted({f.start - 1 for f in fits}))
         for c, result in enumerate(fits):
-            a = terms[result.start - 1]
-            t = result.map.to(a)
-            change = a @ t - a  # the stream handed on: (H - A) + A T
+            term, source = terms[result.start - 1]
+            change = mapped_term(scorer.model, arch, result, term, source) - term  # (H - A) + the mapped A
             suffix = list(range(result.end, scorer.num_layers))
             loss, count = scorer._suffix_loss(batch, resid[result.start] + change, suffix)
             totals[c] += loss
-        tokens += count
+        predicted += count
         scorer.advance()
-    return [t / tokens for t in totals], fits
+    return [t / predicted for t in totals], fits
 
 
 def _iterative(scorer: Scorer, n: int, allow_final: bool, started: float) -> tuple[list[int], list[dict]]:
