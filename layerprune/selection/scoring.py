@@ -220,7 +220,8 @@ def _repaired_losses(scorer: Scorer, pool: list[list[int]]) -> tuple[list[float]
             real = batch["attention_mask"].bool().to(resid[0].device)
             for block in stats:
                 term, source = terms[block.start - 1]
-                block.add(term[real], resid[block.start][real], resid[block.end][real], keep, source[real])
+                kept = source[real] if keep else None  # the norm's input, for a fit through it
+                block.add(term[real], resid[block.start][real], resid[block.end][real], keep, kept)
             if first == 0:  # the bar counts the first group's pass and the scoring pass
                 scorer.advance()
         fits += fit_all(stats, "linear", scorer.model, arch, progress=False)
