@@ -224,7 +224,8 @@ def _repaired_losses(scorer: Scorer, pool: list[list[int]]) -> tuple[list[float]
                 block.add(term[real], resid[block.start][real], resid[block.end][real], keep, kept)
             if first == 0:  # the bar counts the first group's pass and the scoring pass
                 scorer.advance()
-        fits += fit_all(stats, "linear", scorer.model, arch, progress=False)
+        shown = scorer.bar is not None and not scorer.bar.disable  # a fit through a norm takes seconds a block
+        fits += fit_all(stats, "linear", scorer.model, arch, progress=shown)
         for block in stats:
             block.samples.clear()  # the fit is done; the next group needs the room
     totals, predicted = [0.0] * len(pool), 0
