@@ -3,11 +3,13 @@
 python bench/repair_search.py --model smollm2-135m --n 8 --samples 16 --limit 100 --out /tmp/repair-search/smollm2-8
 
 The `loss` and `loss-repair` searches run on the same calibration batches (`--samples` CoQA
-documents of 256 tokens, the analysis's default text). Every distinct block they and `angular`
-choose is then pruned with `--repair linear` (default calibration, 64 documents) and evaluated on
-the first `--limit` LAMBADA passages (loss, and KL divergence to the full model), each compared
-with the `loss-repair` block on the same passages (paired bootstrap). Finished steps are read back
-when the script reruns.
+documents of 256 tokens, the analysis's default text); `loss-repair` twice: cross-fitted (its
+default: each document scored with the map fitted on the other fold) and in-sample (`folds=1`:
+the maps fitted and scored on the same tokens). Every distinct block they and `angular` choose is
+then pruned with `--repair linear` (default calibration, 64 documents) and evaluated on the first
+`--limit` LAMBADA passages (loss, and KL divergence to the full model), each compared with the
+cross-fitted `loss-repair` block on the same passages (paired bootstrap). Finished steps (each
+search, each block's evaluation) are read back when the script reruns.
 """
 
 from __future__ import annotations
@@ -17,26 +19,30 @@ import json
 import time
 from pathlib import Path
 
+SEARCHES = {"loss": ("loss", 1), "loss-repair": ("loss-repair", 2), "loss-repair, in-sample": ("loss-repair", 1)}
+
 
 def searches(model: str, n: int, samples: int, out: Path) -> dict[str, dict]:
-    """The `loss` and `loss-repair` selections, with every candidate's score and their wall times."""
+    """Each search's selection, with every candidate's score and its wall time."""
     path = out / "searches.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    found = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [name for name in SEARCHES if name not in found]
+    if not missing:
+        return found
     from layerprune.data import Calibration
     from layerprune.runtime.models import load_model, resolve_model
     from layerprune.selection.scoring import calibration_batches, select_by_loss
 
     loaded, tokenizer = load_model(resolve_model(model))
     batches = calibration_batches(Calibration(samples=samples), tokenizer)
-    found = {}
-    for search in ("loss", "loss-repair"):
+    for name in missing:
+        strategy, folds = SEARCHES[name]
         started = time.perf_counter()
-        selection = select_by_loss(loaded, batches, n, search)
-        found[search] = {"removed": selection.removed, "candidates": selection.scored,
-                         "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-        print(search, selection.removed, found[search]["seconds"], "s", flush=True)
-    path.write_text(json.dumps(found, indent=1))
+        selection = select_by_loss(loaded, batches, n, strategy, folds=folds)
+        found[name] = {"removed": selection.removed, "candidates": selection.scored,
+                       "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        print(name, selection.removed, found[name]["seconds"], "s", flush=True)
+        path.write_text(json.dumps(found, indent=1))
     return found
 
 
@@ -63,9 +69,10 @@ def main() -> None:
     blocks["angular"] = json.loads((out / "angular.json").read_text())
     results = {}
     for name, layers in blocks.items():
-        path = out / f"{name}.results.json"
+        block = f"{layers[0]}-{layers[-1]}"
+        path = out / f"{block}.results.json"  # by block: searches that agree share one evaluation
         if not path.is_file():
-            pruned = prune(args.model, out / f"{name}-linear", layers=layers, repair="linear", overwrite=True,
+            pruned = prune(args.model, out / f"{block}-linear", layers=layers, repair="linear", overwrite=True,
                            progress=False)  # fmt: skip
             evaluate(pruned.path, tasks=["loss", "kld"], limit=args.limit, reference=str(resolve_model(args.model)),
                      out=path, overwrite=True)  # fmt: skip
@@ -76,13 +83,15 @@ def main() -> None:
         return Documents.of(stored, "loss" if task == "loss" else "kl", "tokens")
 
     scored = {name: {tuple(c["layers"]): c["loss"] for c in found[name]["candidates"]} for name in found}
-    print("\n| block chosen by | layers | calibration loss, unrepaired | calibration loss, repaired | LAMBADA loss "
-          "(repaired) | minus loss-repair's, paired 95% CI | KL to full | minus loss-repair's |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| block chosen by | layers | calibration loss, unrepaired | repaired, cross-fitted | repaired, in-sample "
+        "| LAMBADA loss (repaired) | minus loss-repair's, paired 95% CI | KL to full | minus loss-repair's |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, layers in blocks.items():
         key = tuple(layers)
-        cells = [name, f"{layers[0]}–{layers[-1]}", f"{scored['loss'].get(key, float('nan')):.3f}",
-                 f"{scored['loss-repair'].get(key, float('nan')):.3f}"]  # fmt: skip
+        cells = [name, f"{layers[0]}–{layers[-1]}"]
+        cells += [f"{scored[search].get(key, float('nan')):.3f}" for search in SEARCHES]
         for task in ("loss", "kld"):
             cells.append(f"{results[name]['tasks'][task][task]:.3f}")
             if name == "loss-repair":
@@ -91,7 +100,7 @@ def main() -> None:
             c = compare(documents("loss-repair", task), documents(name, task), higher_is_better=False)
             cells.append(f"{c.change:+.3f} [{c.change_interval[0]:+.3f}, {c.change_interval[1]:+.3f}]")
         print("| " + " | ".join(cells) + " |")
-    print(f"\nsearch seconds: loss {found['loss']['seconds']}, loss-repair {found['loss-repair']['seconds']}")
+    print("\nsearch seconds: " + ", ".join(f"{name} {found[name]['seconds']}" for name in SEARCHES))
 
 
 if __name__ == "__main__":

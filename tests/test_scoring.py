@@ -20,7 +20,8 @@ from layerprune.selection.scoring import nested_prefix, select_by_loss
 DOCS = [f"Calibration text number {i}: the quick brown fox jumps over the lazy dog again." for i in range(6)]
 
 
-def brute_force_loss(model, batches, removed):
+def brute_force_sums(model, batches, removed):
+    """The summed next-token loss of the model without `removed`, and the tokens it is over."""
     pruned = prune_model(copy.deepcopy(model), removed)
     total = tokens = 0
     for batch in batches:
@@ -30,6 +31,11 @@ def brute_force_loss(model, batches, removed):
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
         total += float(losses[mask].sum())
         tokens += int(mask.sum())
+    return total, tokens
+
+
+def brute_force_loss(model, batches, removed):
+    total, tokens = brute_force_sums(model, batches, removed)
     return total / tokens
 
 
@@ -61,7 +67,7 @@ def test_loss_repair_scores_each_block_as_the_repaired_checkpoint_computes(famil
 
     model = tiny_model(family, seed=4)
     batches = token_batches(tiny_tokenizer(), DOCS * 8, 48, 40, 8)  # more tokens than hidden units
-    selection = select_by_loss(model, batches, n=2, strategy="loss-repair")
+    selection = select_by_loss(model, batches, n=2, strategy="loss-repair", folds=1)  # fitted and scored on all
     assert [c["layers"] for c in selection.scored] == [[1, 2], [2, 3], [3, 4]]
     for candidate in selection.scored:
         repaired = copy.deepcopy(model)
@@ -70,6 +76,33 @@ def test_loss_repair_scores_each_block_as_the_repaired_checkpoint_computes(famil
         assert candidate["fit_residual"] == pytest.approx(mapped.residual, abs=1e-5)
         assert candidate["loss"] == pytest.approx(brute_force_loss(repaired, batches, candidate["layers"]), rel=1e-5)
     assert selection.removed == min(selection.scored, key=lambda c: c["loss"])["layers"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_loss_repair_scores_each_document_with_the_map_fitted_on_the_others(family):
+    """Cross-fitted (the default): the documents are dealt into two folds in turn, and each fold's
+    tokens are scored by the model repaired on the other fold's documents alone."""
+    from layerprune.healing.repair import repair_model
+
+    model = tiny_model(family, seed=4)
+    docs = [f"{text} Copy {i}." for i, text in enumerate(DOCS * 8)]  # 48 documents, no two alike
+    batches = token_batches(tiny_tokenizer(), docs, 48, 40, 8)
+    selection = select_by_loss(model, batches, n=2, strategy="loss-repair")
+    folds = [token_batches(tiny_tokenizer(), docs[k::2], 24, 40, 8) for k in (0, 1)]
+    for candidate in selection.scored:
+        total = tokens = 0
+        for scored, fitted in ((folds[0], folds[1]), (folds[1], folds[0])):
+            repaired = copy.deepcopy(model)
+            repair_model(repaired, fitted, candidate["layers"], "linear", progress=False)
+            fold_total, fold_tokens = brute_force_sums(repaired, scored, candidate["layers"])
+            total, tokens = total + fold_total, tokens + fold_tokens
+        assert candidate["loss"] == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_loss_repair_needs_a_document_per_fold():
+    batches = token_batches(tiny_tokenizer(), DOCS, 1, 40, 1)
+    with pytest.raises(LayerpruneError, match="at least 2 calibration documents"):
+        select_by_loss(tiny_model("llama", seed=4), batches, n=2, strategy="loss-repair")
 
 
 def test_angular_rerank_scores_the_k_most_similar_blocks():
