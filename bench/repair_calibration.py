@@ -8,8 +8,13 @@ tokens per document) sums the repair statistics of the block chunk by chunk, so 
 first k documents, for every k asked, come from that one pass; the time each prefix's pass took is
 recorded. For each k and each ridge share, the closed-form map is fitted, folded into a copy of the
 model, the block is cut, and the LAMBADA loss is measured on the first `--limit` passages, paired
-against the cut unrepaired on the same passages. Families whose MLP term passes through a norm are
-fitted through it by gradient steps and are not covered here.
+against the cut unrepaired on the same passages. Families whose MLP term passes through a norm
+(Gemma 2/3, OLMo 2) are fitted through it by gradient steps, as `prune --repair linear` fits them,
+on every token of the first k documents (the repair itself keeps at most `repair.SAMPLE_TOKENS`);
+the ridge only sets their starting point, so they get one row per k.
+
+python bench/repair_calibration.py --model gemma3-270m --layers 13-16 --docs 8,16,32,64,128,256 \
+    --limit 100 --out /tmp/repair/calibration-gemma3-13-16.json
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ def added(total: Any, part: Any) -> Any:
         return copy.deepcopy(part)
     total.aa, total.ar = total.aa + part.aa, total.ar + part.ar
     total.rr, total.tokens = total.rr + part.rr, total.tokens + part.tokens
+    total.samples += part.samples
     return total
 
 
@@ -64,6 +70,9 @@ def main() -> None:
 
     model, tokenizer = load_model(resolve_model(args.model))
     arch = find_architecture(model.config)
+    through = repair.through_norm(arch)
+    if through:
+        ridges = [repair.RIDGE]
     _, texts = text_documents("lambada", args.limit)
     calibration = Calibration(samples=sizes[-1])
     batches = calibration.batches(tokenizer)
@@ -76,7 +85,8 @@ def main() -> None:
     snapshots, total, seconds, seen = {}, None, 0.0, 0
     for batch in batches:
         started = time.perf_counter()
-        part = repair.collect(model, [batch], [(first, last + 1)], progress=False)[0]
+        part = repair.collect(model, [batch], [(first, last + 1)], keep_samples=10**9 if through else 0,
+                              progress=False)[0]  # fmt: skip
         seconds += time.perf_counter() - started
         total, seen = added(total, part), seen + len(batch["input_ids"])
         if seen in sizes:
@@ -86,7 +96,11 @@ def main() -> None:
     for docs, (stats, pass_seconds) in sorted(snapshots.items()):
         for share in ridges:
             started = time.perf_counter()
-            result = repair.fit(stats, ridge=share)
+            if through:
+                norm = arch.layer_list(model)[first - 1].get_submodule(arch.mlp_term)
+                result = repair.fit_through_norm(stats, norm, cosine=False)
+            else:
+                result = repair.fit(stats, ridge=share)
             fit_seconds = time.perf_counter() - started
             repaired = copy.deepcopy(model)
             repair.fold(repaired, arch, first - 1, result)

@@ -78,22 +78,25 @@ def test_loss_repair_scores_each_block_as_the_repaired_checkpoint_computes(famil
     assert selection.removed == min(selection.scored, key=lambda c: c["loss"])["layers"]
 
 
+@pytest.mark.parametrize("folds", [2, 4])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_loss_repair_scores_each_document_with_the_map_fitted_on_the_others(family):
-    """Cross-fitted (the default): the documents are dealt into two folds in turn, and each fold's
-    tokens are scored by the model repaired on the other fold's documents alone."""
+def test_loss_repair_scores_each_document_with_the_map_fitted_on_the_others(family, folds):
+    """Cross-fitted (the default): the documents are dealt into folds in turn, and each fold's
+    tokens are scored by the model repaired on the other folds' documents alone (fold by fold)."""
     from layerprune.healing.repair import repair_model
 
     model = tiny_model(family, seed=4)
     docs = [f"{text} Copy {i}." for i, text in enumerate(DOCS * 8)]  # 48 documents, no two alike
     batches = token_batches(tiny_tokenizer(), docs, 48, 40, 8)
-    selection = select_by_loss(model, batches, n=2, strategy="loss-repair")
-    folds = [token_batches(tiny_tokenizer(), docs[k::2], 24, 40, 8) for k in (0, 1)]
+    selection = select_by_loss(model, batches, n=2, strategy="loss-repair", folds=folds)
     for candidate in selection.scored:
         total = tokens = 0
-        for scored, fitted in ((folds[0], folds[1]), (folds[1], folds[0])):
+        for k in range(folds):
+            others = [doc for j in range(folds) if j != k for doc in docs[j::folds]]
             repaired = copy.deepcopy(model)
-            repair_model(repaired, fitted, candidate["layers"], "linear", progress=False)
+            repair_model(repaired, token_batches(tiny_tokenizer(), others, 48, 40, 8), candidate["layers"], "linear",
+                         progress=False)  # fmt: skip
+            scored = token_batches(tiny_tokenizer(), docs[k::folds], 48, 40, 8)
             fold_total, fold_tokens = brute_force_sums(repaired, scored, candidate["layers"])
             total, tokens = total + fold_total, tokens + fold_tokens
         assert candidate["loss"] == pytest.approx(total / tokens, rel=1e-5)

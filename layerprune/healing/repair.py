@@ -106,6 +106,18 @@ class BlockStatistics:
             self.samples.append(tuple(t[:room].float().cpu() for t in kept))
 
 
+def pooled(parts: list[BlockStatistics], keep_samples: int) -> BlockStatistics:
+    """One block's statistics over the tokens of all `parts` (the same block, other documents),
+    with the parts' kept rows, in order, up to `keep_samples`."""
+    total = BlockStatistics(parts[0].start, parts[0].end, sum(p.aa for p in parts), sum(p.ar for p in parts),
+                            sum(p.rr for p in parts), sum(p.tokens for p in parts))  # fmt: skip
+    for rows in (r for p in parts for r in p.samples):
+        room = keep_samples - sum(s[0].shape[0] for s in total.samples)
+        if room > 0:
+            total.samples.append(tuple(t[:room] for t in rows))
+    return total
+
+
 class _Enough(Exception):
     """Raised by a hook to end a forward pass once every needed state is seen."""
 

@@ -37,7 +37,15 @@ from typing import Any
 from layerprune.architectures import find_architecture
 from layerprune.data import Calibration
 from layerprune.errors import LayerpruneError
-from layerprune.healing.repair import SAMPLE_TOKENS, BlockStatistics, Fit, fit_all, mapped_term, through_norm
+from layerprune.healing.repair import (
+    SAMPLE_TOKENS,
+    BlockStatistics,
+    Fit,
+    fit_all,
+    mapped_term,
+    pooled,
+    through_norm,
+)
 from layerprune.layer_sets import check_count
 from layerprune.measure.residual import layers_swapped, next_token_losses, running_from, stream_modules, watching
 from layerprune.runtime.memory import FIT_SHARE, memory_free
@@ -237,27 +245,28 @@ def _repaired_losses(scorer: Scorer, pool: list[list[int]], folds: int) -> tuple
     dealt = _document_folds(scorer.batches, folds)
     tokens = sum(int(batch["attention_mask"].sum()) for batch in scorer.batches)
     keep = min(SAMPLE_TOKENS, tokens) if through_norm(arch) else 0
+    share = keep if folds == 1 else -(-keep // (folds - 1))  # rows kept per fold: a fit pools folds - 1 of them
     room = FIT_SHARE * memory_free(scorer.model.get_input_embeddings().weight.device)
-    group = max(1, int(room // (folds * (2 * d * d * 8 + 3 * keep * d * 4))))  # two float64 d x d sums, kept rows
+    group = max(1, int(room // (folds * (2 * d * d * 8 + 3 * share * d * 4))))  # two float64 d x d sums, kept rows
     fits: list[list[Fit]] = []  # per block, per fold
     for first in range(0, len(pool), group):
         blocks = pool[first : first + group]
-        stats = [[BlockStatistics(block[0], block[-1] + 1) for _ in range(folds)] for block in blocks]
+        stats = [[BlockStatistics(block[0], block[-1] + 1) for _ in range(folds)] for block in blocks]  # per fold
         for batch, fold_of in zip(scorer.batches, dealt, strict=True):
             resid, terms = scorer.resid_and_terms(batch, sorted({s[0].start - 1 for s in stats}))
             real = batch["attention_mask"].bool().to(resid[0].device)
             for fold, block in ((k, s[k]) for s in stats for k in range(folds)):
-                used = real & (fold_of != fold).to(real.device)[:, None] if folds > 1 else real
+                used = real & (fold_of == fold).to(real.device)[:, None]
                 term, source = terms[block.start - 1]
                 kept = source[used] if keep else None  # the norm's input, for a fit through it
-                block.add(term[used], resid[block.start][used], resid[block.end][used], keep, kept)
+                block.add(term[used], resid[block.start][used], resid[block.end][used], share, kept)
             if first == 0:  # the bar counts the first group's pass and the scoring pass
                 scorer.advance()
         shown = scorer.bar is not None and not scorer.bar.disable  # a fit through a norm takes seconds a block
         for each in stats:
-            fits.append(fit_all(each, "linear", scorer.model, arch, progress=shown))
-            for block in each:
-                block.samples.clear()  # the fit is done; the next group needs the room
+            fitted_on = [pooled([f for j, f in enumerate(each) if j != k or folds == 1], keep) for k in range(folds)]
+            fits.append(fit_all(fitted_on, "linear", scorer.model, arch, progress=shown))
+            each.clear()  # the fits are done; the next group needs the room
     totals, predicted = [0.0] * len(pool), 0
     for batch, fold_of in zip(scorer.batches, dealt, strict=True):
         resid, terms = scorer.resid_and_terms(batch, sorted({each[0].start - 1 for each in fits}))

@@ -164,7 +164,7 @@ def _loss(request: Request) -> Choice:
 @strategy("loss-repair", needs=[MODEL], cost="2 passes, plus about (L-n)/2 passes of the layers and a head per block")
 def _loss_repair(request: Request) -> Choice:
     """the contiguous block whose removal, then repair by a linear map (prune --repair linear), gives the lowest
-    calibration loss"""
+    calibration loss, each half of the documents scored with the map fitted on the other"""
     return _chosen(_by_loss(request, "loss-repair"))
 
 
