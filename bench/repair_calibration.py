@@ -27,16 +27,6 @@ from pathlib import Path
 from typing import Any
 
 
-def added(total: Any, part: Any) -> Any:
-    """Two blocks' statistics summed (the same block over two chunks of documents)."""
-    if total is None:
-        return copy.deepcopy(part)
-    total.aa, total.ar = total.aa + part.aa, total.ar + part.ar
-    total.rr, total.tokens = total.rr + part.rr, total.tokens + part.tokens
-    total.samples += part.samples
-    return total
-
-
 def losses(model: Any, tokenizer: Any, texts: list[str]) -> Any:
     from layerprune.evaluation.harness import document_losses
     from layerprune.evaluation.uncertainty import Documents
@@ -82,15 +72,15 @@ def main() -> None:
     full = losses(model, tokenizer, texts)
     del cut
 
-    snapshots, total, seconds, seen = {}, None, 0.0, 0
+    snapshots, parts, seconds, seen = {}, [], 0.0, 0
     for batch in batches:
         started = time.perf_counter()
-        part = repair.collect(model, [batch], [(first, last + 1)], keep_samples=10**9 if through else 0,
-                              progress=False)[0]  # fmt: skip
+        keep = 10**9 if through else 0
+        parts += repair.collect(model, [batch], [(first, last + 1)], keep_samples=keep, progress=False)
         seconds += time.perf_counter() - started
-        total, seen = added(total, part), seen + len(batch["input_ids"])
+        seen += len(batch["input_ids"])
         if seen in sizes:
-            snapshots[seen] = (copy.deepcopy(total), seconds)
+            snapshots[seen] = (repair.pooled(parts, keep), seconds)
     rows = []
     lost = unrepaired.estimate() - full.estimate()
     for docs, (stats, pass_seconds) in sorted(snapshots.items()):

@@ -8,8 +8,9 @@ over 2 and 4 folds (each document scored with the map fitted on the other folds)
 (`folds=1`: the maps fitted and scored on the same tokens). Every distinct block they and
 `angular` choose is then pruned with `--repair linear` (default calibration, 64 documents) and
 evaluated on the first `--limit` LAMBADA passages (loss, and KL divergence to the full model),
-each compared with the `loss` search's block on the same passages (paired bootstrap). Finished
-steps (each search, each block's evaluation) are read back when the script reruns.
+each compared with the block of the first of `--searches` (`loss` by default) on the same
+passages (paired bootstrap). Finished steps (each search, each block's evaluation) are read back
+when the script reruns.
 """
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ from pathlib import Path
 
 SEARCHES = {
     "loss": ("loss", 1),
-    "loss-repair, 2 folds": ("loss-repair", 2),
-    "loss-repair, 4 folds": ("loss-repair", 4),
-    "loss-repair, in-sample": ("loss-repair", 1),
+    "loss-repair 2 folds": ("loss-repair", 2),
+    "loss-repair 4 folds": ("loss-repair", 4),
+    "loss-repair in-sample": ("loss-repair", 1),
 }
 
 
-def searches(model: str, n: int, samples: int, out: Path) -> dict[str, dict]:
+def searches(model: str, n: int, samples: int, names: list[str], out: Path) -> dict[str, dict]:
     """Each search's selection, with every candidate's score and its wall time."""
     path = out / "searches.json"
     found = json.loads(path.read_text()) if path.is_file() else {}
-    missing = [name for name in SEARCHES if name not in found]
+    missing = [name for name in names if name not in found]
     if not missing:
         return found
     from layerprune.data import Calibration
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--searches", default=",".join(SEARCHES), help="of SEARCHES; the first is the reference")
     args = parser.parse_args()
     from layerprune import prune
     from layerprune.evaluation.harness import evaluate
@@ -66,7 +68,9 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    found = searches(args.model, args.n, args.samples, out)
+    names = args.searches.split(",")
+    found = {name: searches(args.model, args.n, args.samples, names, out)[name] for name in names}
+    reference = names[0]
     blocks = {name: found[name]["removed"] for name in found}
     if not (out / "angular.json").is_file():
         chosen = prune(args.model, out / "angular-cut", n=args.n, strategy="angular", progress=False).removed
@@ -89,23 +93,23 @@ def main() -> None:
 
     scored = {name: {tuple(c["layers"]): c["loss"] for c in found[name]["candidates"]} for name in found}
     print(
-        "\n| block chosen by | layers | calibration loss, unrepaired | repaired, 2 folds | 4 folds | in-sample "
-        "| LAMBADA loss (repaired) | minus loss's, paired 95% CI | KL to full | minus loss's |"
+        f"\n| block chosen by | layers | {' | '.join(f'calibration loss, {name}' for name in names)} | LAMBADA loss "
+        f"(repaired) | minus {reference}'s, paired 95% CI | KL to full | minus {reference}'s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (len(names) + 6) + "|")
     for name, layers in blocks.items():
         key = tuple(layers)
         cells = [name, f"{layers[0]}–{layers[-1]}"]
-        cells += [f"{scored[search].get(key, float('nan')):.3f}" for search in SEARCHES]
+        cells += [f"{scored[search].get(key, float('nan')):.3f}" for search in names]
         for task in ("loss", "kld"):
             cells.append(f"{results[name]['tasks'][task][task]:.3f}")
-            if name == "loss":
+            if name == reference:
                 cells.append("-")
                 continue
-            c = compare(documents("loss", task), documents(name, task), higher_is_better=False)
+            c = compare(documents(reference, task), documents(name, task), higher_is_better=False)
             cells.append(f"{c.change:+.3f} [{c.change_interval[0]:+.3f}, {c.change_interval[1]:+.3f}]")
         print("| " + " | ".join(cells) + " |")
-    print("\nsearch seconds: " + ", ".join(f"{name} {found[name]['seconds']}" for name in SEARCHES))
+    print("\nsearch seconds: " + ", ".join(f"{name} {found[name]['seconds']}" for name in names))
 
 
 if __name__ == "__main__":

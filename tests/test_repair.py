@@ -147,6 +147,21 @@ def test_statistics_summed_batch_by_batch_equal_one_batch():
     assert whole.rr == pytest.approx(parts.rr) and whole.tokens == parts.tokens == 300
 
 
+def test_statistics_pooled_from_parts_equal_one_sum_with_the_kept_rows_in_order():
+    torch.manual_seed(0)
+    a, h, x = (torch.randn(300, 16) for _ in range(3))
+    whole = repair.BlockStatistics(1, 2)
+    whole.add(a, h, x, keep_samples=250)
+    parts = [repair.BlockStatistics(1, 2) for _ in range(0, 300, 70)]
+    for part, chunk in zip(parts, range(0, 300, 70), strict=True):
+        part.add(a[chunk : chunk + 70], h[chunk : chunk + 70], x[chunk : chunk + 70], keep_samples=70)
+    pooled = repair.pooled(parts, keep_samples=250)
+    assert torch.allclose(whole.aa, pooled.aa) and torch.allclose(whole.ar, pooled.ar)
+    assert whole.rr == pytest.approx(pooled.rr) and whole.tokens == pooled.tokens == 300
+    for i in range(3):  # the first 250 rows of each kept tensor, as one sum over all keeps them
+        assert torch.equal(torch.cat([s[i] for s in whole.samples]), torch.cat([s[i] for s in pooled.samples]))
+
+
 def test_bad_repairs_are_one_line():
     model = tiny_model("llama")
     with pytest.raises(LayerpruneError, match="starts at layer 0"):
