@@ -2,6 +2,7 @@
 
 python bench/repair_time.py --model smollm2-135m --layers 11-18
 python bench/repair_time.py --model gemma3-270m --layers 13-16
+python bench/repair_time.py --model gemma3-270m --layers 13-16 --samples 8   # the repair's calibration
 
 The cut is pruned (no repair), then pruned with `--repair linear` (the time the record states:
 model load, calibration pass and fit), then the plain cut is healed by 20 LoRA steps with the heal
@@ -28,13 +29,15 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--layers", default="11-18")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=64, help="the repair's calibration documents")
     parser.add_argument("--work", default="/tmp/repair-time")
     args = parser.parse_args()
     work, times = Path(args.work), {}
     started = time.perf_counter()
     cut = prune(args.model, work / "cut", layers=args.layers, overwrite=True, progress=False)
     times["prune"] = time.perf_counter() - started
-    repaired = prune(args.model, work / "linear", layers=args.layers, repair="linear", overwrite=True, progress=False)
+    repaired = prune(args.model, work / "linear", layers=args.layers, repair="linear", samples=args.samples,
+                     overwrite=True, progress=False)  # fmt: skip
     times["repair"] = repaired.record["repair"]["seconds"]
     started = time.perf_counter()
     heal(cut.path, work / "lora", HealConfig(steps=args.steps, eval_every=args.steps, **HEAL), overwrite=True)
