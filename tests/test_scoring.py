@@ -81,7 +81,7 @@ def test_loss_repair_scores_each_block_as_the_repaired_checkpoint_computes(famil
 @pytest.mark.parametrize("folds", [2, 4])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_loss_repair_scores_each_document_with_the_map_fitted_on_the_others(family, folds):
-    """Cross-fitted (the default): the documents are dealt into folds in turn, and each fold's
+    """Cross-fitted (2 folds by default): the documents are dealt into folds in turn, and each fold's
     tokens are scored by the model repaired on the other folds' documents alone (fold by fold)."""
     from layerprune.healing.repair import repair_model
 
