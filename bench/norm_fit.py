@@ -19,7 +19,6 @@ from dataclasses import replace
 
 def main() -> None:
     import torch
-    from torch.func import functional_call
 
     from layerprune.data import Calibration
     from layerprune.healing import repair
@@ -53,7 +52,7 @@ def main() -> None:
         result = repair.fit_through_norm(train, norm, args.cosine)
         seconds = time.perf_counter() - started
         with torch.no_grad():
-            mapped = rest[held] + functional_call(norm, {"weight": result.norm_weight}, (y[held] @ result.map.float(),))
+            mapped = rest[held] + repair.mapped_term(model, arch, result, norm(y[held]), y[held])
             residual = float(((mapped - x[held]) ** 2).sum() / unrepaired)
             distance = float((1 - torch.nn.functional.cosine_similarity(mapped, x[held], dim=-1)).mean())
         print(json.dumps({"batch": int(batch), "lr": float(rate), "steps": repair.NORM_STEPS, "cosine": args.cosine,

@@ -73,9 +73,9 @@ def main() -> None:
     del cut
 
     snapshots, parts, seconds, seen = {}, [], 0.0, 0
+    keep = 10**9 if through else 0  # a fit through the norm takes every token's rows
     for batch in batches:
         started = time.perf_counter()
-        keep = 10**9 if through else 0
         parts += repair.collect(model, [batch], [(first, last + 1)], keep_samples=keep, progress=False)
         seconds += time.perf_counter() - started
         seen += len(batch["input_ids"])

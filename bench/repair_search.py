@@ -69,7 +69,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = args.searches.split(",")
-    found = {name: searches(args.model, args.n, args.samples, names, out)[name] for name in names}
+    every = searches(args.model, args.n, args.samples, names, out)
+    found = {name: every[name] for name in names}
     reference = names[0]
     blocks = {name: found[name]["removed"] for name in found}
     if not (out / "angular.json").is_file():

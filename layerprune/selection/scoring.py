@@ -256,28 +256,29 @@ def _repaired_losses(scorer: Scorer, pool: list[list[int]], folds: int) -> tuple
         for batch, fold_of in zip(scorer.batches, dealt, strict=True):
             resid, terms = scorer.resid_and_terms(batch, sorted({s[0].start - 1 for s in stats}))
             real = batch["attention_mask"].bool().to(resid[0].device)
-            for fold, block in ((k, s[k]) for s in stats for k in range(folds)):
-                used = real & (fold_of == fold).to(real.device)[:, None]
-                term, source = terms[block.start - 1]
-                kept = source[used] if keep else None  # the norm's input, for a fit through it
-                block.add(term[used], resid[block.start][used], resid[block.end][used], share, kept)
+            in_fold = [real & (fold_of == k).to(real.device)[:, None] for k in range(folds)]  # its real tokens
+            for per_fold in stats:
+                term, source = terms[per_fold[0].start - 1]
+                for used, block in zip(in_fold, per_fold, strict=True):
+                    kept = source[used] if keep else None  # the norm's input, for a fit through it
+                    block.add(term[used], resid[block.start][used], resid[block.end][used], share, kept)
             if first == 0:  # the bar counts the first group's pass and the scoring pass
                 scorer.advance()
         shown = scorer.bar is not None and not scorer.bar.disable  # a fit through a norm takes seconds a block
         for per_fold in stats:
-            fitted_on = [pooled([f for j, f in enumerate(per_fold) if j != k or folds == 1], keep)
-                         for k in range(folds)]  # fmt: skip
+            others = [per_fold[:k] + per_fold[k + 1 :] or per_fold for k in range(folds)]  # all, for one fold
+            fitted_on = [pooled(parts, keep) for parts in others]
             fits.append(fit_all(fitted_on, "linear", scorer.model, arch, progress=shown))
             per_fold.clear()  # the fits are done; the next group needs the room
     totals, predicted = [0.0] * len(pool), 0
     for batch, fold_of in zip(scorer.batches, dealt, strict=True):
         resid, terms = scorer.resid_and_terms(batch, sorted({each[0].start - 1 for each in fits}))
+        in_fold = [(fold_of == k).to(resid[0].device) for k in range(folds)]  # its rows
         for c, each in enumerate(fits):
             start, end = each[0].start, each[0].end
             term, source = terms[start - 1]
             change = torch.zeros_like(term)  # (H - A) + the mapped A, each row by its fold's map
-            for fold, result in enumerate(each):
-                rows = (fold_of == fold).to(term.device)
+            for rows, result in zip(in_fold, each, strict=True):
                 change[rows] = (mapped_term(scorer.model, arch, result, term[rows], source[rows]) - term[rows]).to(term)
             loss, count = scorer._suffix_loss(batch, resid[start] + change, list(range(end, scorer.num_layers)))
             totals[c] += loss
