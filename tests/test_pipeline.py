@@ -38,6 +38,22 @@ def test_prune_with_a_loss_strategy_records_every_candidate(tmp_path):
     assert record["selection"]["forward_passes"] > 0
 
 
+def test_prune_without_progress_prints_no_bar_of_its_own_or_of_transformers(tmp_path, capfd):
+    """`progress=False` hides transformers' "Loading weights" bar too, and only while it runs."""
+    from transformers.utils import logging as transformers_logging
+
+    src = save_tiny(tiny_model("llama", seed=7), tmp_path / "src")
+    data = tmp_path / "calib.txt"
+    data.write_text("\n\n".join(DOCS))
+    capfd.readouterr()
+    prune(src, tmp_path / "out", n=2, strategy="loss", repair="linear", data=str(data), samples=6, seq_len=40,
+          progress=False)  # fmt: skip
+    assert capfd.readouterr().err == ""
+    assert transformers_logging.is_progress_bar_enabled()
+    prune(src, tmp_path / "shown", n=2, strategy="loss", data=str(data), samples=6, seq_len=40)
+    assert "Loading weights" in capfd.readouterr().err
+
+
 def test_too_little_calibration_data_is_refused(tmp_path):
     src = save_tiny(tiny_model("llama"), tmp_path / "src")
     data = tmp_path / "tiny.txt"

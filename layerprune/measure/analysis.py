@@ -36,7 +36,7 @@ from layerprune.measure.residual import AngularSums, final_rows, last_token_inde
 from layerprune.measure.streaming import layer_distances_streamed
 from layerprune.plots import angular_heatmap
 from layerprune.runtime.devices import Placement, layer_by_layer, plan_of, plan_placement
-from layerprune.runtime.models import load_model, load_tokenizer, model_inputs, resolve_model
+from layerprune.runtime.models import library_bars, load_model, load_tokenizer, model_inputs, resolve_model
 
 
 @dataclass(frozen=True)
@@ -197,12 +197,15 @@ def analyze(
     """
     calibration = calibration or Calibration(**calibration_settings)
     documents = calibration.documents()  # fail on bad data before loading a model
+    run = partial(_analyze, model, calibration, documents, tokenizer, progress, offload, memory_budget_mb, placement)
     if out is None:
-        return _analyze(model, calibration, documents, tokenizer, progress, offload, memory_budget_mb, placement)
+        with library_bars(progress):
+            return run()
     out = Path(out)
     inputs = [*(model_inputs(model) if isinstance(model, (str, os.PathLike)) else []), *calibration.inputs()]
-    with claimed(out, partial(check_destination, out, inputs, overwrite)):  # refused before any work; held
-        result = _analyze(model, calibration, documents, tokenizer, progress, offload, memory_budget_mb, placement)
+    # the destination is refused before any work, and held
+    with claimed(out, partial(check_destination, out, inputs, overwrite)), library_bars(progress):
+        result = run()
         result.save(out, overwrite=overwrite, inputs=inputs)
     return result
 

@@ -49,6 +49,7 @@ from layerprune.runtime.models import (
     ModelSpec,
     check_quantization,
     gguf_file,
+    library_bars,
     load_model,
     model_inputs,
     resolve_model,
@@ -222,9 +223,11 @@ def prune(
     if isinstance(analysis, (str, os.PathLike)):
         analysis = AnalysisResult.load(analysis)
     if output_format(out) == "gguf":
-        return _prune_gguf(model, out, config, analysis, overwrite, progress, outtype)
+        with library_bars(progress):
+            return _prune_gguf(model, out, config, analysis, overwrite, progress, outtype)
     inputs += config.calibration.inputs() if config.repair != "none" else []
-    with claimed(out, partial(check_destination, out, inputs, overwrite)):  # held from before any long work
+    # the destination is held from before any long work
+    with claimed(out, partial(check_destination, out, inputs, overwrite)), library_bars(progress):
         src = resolve_model(model, config.placement)
         raw, arch = read_config(src)
         if analysis is not None:
@@ -321,7 +324,8 @@ def prune_and_heal(
     out = Path(out)
     inputs = model_inputs(model)
     check = partial(check_destination, out, inputs, overwrite)
-    with claimed(out, check) if is_main_process() else nullcontext():  # held from the prune to the merge
+    # the destination is held from the prune to the merge
+    with claimed(out, check) if is_main_process() else nullcontext(), library_bars(progress):
         return _prune_and_heal(model, out, config, heal_config, analysis, save_adapter, overwrite, progress)
 
 

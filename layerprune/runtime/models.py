@@ -13,7 +13,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,7 +270,8 @@ def load_weights(path: Path, **options: Any) -> Any:
 
     validate_checkpoint(path)
     try:
-        loaded: Any = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **options)
+        with _loading_bar():
+            loaded: Any = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **options)
     except Exception as err:  # incomplete or mismatched weights, a refused pickle: say so in one line
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise LayerpruneError(f"could not load the model in {path}: {type(err).__name__}: {first_line}") from err
@@ -297,6 +300,36 @@ def load_model(spec: ModelSpec, placement: Placement | Plan | None = None) -> tu
     model.eval()
     model.layerprune_plan = plan
     return model, tokenizer
+
+
+_LIBRARY_BARS: ContextVar[bool] = ContextVar("library_bars", default=True)
+
+
+@contextmanager
+def library_bars(shown: bool) -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") follow a run's `progress` while inside:
+    hidden when it is off, as ours are. Only a flag: a prune that never loads a model must not
+    import transformers for it."""
+    token = _LIBRARY_BARS.set(shown)
+    try:
+        yield
+    finally:
+        _LIBRARY_BARS.reset(token)
+
+
+@contextmanager
+def _loading_bar() -> Iterator[None]:
+    """transformers' loading bar, hidden inside `library_bars(False)` and left as set otherwise."""
+    from transformers.utils import logging as transformers_logging
+
+    hidden = not _LIBRARY_BARS.get() and transformers_logging.is_progress_bar_enabled()
+    if hidden:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hidden:
+            transformers_logging.enable_progress_bar()
 
 
 def _offload_folder() -> Path:

@@ -65,7 +65,7 @@ from layerprune.recipes.sensitivity import RESULT_FILE as SENSITIVITY_FILE
 from layerprune.recipes.sensitivity import sensitivity
 from layerprune.runtime.devices import Placement, process_rank, work_alone
 from layerprune.runtime.memory import FIT_SHARE, memory_free
-from layerprune.runtime.models import gguf_file, load_model, model_inputs, resolve_model
+from layerprune.runtime.models import gguf_file, library_bars, load_model, model_inputs, resolve_model
 from layerprune.selection.strategies import STRATEGIES, get_strategy, strategy_names
 from layerprune.sweep.report import write_report
 
@@ -637,7 +637,8 @@ def run_sweep(
     check_tasks(list(config.evaluation.tasks))
     # one run per shard at a time; shards of one sweep may run at once
     lock = out.with_name(f"{out.name}.shard-{shard.index}-of-{shard.count}") if shard else out
-    with claimed(lock, partial(check_destination, out, inputs, overwrite=False, resume="sweep.json")):
+    check = partial(check_destination, out, inputs, overwrite=False, resume="sweep.json")
+    with claimed(lock, check), library_bars(progress):
         return _run_sweep(model, out, config, progress, shard)
 
 

@@ -1,0 +1,130 @@
+"""Three ways a closed-form repair might need less calibration, against the plain ridge fit.
+
+python bench/repair_small_calibration.py --model smollm2-135m --layers 11-18 --docs 4,8,16 \
+    --out /tmp/repair/small-calibration-smollm2-11-18.json
+
+For each calibration size (the first k CoQA documents, 256 tokens each) and ridge share, the map
+of one block is fitted four ways from the sums of `repair.collect`, folded, the block cut, and the
+LAMBADA loss measured on the first `--limit` passages, paired against the cut unrepaired:
+
+- `ridge`: `repair.fit`, the ridge pulling T toward 0 (what `prune --repair linear` does);
+- `identity`: the ridge pulling T toward I (no repair) instead, T = (A^T A + lam I)^-1 (A^T R + lam I);
+- `rank-r`: T = I + a rank-r change, the reduced-rank regression of the block's update X - H on A
+  (the ridge solution projected on the top r directions of its fitted values);
+- `relative`: each token's rows weighted by 1 / ||X||, so the fit minimizes the stream's relative
+  error, a closed-form stand-in for the cosine objective (a second pass with the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from repair_calibration import losses
+
+
+def sums(model: Any, batches: list[dict], block: tuple[int, int], sizes: list[int], relative: bool) -> dict[int, Any]:
+    """The block's statistics over the first k documents, for every k in `sizes`, from one pass."""
+    from layerprune.healing import repair
+
+    plain_add = repair.BlockStatistics.add
+
+    def weighted(self: Any, a: Any, h: Any, x: Any, keep: int, source: Any = None) -> None:
+        w = 1 / x.norm(dim=-1, keepdim=True)
+        plain_add(self, a * w, h * w, x * w, keep, source)
+
+    repair.BlockStatistics.add = weighted if relative else plain_add
+    try:
+        parts, seen, found = [], 0, {}
+        for batch in batches:
+            parts += repair.collect(model, [batch], [block], progress=False)
+            seen += len(batch["input_ids"])
+            if seen in sizes:
+                found[seen] = repair.pooled(parts, 0)
+        return found
+    finally:
+        repair.BlockStatistics.add = plain_add
+
+
+def maps(stats: Any, share: float, ranks: list[int]) -> dict[str, Any]:
+    """T by each closed-form variant (all but `relative`, which differs in its sums)."""
+    import torch
+
+    from layerprune.healing import repair
+
+    eye = torch.eye(stats.aa.shape[0], dtype=torch.float64)
+    lam = share * float(torch.diagonal(stats.aa).sum()) / stats.aa.shape[0]
+    found = {"ridge": repair.fit(stats, ridge=share).map}
+    found["identity"] = torch.linalg.solve(stats.aa + lam * eye, stats.ar + lam * eye)
+    change = torch.linalg.solve(stats.aa + lam * eye, stats.ar - stats.aa)  # regression of X - H on A
+    _, directions = torch.linalg.eigh(change.T @ stats.aa @ change)
+    for rank in ranks:
+        top = directions[:, -rank:]
+        found[f"rank-{rank}"] = eye + change @ top @ top.T
+    return found
+
+
+def main() -> None:
+    import torch
+
+    from layerprune.architectures import find_architecture
+    from layerprune.cut.surgery import prune_model
+    from layerprune.data import Calibration
+    from layerprune.evaluation.harness import text_documents
+    from layerprune.evaluation.uncertainty import compare
+    from layerprune.healing import repair
+    from layerprune.runtime.models import load_model, resolve_model
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--layers", default="11-18", help="the removed block, first-last")
+    parser.add_argument("--docs", default="4,8,16")
+    parser.add_argument("--ridges", default="1e-3,1e-1")
+    parser.add_argument("--ranks", default="8,32,128")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    first, last = map(int, args.layers.split("-"))
+    removed, block = list(range(first, last + 1)), (first, last + 1)
+    sizes, ranks = [int(k) for k in args.docs.split(",")], [int(r) for r in args.ranks.split(",")]
+
+    model, tokenizer = load_model(resolve_model(args.model))
+    arch = find_architecture(model.config)
+    if repair.through_norm(arch):
+        raise SystemExit("this bench compares closed-form maps; a family that fits through a norm has none")
+    _, texts = text_documents("lambada", args.limit)
+    cut = copy.deepcopy(model)
+    prune_model(cut, removed)
+    unrepaired, full = losses(cut, tokenizer, texts), losses(model, tokenizer, texts)
+    del cut
+    lost = unrepaired.estimate() - full.estimate()
+    batches = Calibration(samples=max(sizes), batch_size=4).batches(tokenizer)
+    plain, relative = (sums(model, batches, block, sizes, weighted) for weighted in (False, True))
+
+    rows = []
+    for docs in sizes:
+        for share in (float(r) for r in args.ridges.split(",")):
+            found = maps(plain[docs], share, ranks) | {"relative": repair.fit(relative[docs], ridge=share).map}
+            for variant, t in found.items():
+                repaired = copy.deepcopy(model)
+                repair.fold(repaired, arch, first - 1, repair.Fit(first, last + 1, t, 0.0, plain[docs].tokens))
+                prune_model(repaired, removed)
+                with torch.inference_mode():
+                    scored = losses(repaired, tokenizer, texts)
+                change = compare(unrepaired, scored, higher_is_better=False)
+                row = {"docs": docs, "tokens": plain[docs].tokens, "ridge": share, "variant": variant,
+                       "loss": round(scored.estimate(), 3), "change": round(change.change, 3),
+                       "interval": [round(v, 3) for v in change.change_interval],
+                       "recovered": round((unrepaired.estimate() - scored.estimate()) / lost, 3)}  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    record = {"model": args.model, "layers": removed, "full_loss": full.estimate(), "cut_loss": unrepaired.estimate(),
+              "passages": args.limit, "rows": rows}  # fmt: skip
+    Path(args.out).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
