@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,80 +36,118 @@ def losses(model: Any, tokenizer: Any, texts: list[str]) -> Any:
     return Documents(tuple(map(str, range(len(rows)))), tuple(r[0] for r in rows), tuple(float(r[1]) for r in rows))
 
 
-def main() -> None:
-    import torch
+@dataclass
+class Case:
+    """One model and one removed block, scored on the first LAMBADA passages: the unpruned model,
+    and the losses of the cut unrepaired and of the full model on them."""
 
-    from layerprune.architectures import find_architecture
-    from layerprune.cut.surgery import prune_model
-    from layerprune.data import Calibration
-    from layerprune.evaluation.harness import text_documents
-    from layerprune.evaluation.uncertainty import compare
-    from layerprune.healing import repair
-    from layerprune.runtime.models import load_model, resolve_model
+    name: str
+    model: Any
+    tokenizer: Any
+    removed: list[int]
+    texts: list[str]
+    unrepaired: Any
+    full: Any
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    @classmethod
+    def load(cls, name: str, layers: str, limit: int) -> Case:
+        from layerprune.cut.surgery import prune_model
+        from layerprune.evaluation.harness import text_documents
+        from layerprune.runtime.models import load_model, resolve_model
+
+        first, last = map(int, layers.split("-"))
+        model, tokenizer = load_model(resolve_model(name))
+        _, texts = text_documents("lambada", limit)
+        cut = prune_model(copy.deepcopy(model), list(range(first, last + 1)))
+        return cls(name, model, tokenizer, list(range(first, last + 1)), texts, losses(cut, tokenizer, texts),
+                   losses(model, tokenizer, texts))  # fmt: skip
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return self.removed[0], self.removed[-1] + 1
+
+    @property
+    def arch(self) -> Any:
+        from layerprune.architectures import find_architecture
+
+        return find_architecture(self.model.config)
+
+    def score(self, result: Any) -> dict[str, Any]:
+        """The LAMBADA loss with `result` (a repair.Fit) folded into a copy of the model and the block
+        cut, paired against the cut unrepaired, and the share of the added loss it recovers."""
+        import torch
+
+        from layerprune.cut.surgery import prune_model
+        from layerprune.evaluation.uncertainty import compare
+        from layerprune.healing import repair
+
+        repaired = copy.deepcopy(self.model)
+        repair.fold(repaired, self.arch, self.block[0] - 1, result)
+        prune_model(repaired, self.removed)
+        with torch.inference_mode():
+            scored = losses(repaired, self.tokenizer, self.texts)
+        change = compare(self.unrepaired, scored, higher_is_better=False)
+        lost = self.unrepaired.estimate() - self.full.estimate()
+        return {"loss": round(scored.estimate(), 4), "change": round(change.change, 4),
+                "interval": [round(v, 4) for v in change.change_interval],
+                "recovered": round((self.unrepaired.estimate() - scored.estimate()) / lost, 3)}  # fmt: skip
+
+    def save(self, out: str, rows: list[dict[str, Any]]) -> None:
+        record = {"model": self.name, "layers": self.removed, "full_loss": self.full.estimate(),
+                  "cut_loss": self.unrepaired.estimate(), "passages": len(self.texts), "rows": rows}  # fmt: skip
+        Path(out).write_text(json.dumps(record, indent=1))
+
+
+def case_arguments(description: str | None, docs: str, ridges: str) -> argparse.ArgumentParser:
+    """The options of a bench on one `Case`: the model and block, the calibration sizes and ridge
+    shares, the passages and the output file."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--layers", default="11-18", help="the removed block, first-last")
-    parser.add_argument("--docs", default="8,16,32,64,128,256")
-    parser.add_argument("--ridges", default="1e-4,1e-3,1e-2,1e-1")
-    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--docs", default=docs, help="calibration sizes, in documents")
+    parser.add_argument("--ridges", default=ridges, help="ridge shares")
+    parser.add_argument("--limit", type=int, default=100, help="LAMBADA passages")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    first, last = map(int, args.layers.split("-"))
-    removed, sizes = list(range(first, last + 1)), sorted(int(k) for k in args.docs.split(","))
-    ridges = [float(r) for r in args.ridges.split(",")]
+    return parser
 
-    model, tokenizer = load_model(resolve_model(args.model))
-    arch = find_architecture(model.config)
-    through = repair.through_norm(arch)
+
+def main() -> None:
+    from layerprune.data import Calibration
+    from layerprune.healing import repair
+
+    args = case_arguments(__doc__, "8,16,32,64,128,256", "1e-4,1e-3,1e-2,1e-1").parse_args()
+    case = Case.load(args.model, args.layers, args.limit)
+    sizes, ridges = sorted(int(k) for k in args.docs.split(",")), [float(r) for r in args.ridges.split(",")]
+    through = repair.through_norm(case.arch)
     if through:
         ridges = [repair.RIDGE]
-    _, texts = text_documents("lambada", args.limit)
-    calibration = Calibration(samples=sizes[-1])
-    batches = calibration.batches(tokenizer)
-    cut = copy.deepcopy(model)
-    prune_model(cut, removed)
-    unrepaired = losses(cut, tokenizer, texts)
-    full = losses(model, tokenizer, texts)
-    del cut
+    batches = Calibration(samples=sizes[-1]).batches(case.tokenizer)
 
     snapshots, parts, seconds, seen = {}, [], 0.0, 0
     keep = 10**9 if through else 0  # a fit through the norm takes every token's rows
     for batch in batches:
         started = time.perf_counter()
-        parts += repair.collect(model, [batch], [(first, last + 1)], keep_samples=keep, progress=False)
+        parts += repair.collect(case.model, [batch], [case.block], keep_samples=keep, progress=False)
         seconds += time.perf_counter() - started
         seen += len(batch["input_ids"])
         if seen in sizes:
             snapshots[seen] = (repair.pooled(parts, keep), seconds)
     rows = []
-    lost = unrepaired.estimate() - full.estimate()
     for docs, (stats, pass_seconds) in sorted(snapshots.items()):
         for share in ridges:
             started = time.perf_counter()
             if through:
-                norm = arch.layer_list(model)[first - 1].get_submodule(arch.mlp_term)
+                norm = case.arch.layer_list(case.model)[case.block[0] - 1].get_submodule(case.arch.mlp_term)
                 result = repair.fit_through_norm(stats, norm, cosine=False)
             else:
                 result = repair.fit(stats, ridge=share)
             fit_seconds = time.perf_counter() - started
-            repaired = copy.deepcopy(model)
-            repair.fold(repaired, arch, first - 1, result)
-            prune_model(repaired, removed)
-            with torch.inference_mode():
-                scored = losses(repaired, tokenizer, texts)
-            change = compare(unrepaired, scored, higher_is_better=False)
             row = {"docs": docs, "tokens": stats.tokens, "ridge": share, "fit_residual": round(result.residual, 4),
-                   "loss": round(scored.estimate(), 4), "change": round(change.change, 4),
-                   "interval": [round(v, 4) for v in change.change_interval],
-                   "recovered": round((unrepaired.estimate() - scored.estimate()) / lost, 3),
-                   "pass_seconds": round(pass_seconds, 1), "fit_seconds": round(fit_seconds, 2)}  # fmt: skip
+                   **case.score(result), "pass_seconds": round(pass_seconds, 1),
+                   "fit_seconds": round(fit_seconds, 2)}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
-            del repaired
-    record = {"model": args.model, "layers": removed, "full_loss": full.estimate(), "cut_loss": unrepaired.estimate(),
-              "passages": args.limit, "rows": rows}  # fmt: skip
-    Path(args.out).write_text(json.dumps(record, indent=1))
+    case.save(args.out, rows)
 
 
 if __name__ == "__main__":

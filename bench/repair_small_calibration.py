@@ -17,13 +17,10 @@ LAMBADA loss measured on the first `--limit` passages, paired against the cut un
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
-from pathlib import Path
 from typing import Any
 
-from repair_calibration import losses
+from repair_calibration import Case, case_arguments
 
 
 def sums(model: Any, batches: list[dict], block: tuple[int, int], sizes: list[int], relative: bool) -> dict[int, Any]:
@@ -68,62 +65,30 @@ def maps(stats: Any, share: float, ranks: list[int]) -> dict[str, Any]:
 
 
 def main() -> None:
-    import torch
-
-    from layerprune.architectures import find_architecture
-    from layerprune.cut.surgery import prune_model
     from layerprune.data import Calibration
-    from layerprune.evaluation.harness import text_documents
-    from layerprune.evaluation.uncertainty import compare
     from layerprune.healing import repair
-    from layerprune.runtime.models import load_model, resolve_model
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--layers", default="11-18", help="the removed block, first-last")
-    parser.add_argument("--docs", default="4,8,16")
-    parser.add_argument("--ridges", default="1e-3,1e-1")
-    parser.add_argument("--ranks", default="8,32,128")
-    parser.add_argument("--limit", type=int, default=100)
-    parser.add_argument("--out", required=True)
+    parser = case_arguments(__doc__, "4,8,16", "1e-3,1e-1")
+    parser.add_argument("--ranks", default="8,32,128", help="ranks of the reduced-rank fits")
     args = parser.parse_args()
-    first, last = map(int, args.layers.split("-"))
-    removed, block = list(range(first, last + 1)), (first, last + 1)
-    sizes, ranks = [int(k) for k in args.docs.split(",")], [int(r) for r in args.ranks.split(",")]
-
-    model, tokenizer = load_model(resolve_model(args.model))
-    arch = find_architecture(model.config)
-    if repair.through_norm(arch):
+    case = Case.load(args.model, args.layers, args.limit)
+    if repair.through_norm(case.arch):
         raise SystemExit("this bench compares closed-form maps; a family that fits through a norm has none")
-    _, texts = text_documents("lambada", args.limit)
-    cut = copy.deepcopy(model)
-    prune_model(cut, removed)
-    unrepaired, full = losses(cut, tokenizer, texts), losses(model, tokenizer, texts)
-    del cut
-    lost = unrepaired.estimate() - full.estimate()
-    batches = Calibration(samples=max(sizes), batch_size=4).batches(tokenizer)
-    plain, relative = (sums(model, batches, block, sizes, weighted) for weighted in (False, True))
+    sizes, ranks = [int(k) for k in args.docs.split(",")], [int(r) for r in args.ranks.split(",")]
+    batches = Calibration(samples=max(sizes), batch_size=4).batches(case.tokenizer)
+    plain, relative = (sums(case.model, batches, case.block, sizes, weighted) for weighted in (False, True))
 
     rows = []
     for docs in sizes:
         for share in (float(r) for r in args.ridges.split(",")):
             found = maps(plain[docs], share, ranks) | {"relative": repair.fit(relative[docs], ridge=share).map}
             for variant, t in found.items():
-                repaired = copy.deepcopy(model)
-                repair.fold(repaired, arch, first - 1, repair.Fit(first, last + 1, t, 0.0, plain[docs].tokens))
-                prune_model(repaired, removed)
-                with torch.inference_mode():
-                    scored = losses(repaired, tokenizer, texts)
-                change = compare(unrepaired, scored, higher_is_better=False)
-                row = {"docs": docs, "tokens": plain[docs].tokens, "ridge": share, "variant": variant,
-                       "loss": round(scored.estimate(), 3), "change": round(change.change, 3),
-                       "interval": [round(v, 3) for v in change.change_interval],
-                       "recovered": round((unrepaired.estimate() - scored.estimate()) / lost, 3)}  # fmt: skip
+                fit = repair.Fit(*case.block, t, 0.0, plain[docs].tokens)
+                row = {"docs": docs, "tokens": plain[docs].tokens, "ridge": share, "variant": variant}
+                row |= case.score(fit)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    record = {"model": args.model, "layers": removed, "full_loss": full.estimate(), "cut_loss": unrepaired.estimate(),
-              "passages": args.limit, "rows": rows}  # fmt: skip
-    Path(args.out).write_text(json.dumps(record, indent=1))
+    case.save(args.out, rows)
 
 
 if __name__ == "__main__":
