@@ -72,6 +72,21 @@ class Case:
 
         return find_architecture(self.model.config)
 
+    def sums(self, batches: list[dict], sizes: list[int], keep: int = 0) -> dict[int, tuple[Any, float]]:
+        """The block's statistics over the first k documents, for every k in `sizes`, from one pass,
+        each with the seconds the pass took up to there."""
+        from layerprune.healing import repair
+
+        snapshots, parts, seconds, seen = {}, [], 0.0, 0
+        for batch in batches:
+            started = time.perf_counter()
+            parts += repair.collect(self.model, [batch], [self.block], keep_samples=keep, progress=False)
+            seconds += time.perf_counter() - started
+            seen += len(batch["input_ids"])
+            if seen in sizes:
+                snapshots[seen] = (repair.pooled(parts, keep), seconds)
+        return snapshots
+
     def score(self, result: Any) -> dict[str, Any]:
         """The LAMBADA loss with `result` (a repair.Fit) folded into a copy of the model and the block
         cut, paired against the cut unrepaired, and the share of the added loss it recovers."""
@@ -123,15 +138,7 @@ def main() -> None:
         ridges = [repair.RIDGE]
     batches = Calibration(samples=sizes[-1]).batches(case.tokenizer)
 
-    snapshots, parts, seconds, seen = {}, [], 0.0, 0
-    keep = 10**9 if through else 0  # a fit through the norm takes every token's rows
-    for batch in batches:
-        started = time.perf_counter()
-        parts += repair.collect(case.model, [batch], [case.block], keep_samples=keep, progress=False)
-        seconds += time.perf_counter() - started
-        seen += len(batch["input_ids"])
-        if seen in sizes:
-            snapshots[seen] = (repair.pooled(parts, keep), seconds)
+    snapshots = case.sums(batches, sizes, keep=10**9 if through else 0)  # through the norm: every token's rows
     rows = []
     for docs, (stats, pass_seconds) in sorted(snapshots.items()):
         for share in ridges:

@@ -143,8 +143,9 @@ def report(args: argparse.Namespace) -> None:
             times = json.loads((case / f"{variant}.times.json").read_text())
             loss = result["tasks"]["loss"]["loss"]
             loss_cmp = compare(_documents(cut, "loss"), _documents(result, "loss"), higher_is_better=False)
-            qa_cmp = compare(cut_qa, _pooled(result, qa_tasks), higher_is_better=True)
-            qa = _pooled(result, qa_tasks).estimate()
+            pooled = _pooled(result, qa_tasks)
+            qa_cmp = compare(cut_qa, pooled, higher_is_better=True)
+            qa = pooled.estimate()
             cells = [
                 variant, f"{loss:.3f}", _ci(loss_cmp) if variant != "none" else "-",
                 f"{(cut['tasks']['loss']['loss'] - loss) / lost_loss:.0%}" if variant != "none" else "-",

@@ -23,8 +23,8 @@ from typing import Any
 from repair_calibration import Case, case_arguments
 
 
-def sums(model: Any, batches: list[dict], block: tuple[int, int], sizes: list[int], relative: bool) -> dict[int, Any]:
-    """The block's statistics over the first k documents, for every k in `sizes`, from one pass."""
+def sums(case: Case, batches: list[dict], sizes: list[int], relative: bool) -> dict[int, Any]:
+    """`Case.sums` without its times, each token's rows weighted by 1 / ||X|| when `relative`."""
     from layerprune.healing import repair
 
     plain_add = repair.BlockStatistics.add
@@ -35,13 +35,7 @@ def sums(model: Any, batches: list[dict], block: tuple[int, int], sizes: list[in
 
     repair.BlockStatistics.add = weighted if relative else plain_add
     try:
-        parts, seen, found = [], 0, {}
-        for batch in batches:
-            parts += repair.collect(model, [batch], [block], progress=False)
-            seen += len(batch["input_ids"])
-            if seen in sizes:
-                found[seen] = repair.pooled(parts, 0)
-        return found
+        return {docs: stats for docs, (stats, _) in case.sums(batches, sizes).items()}
     finally:
         repair.BlockStatistics.add = plain_add
 
@@ -76,7 +70,7 @@ def main() -> None:
         raise SystemExit("this bench compares closed-form maps; a family that fits through a norm has none")
     sizes, ranks = [int(k) for k in args.docs.split(",")], [int(r) for r in args.ranks.split(",")]
     batches = Calibration(samples=max(sizes), batch_size=4).batches(case.tokenizer)
-    plain, relative = (sums(case.model, batches, case.block, sizes, weighted) for weighted in (False, True))
+    plain, relative = (sums(case, batches, sizes, weighted) for weighted in (False, True))
 
     rows = []
     for docs in sizes:
